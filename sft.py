@@ -1,0 +1,316 @@
+"""Supervised fine-tuning (SFT): maximise the likelihood of demonstration completions given prompts.
+
+The first stage of RLHF (Ouyang et al. 2022, §3.5; Stiennon et al. 2020): a causal LM is trained
+with the next-token cross-entropy on the completion tokens (and their EOS) only, the prompt
+tokens masked out. The loss is a mean over every completion token of the whole optimizer step,
+across micro-batches and GPUs, so gradient accumulation and DDP give the same update as one
+large batch. The model and tokenizer are saved where reward_model.py, ppo.py and dpo.py look.
+
+    # default: a ~1M-parameter model from scratch on the embedded toy task, CPU, ~2 minutes
+    python sft.py
+    # real scale (one node, 8 GPUs): Pythia 1B on TL;DR-style prompt/completion data
+    torchrun --nproc_per_node 8 sft.py --model-name EleutherAI/pythia-1b-deduped \
+        --dataset-name trl-lib/tldr --learning-rate 3e-6 --batch-size 128 --per-device-batch-size 16 \
+        --max-length 600 --bf16 --warmup-ratio 0 --track
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- shared by every script: keep this block identical ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; runs are logged to runs/{exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (rank r seeds sampling with seed + r)"""
+    torch_deterministic: bool = True
+    """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu" or "cuda"; under torchrun each rank uses cuda:LOCAL_RANK"""
+    bf16: bool = False
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "minimal-alignment"
+    """Weights & Biases project, with --track"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team or user), with --track"""
+    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
+    """folder the trained model and tokenizer are saved to with save_pretrained"""
+    batch_size: int = 64
+    """examples per optimizer step, summed over all ranks and micro-batches"""
+    per_device_batch_size: int = 64
+    """examples per forward/backward pass on one device; the rest of batch_size is gradient accumulation"""
+    learning_rate: float = 3e-3
+    """peak AdamW learning rate (3e-3 suits the toy model trained from scratch; ~3e-6 for pretrained LMs)"""
+    eval_every: int = 100
+    """optimizer steps between held-out evaluations"""
+
+    # ---- SFT ----
+    model_name: str = "toy"
+    """Hub id or local folder of a causal LM (AutoModelForCausalLM); "toy" = the toy task's tiny model from scratch"""
+    dataset_name: str = "toy"
+    """"toy", a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; columns (prompt, completion) or messages"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_eval_split: str = "test"
+    """held-out split; if the dataset lacks it, 5% of the training split is held out"""
+    max_length: int = 64
+    """tokens per example (prompt + completion + EOS); longer completions are truncated, counted and reported"""
+    train_on_prompt: bool = False
+    """also put loss on the prompt tokens (default: completion and EOS only)"""
+    num_epochs: float = 1.0
+    """passes over the training split (fractions allowed)"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay of the learning rate after warmup, down to 0 at the last step"""
+    warmup_ratio: float = 0.05
+    """fraction of the optimizer steps spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in Huang et al. 2024)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 disables clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    num_sample_completions: int = 4
+    """held-out prompts whose sampled completions are printed and logged at each evaluation"""
+    max_new_tokens: int = 24
+    """tokens generated for those sample completions"""
+
+    # ---- derived right after parsing (not flags) ----
+    world_size: tyro.conf.Suppress[int] = 1
+    grad_accum_steps: tyro.conf.Suppress[int] = 1
+    num_steps: tyro.conf.Suppress[int] = 0
+
+
+def sft_loss(logits, labels):
+    """Mean next-token negative log-likelihood over every labelled token of the batch.
+
+    logits: (B, L, V) float, position t predicting token t + 1; labels: (B, L) long, aligned with
+    the input ids (Hugging Face convention: the shift happens here), IGNORE_INDEX (-100) where there
+    is no loss. Returns a scalar: sum of -log p(label) over labelled positions / their number
+    (a token-level mean, so long completions weigh more than short ones)."""
+    logits = logits[:, :-1, :].float()  # (B, L-1, V): predictions for tokens 1..L-1
+    labels = labels[:, 1:]  # (B, L-1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=common.IGNORE_INDEX, reduction="sum")
+    return nll / (labels != common.IGNORE_INDEX).sum().clamp(min=1)
+
+
+def lr_at(step, args):
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * args.num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.num_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[args.lr_schedule]
+
+
+@torch.no_grad()
+def evaluate(model, examples, pad_id, args, device, rank):
+    """Token-level mean NLL of the labelled tokens of all `examples` (each rank does a share, the
+    sums are reduced over ranks)."""
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
+    mine = list(range(rank, len(examples), args.world_size))
+    for i in range(0, len(mine), args.per_device_batch_size):
+        batch = common.collate_sft([examples[j] for j in mine[i: i + args.per_device_batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = (batch["labels"][:, 1:] != common.IGNORE_INDEX).sum()
+        total += sft_loss(logits, batch["labels"]).double() * n
+        count += n
+    if args.world_size > 1:
+        dist.all_reduce(total), dist.all_reduce(count)
+    model.train()
+    return (total / count).item()
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts, args, device):
+    """Sample completions (temperature 1, no top-k/top-p) for a few prompts, as text."""
+    model.eval()
+    batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train()
+    return [(tokenizer.decode(p), tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True))
+            for p, o in zip(prompts, out)]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % (args.per_device_batch_size * args.world_size):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
+                         f"{args.per_device_batch_size} x {args.world_size} ranks")
+    args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: distributed set-up, seeding, device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if args.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # TRY NOT TO MODIFY: model and tokenizer loading
+    from transformers import AutoModelForCausalLM
+
+    if args.model_name == "toy":  # the toy task's tokenizer and a random-init tiny Llama, saved like a Hub model
+        import toy_task
+
+        args.model_name = toy_task.save_base_model(tempfile.mkdtemp(prefix="toy_base_"), seed=args.seed)
+    tokenizer = common.load_tokenizer(args.model_name)
+    pad_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=torch.float32)
+    common.resize_embeddings(model, tokenizer)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.to(device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+
+    # 1. data: tokenize, mask the prompt, count truncation
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", args.dataset_train_split,
+                                           args.dataset_eval_split, seed=args.seed)
+    train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, args.max_length, args.train_on_prompt)
+    eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, args.max_length, args.train_on_prompt)
+    if rank == 0:
+        common.report("train data", train_stats), common.report("eval data", eval_stats)
+    args.num_steps = int(args.num_epochs * len(train_examples)) // args.batch_size
+    if args.num_steps < 1:
+        raise ValueError(f"{len(train_examples)} training examples make no step of --batch-size {args.batch_size}")
+    schedule = common.batch_schedule(len(train_examples), args.batch_size, args.num_steps, args.seed)
+
+    # TRY NOT TO MODIFY: logging set-up
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first, or drop --track")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_examples)} train / {len(eval_examples)} eval examples, {args.num_steps} steps, "
+              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+
+    toy_ref_nll = None
+    if args.dataset_name == "toy":  # exact -log P_ref of the same held-out tokens, to measure the excess
+        import toy_task
+
+        assert eval_stats["truncated"] == eval_stats["dropped"] == 0
+        toy_ref_nll = -sum(toy_task.ref_logprob(p, c, max_response_tokens=None)
+                           for p, c in zip(eval_ds["prompt"], eval_ds["completion"]))
+        toy_ref_nll /= sum(len(c.split()) + 1 for c in eval_ds["completion"])  # words + EOS
+        if writer:
+            writer.add_text("eval/entropy_floor", f"{toy_task.entropy_floor(eval_ds['prompt']):.4f} nats/token")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    sample_prompts = [common.encode_prompt(tokenizer, *common.to_text(tokenizer, ex, "sft")[:2])
+                      for ex in eval_ds.select(range(min(args.num_sample_completions, len(eval_ds))))]
+    per_rank = args.batch_size // args.world_size
+    start, log_loss, log_tokens, tokens_seen = time.time(), 0.0, 0, 0
+    for step in tqdm(range(args.num_steps), disable=rank != 0):
+        lr = args.learning_rate * lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2. one optimizer step on a global batch: each rank takes its slice, in micro-batches
+        global_batch = [train_examples[i] for i in schedule[step]]
+        # normalise by the labelled tokens of the whole global batch (known on every rank without
+        # communication, since every rank holds the data): the update is then exactly that of one big batch
+        global_tokens = sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in global_batch)
+        mine = global_batch[rank * per_rank: (rank + 1) * per_rank]
+        step_loss = torch.zeros((), device=device)
+        for k in range(args.grad_accum_steps):
+            micro = common.collate_sft(mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
+            micro = {key: v.to(device) for key, v in micro.items()}
+            n_tokens = (micro["labels"][:, 1:] != common.IGNORE_INDEX).sum()
+            sync = k == args.grad_accum_steps - 1 or args.world_size == 1
+            with contextlib.nullcontext() if sync else train_model.no_sync():  # all-reduce once per step
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    logits = train_model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+                loss = sft_loss(logits, micro["labels"])
+                # DDP averages gradients over ranks, hence the world_size factor
+                (loss * n_tokens / global_tokens * args.world_size).backward()
+            step_loss += loss.detach() * n_tokens
+        if args.world_size > 1:
+            dist.all_reduce(step_loss)
+        if not torch.isfinite(step_loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: lower --learning-rate, or check the data")
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 3. log: the token-weighted mean loss over every step since the last log, not one step's
+        log_loss += step_loss.item()
+        log_tokens += global_tokens
+        tokens_seen += sum(len(e["input_ids"]) for e in global_batch)
+        global_step = (step + 1) * args.batch_size  # samples seen
+        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
+            writer.add_scalar("train/loss", log_loss / log_tokens, global_step)
+            writer.add_scalar("train/learning_rate", lr, global_step)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), global_step)
+            log_loss, log_tokens = 0.0, 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
+            eval_loss = evaluate(model, eval_examples, pad_id, args, device, rank)
+            if writer:
+                writer.add_scalar("eval/loss", eval_loss, global_step)
+                msg = f"step {step + 1}: eval/loss {eval_loss:.4f}"
+                if toy_ref_nll is not None:
+                    writer.add_scalar("eval/excess_nll_over_ref", eval_loss - toy_ref_nll, global_step)
+                    msg += f", P_ref {toy_ref_nll:.4f}, excess {eval_loss - toy_ref_nll:.4f} nats/token"
+                tqdm.write(msg)
+                if sample_prompts:
+                    samples = sample_completions(model, tokenizer, sample_prompts, args, device)
+                    writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), global_step)
+
+    # 4. save model, tokenizer and the arguments for the next stages
+    if rank == 0:
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        result = {"eval_loss": eval_loss}
+        if toy_ref_nll is not None:
+            result.update(ref_nll=toy_ref_nll, excess_nll=eval_loss - toy_ref_nll)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump({"args": vars(args), "result": result}, f, indent=2, default=str)
+        print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        writer.close()
+    if args.world_size > 1:
+        dist.destroy_process_group()
