@@ -137,22 +137,39 @@ def to_text(tokenizer, example, kind):
 
 
 # ---- tokenization --------------------------------------------------------------------------------
-def encode_prompt(tokenizer, text, templated):
-    """Prompt ids. Plain text gets the tokenizer's special tokens (a BOS, for Llama); a chat
-    template already wrote them. A trailing EOS some tokenizers add is removed: it would end the
-    text before the completion starts."""
-    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    while ids and ids[-1] == tokenizer.eos_token_id:
+def encode_prompts(tokenizer, texts, templated):
+    """Prompt ids for a list of texts. Plain text gets the tokenizer's special tokens (a BOS, for
+    Llama); a chat template already wrote them. A trailing EOS some tokenizers add is removed: it
+    would end the text before the completion starts."""
+    ids = tokenizer(list(texts), add_special_tokens=not templated)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    return [_strip_eos(x, eos) for x in ids]
+
+
+def encode_responses(tokenizer, texts):
+    """Response ids ending with exactly one EOS, whether or not the text already ended with it."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    return [_strip_eos(x, eos) + [eos] for x in ids]
+
+
+def _strip_eos(ids, eos):
+    while ids and ids[-1] == eos:
         ids = ids[:-1]
     return ids
 
 
-def encode_response(tokenizer, text):
-    """Response ids ending with exactly one EOS, whether or not the text already ended with it."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    while ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids + [tokenizer.eos_token_id]
+def _encode(tokenizer, ds, kind):
+    """Render every example to text and tokenize in batches (fast tokenizers are much quicker on
+    lists). Returns prompt ids and, per response column, response ids."""
+    rendered = [to_text(tokenizer, ex, kind) for ex in ds.to_list()]
+    if len({templated for _, templated, _ in rendered}) > 1:
+        raise ValueError("mix of plain-text and conversational prompts in one dataset")
+    templated = bool(rendered) and rendered[0][1]
+    prompts = encode_prompts(tokenizer, [p for p, _, _ in rendered], templated)
+    n_resp = len(rendered[0][2]) if rendered else 0
+    responses = [encode_responses(tokenizer, [r[k] for _, _, r in rendered]) for k in range(n_resp)]
+    return prompts, responses
 
 
 def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False):
@@ -161,9 +178,8 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False):
     `max_length` tokens has its completion truncated on the right (so it loses its EOS: the model
     is not taught to stop there); one whose prompt alone leaves no room is dropped. Both counted."""
     out, truncated, dropped = [], 0, 0
-    for ex in ds:
-        prompt, templated, (completion,) = to_text(tokenizer, ex, "sft")
-        p, c = encode_prompt(tokenizer, prompt, templated), encode_response(tokenizer, completion)
+    prompts, (completions,) = _encode(tokenizer, ds, "sft")
+    for p, c in zip(prompts, completions):
         if len(p) >= max_length:
             dropped += 1
             continue
@@ -181,10 +197,8 @@ def tokenize_preferences(tokenizer, ds, max_length):
     ends with one EOS. Pairs whose prompt + longer response exceed `max_length`, and pairs whose
     chosen equals rejected (no preference to learn), are dropped and counted."""
     out, too_long, ties = [], 0, 0
-    for ex in ds:
-        prompt, templated, (chosen, rejected) = to_text(tokenizer, ex, "preference")
-        p = encode_prompt(tokenizer, prompt, templated)
-        c, r = encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)
+    prompts, (chosen, rejected) = _encode(tokenizer, ds, "preference")
+    for p, c, r in zip(prompts, chosen, rejected):
         if c == r:
             ties += 1
         elif len(p) + max(len(c), len(r)) > max_length:
@@ -199,17 +213,11 @@ def tokenize_preferences(tokenizer, ds, max_length):
 
 def tokenize_prompts(tokenizer, ds, max_prompt_length):
     """Prompt-only data -> (list of prompt id lists, stats); prompts over the limit dropped and counted."""
-    out, too_long = [], 0
-    for ex in ds:
-        prompt, templated, _ = to_text(tokenizer, ex, "prompt")
-        p = encode_prompt(tokenizer, prompt, templated)
-        if len(p) > max_prompt_length or not p:
-            too_long += 1
-        else:
-            out.append(p)
+    prompts, _ = _encode(tokenizer, ds, "prompt")
+    out = [p for p in prompts if 0 < len(p) <= max_prompt_length]
     if not out:
         raise ValueError(f"every prompt is empty or over max_prompt_length={max_prompt_length} tokens")
-    return out, {"dropped_too_long": too_long, "total": len(ds)}
+    return out, {"dropped_too_long": len(prompts) - len(out), "total": len(ds)}
 
 
 def report(what, stats):

@@ -44,7 +44,7 @@ class Args:
     torch_deterministic: bool = True
     """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
     device: str = "auto"
-    """"auto" (CUDA if available, else CPU), "cpu" or "cuda"; under torchrun each rank uses cuda:LOCAL_RANK"""
+    """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
     bf16: bool = False
     """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
     track: bool = False
@@ -68,7 +68,7 @@ class Args:
     model_name: str = "toy"
     """Hub id or local folder of a causal LM (AutoModelForCausalLM); "toy" = the toy task's tiny model from scratch"""
     dataset_name: str = "toy"
-    """"toy", a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; columns (prompt, completion) or messages"""
+    """toy (the embedded task), a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; columns (prompt, completion) or messages"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_eval_split: str = "test"
@@ -182,7 +182,10 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # TRY NOT TO MODIFY: model and tokenizer loading
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
 
     if args.model_name == "toy":  # the toy task's tokenizer and a random-init tiny Llama, saved like a Hub model
         import toy_task
@@ -241,8 +244,7 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    sample_prompts = [common.encode_prompt(tokenizer, *common.to_text(tokenizer, ex, "sft")[:2])
-                      for ex in eval_ds.select(range(min(args.num_sample_completions, len(eval_ds))))]
+    sample_prompts, _ = common._encode(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
     per_rank = args.batch_size // args.world_size
     start, log_loss, log_tokens, tokens_seen = time.time(), 0.0, 0, 0
     for step in tqdm(range(args.num_steps), disable=rank != 0):

@@ -1,0 +1,121 @@
+"""sft.py: the loss against hand computation; the script through its command line (toy task,
+offline Hub-format model and chat data, DDP against a single process)."""
+
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import toy_task
+from conftest import ROOT, run_script
+from sft import sft_loss
+
+
+def test_uniform_logits_give_log_vocab():
+    logits = torch.zeros(2, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, 3, 4], [-100, -100, 6, 0, -100]])
+    assert sft_loss(logits, labels).item() == pytest.approx(math.log(7))
+
+
+def test_perfect_prediction_gives_zero_and_shift():
+    # position t predicts the label at t + 1: put a huge logit on labels[t + 1] at position t
+    labels = torch.tensor([[-100, 3, 1, 4]])
+    logits = torch.zeros(1, 4, 5)
+    for t in range(3):
+        logits[0, t, labels[0, t + 1]] = 100.0
+    assert sft_loss(logits, labels).item() == pytest.approx(0.0, abs=1e-6)
+    # the same logits judged against unshifted labels would be badly wrong: the shift matters
+    logits_unshifted = torch.zeros(1, 4, 5)
+    for t in range(1, 4):
+        logits_unshifted[0, t, labels[0, t]] = 100.0
+    assert sft_loss(logits_unshifted, labels).item() > 10
+
+
+def test_ignored_positions_and_token_level_mean():
+    # vocabulary of 2; logit 0 vs log(3): p(token 1) = 3/4, p(token 0) = 1/4 everywhere
+    logits = torch.zeros(2, 4, 2)
+    logits[..., 1] = math.log(3)
+    # row 0 has three labelled tokens (1, 1, 0), row 1 one (1); the rest ignored, whatever sits there
+    labels = torch.tensor([[-100, 1, 1, 0], [-100, 1, -100, -100]])
+    nll = [-math.log(0.75), -math.log(0.75), -math.log(0.25), -math.log(0.75)]
+    assert sft_loss(logits, labels).item() == pytest.approx(sum(nll) / 4)  # mean over the 4 tokens ...
+    per_seq = (sum(nll[:3]) / 3 + nll[3]) / 2
+    assert abs(sft_loss(logits, labels).item() - per_seq) > 0.05  # ... not the mean of per-sequence means
+    labels_garbage = labels.clone()
+    logits2 = logits.clone()
+    logits2[1, 2:, :] = torch.randn(2, 2) * 50  # predictions for ignored positions change nothing
+    assert sft_loss(logits2, labels_garbage).item() == pytest.approx(sum(nll) / 4)
+
+
+def test_every_flag_has_help():
+    """Every Args field has a docstring, and --help shows it (tyro reads the docstrings)."""
+    tree = ast.parse(open(os.path.join(ROOT, "sft.py")).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    out = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="400")).stdout
+    body = cls.body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and "Suppress" not in ast.unparse(node.annotation):
+            name = node.target.id
+            assert i + 1 < len(body) and isinstance(body[i + 1], ast.Expr), f"{name} has no docstring"
+            doc = body[i + 1].value.value
+            assert "--" + name.replace("_", "-") in out
+            assert " ".join(doc.split()[:4]) in " ".join(out.split()), f"--help lacks the help of {name}"
+        elif isinstance(node, ast.AnnAssign):
+            assert "--" + node.target.id.replace("_", "-") not in out  # derived values are not flags
+
+
+def test_smoke_toy(tmp_path):
+    out = run_script(["sft.py", "--num-epochs", "0.03", "--eval-every", "10", "--output-dir", str(tmp_path)])
+    result = json.load(open(tmp_path / "training_args.json"))["result"]
+    # 23 steps from random init take the held-out loss well below uniform guessing (ln 73 = 4.29)
+    assert result["eval_loss"] < 4.0
+    assert result["excess_nll"] == pytest.approx(result["eval_loss"] - result["ref_nll"])
+    assert "excess" in out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token == toy_task.PAD
+
+
+def test_hub_format_model_and_chat_data(tmp_path, hub_model, chat_jsonl):
+    run_script(["sft.py", "--model-name", hub_model, "--dataset-name", chat_jsonl, "--batch-size", "8",
+                "--per-device-batch-size", "4", "--num-epochs", "1", "--eval-every", "2", "--max-length", "48",
+                "--learning-rate", "1e-3", "--max-new-tokens", "4", "--output-dir", str(tmp_path)])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    # the tokenizer had no PAD: it got one, distinct from EOS, and the model's embeddings grew to fit it
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert math.isfinite(json.load(open(tmp_path / "training_args.json"))["result"]["eval_loss"])
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 CPU processes under torchrun (4 examples each) take the same steps as 1 process with one
+    batch of 8: the loss is a token-level mean over the global batch, however it is split."""
+    base = str(tmp_path / "base")
+    toy_task.save_base_model(base)
+    data = tmp_path / "data.jsonl"
+    ds = toy_task.make_dataset("sft", "train", num_examples=48)
+    data.write_text("".join(json.dumps(r) + "\n" for r in ds.to_list()))
+    flags = ["sft.py", "--model-name", base, "--dataset-name", str(data), "--batch-size", "8", "--num-epochs", "1",
+             "--eval-every", "100", "--warmup-ratio", "0", "--num-sample-completions", "0"]
+    run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "two")], torchrun=2)
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = load_file(os.path.join(base, "model.safetensors"))
+    for k in one:
+        assert not torch.equal(one[k], start[k]) or "norm" in k  # training moved the weights
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+    r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
+    r2 = json.load(open(tmp_path / "two" / "training_args.json"))["result"]
+    assert r1["eval_loss"] == pytest.approx(r2["eval_loss"], rel=1e-5)
