@@ -159,7 +159,7 @@ def _strip_eos(ids, eos):
     return ids
 
 
-def _encode(tokenizer, ds, kind):
+def encode_dataset(tokenizer, ds, kind):
     """Render every example to text and tokenize in batches (fast tokenizers are much quicker on
     lists). Returns prompt ids and, per response column, response ids."""
     rendered = [to_text(tokenizer, ex, kind) for ex in ds.to_list()]
@@ -178,7 +178,7 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False):
     `max_length` tokens has its completion truncated on the right (so it loses its EOS: the model
     is not taught to stop there); one whose prompt alone leaves no room is dropped. Both counted."""
     out, truncated, dropped = [], 0, 0
-    prompts, (completions,) = _encode(tokenizer, ds, "sft")
+    prompts, (completions,) = encode_dataset(tokenizer, ds, "sft")
     for p, c in zip(prompts, completions):
         if len(p) >= max_length:
             dropped += 1
@@ -197,7 +197,7 @@ def tokenize_preferences(tokenizer, ds, max_length):
     ends with one EOS. Pairs whose prompt + longer response exceed `max_length`, and pairs whose
     chosen equals rejected (no preference to learn), are dropped and counted."""
     out, too_long, ties = [], 0, 0
-    prompts, (chosen, rejected) = _encode(tokenizer, ds, "preference")
+    prompts, (chosen, rejected) = encode_dataset(tokenizer, ds, "preference")
     for p, c, r in zip(prompts, chosen, rejected):
         if c == r:
             ties += 1
@@ -213,7 +213,7 @@ def tokenize_preferences(tokenizer, ds, max_length):
 
 def tokenize_prompts(tokenizer, ds, max_prompt_length):
     """Prompt-only data -> (list of prompt id lists, stats); prompts over the limit dropped and counted."""
-    prompts, _ = _encode(tokenizer, ds, "prompt")
+    prompts, _ = encode_dataset(tokenizer, ds, "prompt")
     out = [p for p in prompts if 0 < len(p) <= max_prompt_length]
     if not out:
         raise ValueError(f"every prompt is empty or over max_prompt_length={max_prompt_length} tokens")

@@ -55,16 +55,8 @@ class Args:
     """Weights & Biases entity (team or user), with --track"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and tokenizer are saved to with save_pretrained"""
-    batch_size: int = 64
-    """examples per optimizer step, summed over all ranks and micro-batches"""
-    per_device_batch_size: int = 64
-    """examples per forward/backward pass on one device; the rest of batch_size is gradient accumulation"""
-    learning_rate: float = 3e-3
-    """peak AdamW learning rate (3e-3 suits the toy model trained from scratch; ~3e-6 for pretrained LMs)"""
-    eval_every: int = 100
-    """optimizer steps between held-out evaluations"""
 
-    # ---- SFT ----
+    # ---- model, data and optimisation: the same names and meanings in every script ----
     model_name: str = "toy"
     """Hub id or local folder of a causal LM (AutoModelForCausalLM); "toy" = the toy task's tiny model from scratch"""
     dataset_name: str = "toy"
@@ -75,10 +67,14 @@ class Args:
     """held-out split; if the dataset lacks it, 5% of the training split is held out"""
     max_length: int = 64
     """tokens per example (prompt + completion + EOS); longer completions are truncated, counted and reported"""
-    train_on_prompt: bool = False
-    """also put loss on the prompt tokens (default: completion and EOS only)"""
+    batch_size: int = 64
+    """examples per optimizer step, summed over all ranks and micro-batches"""
+    per_device_batch_size: int = 64
+    """examples per forward/backward pass on one device; the rest of batch_size is gradient accumulation"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
+    learning_rate: float = 3e-3
+    """peak AdamW learning rate (3e-3 suits the toy model trained from scratch; ~3e-6 for pretrained LMs)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup, down to 0 at the last step"""
     warmup_ratio: float = 0.05
@@ -91,6 +87,12 @@ class Args:
     """clip the global gradient norm to this (0 disables clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    eval_every: int = 100
+    """optimizer steps between held-out evaluations"""
+
+    # ---- SFT ----
+    train_on_prompt: bool = False
+    """also put loss on the prompt tokens (default: completion and EOS only)"""
     num_sample_completions: int = 4
     """held-out prompts whose sampled completions are printed and logged at each evaluation"""
     max_new_tokens: int = 24
@@ -244,7 +246,7 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    sample_prompts, _ = common._encode(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
+    sample_prompts, _ = common.encode_dataset(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
     per_rank = args.batch_size // args.world_size
     start, log_loss, log_tokens, tokens_seen = time.time(), 0.0, 0, 0
     for step in tqdm(range(args.num_steps), disable=rank != 0):

@@ -1,0 +1,360 @@
+"""Reward modelling: fit a scalar reward to pairwise human preferences (Bradley–Terry).
+
+Stiennon et al. 2020 (§3.4) and Ouyang et al. 2022 (§3.5): a copy of the SFT model with a scalar
+head reads the prompt and a response and outputs r(x, y) at the response's last token, its EOS.
+Training maximises log σ(r(x, y_chosen) − r(x, y_rejected)) over labelled pairs. After training,
+the mean reward of reference responses (the SFT data's completions) is recorded with the model
+as `config.reward_bias`, so that r − reward_bias scores those responses 0 on average (Stiennon
+et al.). PPO reads this model to score its samples and initialises its value function from it.
+
+    # default: from runs/models/sft (run `python sft.py` first) on the toy task's pairs, CPU
+    python reward_model.py
+    # real scale (one node, 8 GPUs): Pythia 1B SFT model on TL;DR preference pairs
+    torchrun --nproc_per_node 8 reward_model.py --model-name runs/models/sft \
+        --dataset-name trl-lib/tldr-preference --reference-dataset-name trl-lib/tldr \
+        --learning-rate 3e-6 --batch-size 64 --per-device-batch-size 8 --max-length 640 --bf16 --track
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- shared by every script: keep this block identical ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; runs are logged to runs/{exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (rank r seeds sampling with seed + r)"""
+    torch_deterministic: bool = True
+    """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
+    device: str = "auto"
+    """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
+    bf16: bool = False
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "minimal-alignment"
+    """Weights & Biases project, with --track"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team or user), with --track"""
+    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
+    """folder the trained model and tokenizer are saved to with save_pretrained"""
+
+    # ---- model, data and optimisation: the same names and meanings in every script ----
+    model_name: str = os.path.join("runs", "models", "sft")
+    """Hub id or local folder of the model to start from (default: the output of sft.py)"""
+    dataset_name: str = "toy"
+    """toy (the embedded task), a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; columns prompt, chosen, rejected"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_eval_split: str = "test"
+    """held-out split; if the dataset lacks it, 5% of the training split is held out"""
+    max_length: int = 64
+    """tokens per sequence (prompt + response + EOS); longer pairs are dropped, counted and reported"""
+    batch_size: int = 64
+    """preference pairs per optimizer step, summed over all ranks and micro-batches"""
+    per_device_batch_size: int = 64
+    """pairs per forward/backward pass on one device (each pair is two sequences)"""
+    num_epochs: float = 1.0
+    """passes over the training split (fractions allowed)"""
+    learning_rate: float = 1e-3
+    """peak AdamW learning rate (1e-3 suits the toy model; ~3e-6 for pretrained LMs)"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay of the learning rate after warmup, down to 0 at the last step"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in Huang et al. 2024)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 disables clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    eval_every: int = 100
+    """optimizer steps between held-out evaluations"""
+
+    # ---- reward model ----
+    center_rewards_coefficient: float = 0.0
+    """weight of the auxiliary loss mean((r_chosen + r_rejected)^2) that centres rewards at 0 (Eisenstein et al. 2023)"""
+    reference_dataset_name: str = "toy"
+    """SFT-format dataset (prompt, completion) whose completions define reward 0 after training (Stiennon et al.)"""
+    num_reference_examples: int = 2000
+    """reference (prompt, completion) examples averaged for that normalisation"""
+
+    # ---- derived right after parsing (not flags) ----
+    world_size: tyro.conf.Suppress[int] = 1
+    grad_accum_steps: tyro.conf.Suppress[int] = 1
+    num_steps: tyro.conf.Suppress[int] = 0
+
+
+def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=0.0):
+    """Bradley–Terry negative log-likelihood of the preferences, a mean over pairs.
+
+    chosen_rewards, rejected_rewards: (B,) rewards of the preferred and the other response;
+    margin: optional (B,) how much the chosen one should win by (Llama 2's margin loss).
+    loss = mean_b −log σ(r_c − r_r − m) + coef · mean_b (r_c + r_r)², the second term keeping the
+    rewards centred (Eisenstein et al. 2023). logsigmoid keeps huge gaps finite."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
+
+
+def rewards_at_eos(model, input_ids, attention_mask):
+    """Reward of each right-padded sequence, read at its last real token (the response's EOS),
+    minus the stored normalisation `config.reward_bias`. input_ids, attention_mask: (N, L).
+    Returns (N,). Hugging Face's sequence-classification models apply the head at the rightmost
+    token that is not PAD; with right padding and a PAD distinct from EOS (common.load_tokenizer)
+    that is exactly the EOS, and causal attention never sees the pads after it, so the reward does
+    not depend on how the sequence is padded or batched (tested). `model` may be DDP-wrapped."""
+    bias = getattr(getattr(model, "module", model).config, "reward_bias", 0.0)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float() - bias
+
+
+def collate_pairs(pairs, pad_id):
+    """B pairs -> right-padded (2B, L) input_ids and attention_mask: rows 0..B-1 the chosen
+    sequences (prompt + chosen), rows B..2B-1 the rejected ones, so one forward pass scores both."""
+    seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    return {"input_ids": common.pad(seqs, pad_id), "attention_mask": common.attention_mask(seqs)}
+
+
+def lr_at(step, args):
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * args.num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.num_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[args.lr_schedule]
+
+
+@torch.no_grad()
+def score_sequences(model, seqs, pad_id, args, device, rank):
+    """Rewards of a list of token-id sequences, in order; each rank scores a share, gathered."""
+    model.eval()
+    mine = list(range(rank, len(seqs), args.world_size))
+    out = torch.zeros(len(seqs), device=device)
+    for i in range(0, len(mine), 2 * args.per_device_batch_size):
+        idx = mine[i: i + 2 * args.per_device_batch_size]
+        batch = [seqs[j] for j in idx]
+        ids, mask = common.pad(batch, pad_id).to(device), common.attention_mask(batch).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out[idx] = rewards_at_eos(model, ids, mask)
+    if args.world_size > 1:
+        dist.all_reduce(out)  # every index was filled by exactly one rank
+    model.train()
+    return out.cpu()
+
+
+def evaluate(model, pairs, pad_id, args, device, rank):
+    """Held-out metrics over all pairs: loss, accuracy, mean margin, chosen/rejected means, std."""
+    seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    r = score_sequences(model, seqs, pad_id, args, device, rank)
+    rc, rr = r[: len(pairs)], r[len(pairs):]
+    return {"loss": reward_loss(rc, rr).item(), "accuracy": (rc > rr).float().mean().item(),
+            "margin": (rc - rr).mean().item(), "reward_chosen": rc.mean().item(),
+            "reward_rejected": rr.mean().item(), "reward_std": r.std().item()}
+
+
+def pearson(x, y):
+    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def ranks(x):
+    """Ranks 1..n with ties given their average rank (what Spearman's correlation uses)."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):  # average the ranks of tied values
+        tied = x == v
+        r[tied] = r[tied].mean()
+    return r
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % (args.per_device_batch_size * args.world_size):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
+                         f"{args.per_device_batch_size} x {args.world_size} ranks")
+    args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: distributed set-up, seeding, device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if args.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # TRY NOT TO MODIFY: model and tokenizer loading
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    transformers.utils.logging.disable_progress_bar()
+    if args.model_name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(args.model_name):
+        raise SystemExit(f"no model at {args.model_name}: run `python sft.py` first, or pass --model-name")
+    tokenizer = common.load_tokenizer(args.model_name)
+    pad_id = tokenizer.pad_token_id
+    config = AutoConfig.from_pretrained(args.model_name, num_labels=1)
+    for key, value in config.to_dict().items():  # dropout off: it makes rewards noisy (Huang et al. 2024)
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    config.reward_bias = 0.0
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+    common.resize_embeddings(model, tokenizer)
+    # head ~ N(0, 1/sqrt(d + 1)), bias-free, as in Stiennon et al.'s and Huang et al.'s reward models
+    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.to(device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+
+    # 1. data: prompt + chosen and prompt + rejected, each ending with EOS; ties and long pairs dropped
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", args.dataset_train_split,
+                                           args.dataset_eval_split, seed=args.seed)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length)
+    if rank == 0:
+        common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
+    args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size
+    if args.num_steps < 1:
+        raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size {args.batch_size}")
+    schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
+
+    # TRY NOT TO MODIFY: logging set-up
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first, or drop --track")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, "
+              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    per_rank = args.batch_size // args.world_size
+    stat_names = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected"]
+    log_stats, log_pairs, tokens_seen, start = torch.zeros(len(stat_names), device=device), 0, 0, time.time()
+    for step in tqdm(range(args.num_steps), disable=rank != 0):
+        lr = args.learning_rate * lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2. one optimizer step on a global batch of pairs: each rank its slice, in micro-batches;
+        # every micro-batch's mean is weighted by its share of the global batch (a mean over all pairs)
+        global_batch = [train_pairs[i] for i in schedule[step]]
+        mine = global_batch[rank * per_rank: (rank + 1) * per_rank]
+        step_stats = torch.zeros(len(stat_names), device=device)
+        for k in range(args.grad_accum_steps):
+            micro = mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
+            batch = {key: v.to(device) for key, v in collate_pairs(micro, pad_id).items()}
+            sync = k == args.grad_accum_steps - 1 or args.world_size == 1
+            with contextlib.nullcontext() if sync else train_model.no_sync():  # all-reduce once per step
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    r = rewards_at_eos(train_model, **batch)  # (2b,)
+                rc, rr = r[: len(micro)], r[len(micro):]  # (b,) chosen, (b,) rejected
+                loss = reward_loss(rc, rr, center_rewards_coefficient=args.center_rewards_coefficient)
+                # DDP averages gradients over ranks, hence the world_size factor
+                (loss * len(micro) / args.batch_size * args.world_size).backward()
+            rc, rr = rc.detach(), rr.detach()
+            step_stats += len(micro) * torch.stack([loss.detach(), (rc > rr).float().mean(), (rc - rr).mean(),
+                                                    rc.mean(), rr.mean()])
+        if args.world_size > 1:
+            dist.all_reduce(step_stats)
+        if not torch.isfinite(step_stats[0]):
+            raise FloatingPointError(f"non-finite loss at step {step}: lower --learning-rate, or check the data")
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 3. log: pair-weighted means over every step since the last log, not one micro-batch's
+        log_stats += step_stats
+        log_pairs += args.batch_size
+        tokens_seen += sum(len(p["prompt"]) * 2 + len(p["chosen"]) + len(p["rejected"]) for p in global_batch)
+        global_step = (step + 1) * args.batch_size  # pairs seen
+        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
+            for name, value in zip(stat_names, (log_stats / log_pairs).tolist()):
+                writer.add_scalar(f"train/{name}", value, global_step)
+            writer.add_scalar("train/learning_rate", lr, global_step)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), global_step)
+            log_stats, log_pairs = torch.zeros_like(log_stats), 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
+            metrics = evaluate(model, eval_pairs, pad_id, args, device, rank)
+            if writer:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"eval/{name}", value, global_step)
+                tqdm.write(f"step {step + 1}: eval/accuracy {metrics['accuracy']:.4f}, eval/loss {metrics['loss']:.4f}")
+
+    # 4. normalise: the mean reward of the reference responses becomes the stored bias, so that
+    # they score 0 on average (Stiennon et al. 2020; Huang et al. 2024 detail 11)
+    ref_ds, _ = common.load_splits(args.reference_dataset_name, "sft", seed=args.seed)
+    ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
+    ref_examples, ref_stats = common.tokenize_sft(tokenizer, ref_ds, args.max_length)
+    ref_rewards = score_sequences(model, [e["input_ids"] for e in ref_examples], pad_id, args, device, rank)
+    model.config.reward_bias = ref_rewards.mean().item()
+    final = evaluate(model, eval_pairs, pad_id, args, device, rank)  # accuracy and margins do not move; means do
+    final["reward_bias"] = model.config.reward_bias
+
+    # 5. toy task: how close to a perfect reward model, and how well the reward tracks the gold one
+    if args.dataset_name == "toy":
+        import toy_task
+
+        final["bayes_accuracy"] = toy_task.bayes_accuracy(eval_ds)
+        samples = toy_task.make_dataset("sft", "eval", seed=args.seed)  # held-out P_ref samples
+        sample_examples, _ = common.tokenize_sft(tokenizer, samples, args.max_length)
+        rm = score_sequences(model, [e["input_ids"] for e in sample_examples], pad_id, args, device, rank).numpy()
+        gold = [toy_task.gold_reward(p, c) for p, c in zip(samples["prompt"], samples["completion"])]
+        final["gold_pearson"], final["gold_spearman"] = pearson(rm, gold), pearson(ranks(rm), ranks(gold))
+
+    # 6. save model (with config.reward_bias), tokenizer and results
+    if rank == 0:
+        for name, value in final.items():
+            writer.add_scalar(f"eval/{name}", value, args.num_steps * args.batch_size)
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
+        print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        writer.close()
+    if args.world_size > 1:
+        dist.destroy_process_group()

@@ -1,0 +1,120 @@
+"""reward_model.py: the loss by hand, the reward read at EOS, the stored normalisation, bad input,
+and the script through its command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+
+import common
+import toy_task
+from conftest import ROOT, make_bpe_tokenizer, run_script
+from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_reward_loss_by_hand():
+    t = torch.tensor
+    assert reward_loss(t([0.3, -2.0]), t([0.3, -2.0])).item() == pytest.approx(math.log(2))
+    assert reward_loss(t([50.0]), t([0.0])).item() == pytest.approx(0.0, abs=1e-12)
+    big = reward_loss(t([-1000.0]), t([0.0])).item()  # logsigmoid keeps it finite: -log σ(-1000) = 1000
+    assert math.isfinite(big) and big == pytest.approx(1000.0)
+    # mean over pairs: gaps 1 and -1
+    want = -(log_sigmoid(1.0) + log_sigmoid(-1.0)) / 2
+    assert reward_loss(t([1.0, 0.0]), t([0.0, 1.0])).item() == pytest.approx(want)
+    # a margin of 1 turns a gap of 1 into a coin flip
+    assert reward_loss(t([1.0]), t([0.0]), margin=t([1.0])).item() == pytest.approx(math.log(2))
+    # centring: -log σ(0.5) + 0.01 * mean((1 + 0.5)^2, (-1 + 0)^2)
+    got = reward_loss(t([1.0, -1.0]), t([0.5, 0.0]), center_rewards_coefficient=0.01).item()
+    want = -(log_sigmoid(0.5) + log_sigmoid(-1.0)) / 2 + 0.01 * (1.5 ** 2 + 1.0) / 2
+    assert got == pytest.approx(want)
+
+
+def test_ranks_average_ties():
+    assert ranks([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def toy_rm(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification
+
+    path = str(tmp_path_factory.mktemp("toy_rm"))
+    toy_task.save_base_model(path)
+    tok = common.load_tokenizer(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    common.resize_embeddings(model, tok)
+    return model, tok
+
+
+def test_reward_is_read_at_eos_whatever_the_padding(toy_rm):
+    model, tok = toy_rm
+    pairs, _ = common.tokenize_preferences(tok, datasets.Dataset.from_dict({
+        "prompt": ["the plot", "a film was very", "the cast"],
+        "chosen": ["was dull", "", "and the acting felt wonderful but the music bland"],
+        "rejected": ["was great", "dull", "felt"]}), max_length=64)
+    batch = collate_pairs(pairs, tok.pad_token_id)  # (6, L): ragged, right-padded
+    with torch.no_grad():
+        batched = rewards_at_eos(model, **batch)
+        seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+        alone = [rewards_at_eos(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in seqs]
+        # alone, the head output at the last position: compute it from the backbone by hand
+        by_hand = [model.score(model.model(input_ids=torch.tensor([s])).last_hidden_state[0, -1]).item() for s in seqs]
+    assert all(s[-1] == tok.eos_token_id for s in seqs)  # the last real token is the EOS (even for "")
+    torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(alone), torch.tensor(by_hand), atol=1e-5, rtol=1e-5)
+    # and the rows padded most would give other numbers if read at the last slot instead
+    assert batch["attention_mask"].sum(1).min() < batch["input_ids"].shape[1]
+
+
+def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "reward_model.py", "--model-name", os.path.join("runs", "models", "nope")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "run `python sft.py` first" in proc.stderr
+
+
+def test_smoke_toy_and_normalisation(tmp_path):
+    base = str(tmp_path / "base")
+    toy_task.save_base_model(base)
+    out_dir = tmp_path / "rm"
+    run_script(["reward_model.py", "--model-name", base, "--num-epochs", "0.02", "--eval-every", "5",
+                "--num-reference-examples", "300", "--output-dir", str(out_dir)])
+    result = json.load(open(out_dir / "training_args.json"))["result"]
+    for k in ["accuracy", "bayes_accuracy", "gold_pearson", "gold_spearman", "reward_bias"]:
+        assert math.isfinite(result[k])
+    # reload the saved folder as anyone would: the reference completions now score 0 on average
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(out_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    assert model.config.reward_bias == pytest.approx(result["reward_bias"])
+    ref = toy_task.make_dataset("sft", "train", seed=1).select(range(300))  # the script's default seed is 1
+    examples, _ = common.tokenize_sft(tok, ref, 64)
+    with torch.no_grad():
+        r = torch.cat([rewards_at_eos(model, common.pad(b, tok.pad_token_id), common.attention_mask(b))
+                       for b in ([e["input_ids"] for e in examples[i: i + 50]] for i in range(0, 300, 50))])
+    assert abs(r.mean().item()) < 1e-4
+    assert r.std().item() > 1e-3  # not trivially zero
+
+
+def test_hub_format_fixture(tmp_path, hub_model, chat_jsonl):
+    prefs = tmp_path / "prefs"  # a folder with train.jsonl and test.jsonl, as on the Hub
+    prefs.mkdir()
+    rows = [{"prompt": f"Name a colour {i}.", "chosen": " red", "rejected": " a deep shade of purple"} for i in range(28)]
+    rows.append({"prompt": "tie", "chosen": " red", "rejected": " red"})  # dropped and counted
+    (prefs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    (prefs / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    out = run_script(["reward_model.py", "--model-name", hub_model, "--dataset-name", str(prefs),
+                      "--reference-dataset-name", chat_jsonl, "--batch-size", "8", "--per-device-batch-size", "4",
+                      "--num-epochs", "2", "--learning-rate", "1e-3", "--output-dir", str(tmp_path / "rm")])
+    assert "dropped_ties 1" in out
+    result = json.load(open(tmp_path / "rm" / "training_args.json"))["result"]
+    assert result["accuracy"] == 1.0  # one trivially learnable preference
