@@ -1,0 +1,406 @@
+"""Direct Preference Optimization (DPO) and its main variants: IPO, cDPO, hinge (SLiC), robust DPO, RPO.
+
+Rafailov et al. 2023: the KL-regularised RLHF objective max E[r] − β KL(π ‖ π_ref) has the optimum
+π*(y|x) ∝ π_ref(y|x) exp(r(x,y)/β) (their eq. 4), so the reward is implied by the policy,
+r̂(x,y) = β log π(y|x)/π_ref(y|x) + const, and the Bradley–Terry likelihood of the preferences
+can be maximised over π directly (their eq. 7): loss = −log σ(r̂(x,y_c) − r̂(x,y_r)). The policy
+starts from the SFT model; a frozen copy of it is the reference π_ref. Sequence log-probabilities
+sum over the response tokens and their EOS only.
+
+    # default: from runs/models/sft (run `python sft.py` first) on the toy task's pairs, CPU
+    python dpo.py
+    # real scale (one node, 8 GPUs): Pythia 1B SFT model on TL;DR preference pairs
+    torchrun --nproc_per_node 8 dpo.py --model-name runs/models/sft --dataset-name trl-lib/tldr-preference \
+        --beta 0.05 --learning-rate 3e-6 --batch-size 64 --per-device-batch-size 4 --max-length 640 --bf16 --track
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- shared by every script: keep this block identical ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; runs are logged to runs/{exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (rank r seeds sampling with seed + r)"""
+    torch_deterministic: bool = True
+    """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
+    device: str = "auto"
+    """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
+    bf16: bool = False
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "minimal-alignment"
+    """Weights & Biases project, with --track"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team or user), with --track"""
+    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
+    """folder the trained model and tokenizer are saved to with save_pretrained"""
+
+    # ---- model, data and optimisation: the same names and meanings in every script ----
+    model_name: str = os.path.join("runs", "models", "sft")
+    """Hub id or local folder of the model to start from (default: the output of sft.py)"""
+    dataset_name: str = "toy"
+    """toy (the embedded task), a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; columns prompt, chosen, rejected"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_eval_split: str = "test"
+    """held-out split; if the dataset lacks it, 5% of the training split is held out"""
+    max_length: int = 64
+    """tokens per sequence (prompt + response + EOS); longer pairs are dropped, counted and reported"""
+    batch_size: int = 64
+    """preference pairs per optimizer step, summed over all ranks and micro-batches"""
+    per_device_batch_size: int = 64
+    """pairs per forward/backward pass on one device (each pair is two sequences)"""
+    num_epochs: float = 1.0
+    """passes over the training split (fractions allowed)"""
+    learning_rate: float = 5e-4
+    """peak AdamW learning rate (5e-4 suits the toy model; ~3e-6 to 5e-7 for pretrained LMs)"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay of the learning rate after warmup, down to 0 at the last step"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in Huang et al. 2024)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 disables clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    eval_every: int = 100
+    """optimizer steps between held-out evaluations"""
+
+    # ---- DPO ----
+    beta: float = 1.0
+    """strength β of the KL regularisation: the policy aims at π_ref·exp(r/β). 1.0 suits the toy task, whose
+    annotators' rewards have unit scale; 0.05–0.5 is usual for LLMs"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid: DPO (cDPO with label smoothing); ipo: Azar et al. 2023; hinge: SLiC-HF; robust: Chowdhury et al. 2024"""
+    label_smoothing: float = 0.0
+    """assumed probability ε that a preference label is flipped (sigmoid: cDPO; robust: the noise rate), in [0, 0.5)"""
+    rpo_alpha: float = 0.0
+    """weight α of the chosen responses' token-mean NLL added to the loss (RPO, Pang et al. 2024); 0 disables it"""
+    precompute_ref_logps: bool = False
+    """compute the reference log-probabilities once before training and free the reference model (saves memory)"""
+    num_toy_samples: int = 1000
+    """toy task only: held-out prompts sampled at the end to measure the gold reward and the exact KL to P_ref"""
+
+    # ---- derived right after parsing (not flags) ----
+    world_size: tyro.conf.Suppress[int] = 1
+    grad_accum_steps: tyro.conf.Suppress[int] = 1
+    num_steps: tyro.conf.Suppress[int] = 0
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair preference losses and implicit rewards.
+
+    All four inputs are (B,) sequence log-probabilities (sums over response tokens; length-averaged
+    for IPO). With h = (π_c − ref_c) − (π_r − ref_r) and ε = label_smoothing:
+      sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh)          DPO eq. 7 (ε = 0), cDPO (ε > 0)
+      ipo:     (h − 1/(2β))²                             Azar et al. 2023, eq. 17
+      hinge:   max(0, 1 − βh)                             SLiC-HF, Zhao et al. 2023
+      robust:  (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1−2ε) Chowdhury et al. 2024, eq. 5
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards β(π − ref) are
+    detached. The caller reduces the losses (a mean over pairs)."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(logits, labels, average=False):
+    """Sum (or, with `average`, mean) over each row's labelled tokens of log p(token).
+
+    logits: (N, L, V), position t predicting token t + 1; labels: (N, L) aligned with the input ids,
+    −100 on the prompt and padding. Returns (logps (N,), token counts (N,))."""
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]  # (N, L-1, V), (N, L-1)
+    mask = labels != common.IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, L-1)
+    sums, counts = (token_logps * mask).sum(-1), mask.sum(-1)
+    return (sums / counts.clamp(min=1) if average else sums), counts
+
+
+def collate_pairs(pairs, pad_id):
+    """B pairs -> right-padded (2B, L) input_ids, attention_mask and labels (−100 on prompt and
+    padding): rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected, for one forward pass."""
+    seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for k in ("chosen", "rejected") for p in pairs]
+    return {"input_ids": common.pad(seqs, pad_id), "attention_mask": common.attention_mask(seqs),
+            "labels": common.pad(labels, common.IGNORE_INDEX)}
+
+
+def lr_at(step, args):
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * args.num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.num_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[args.lr_schedule]
+
+
+def pair_logps(model, batch, args):
+    """(chosen logps (B,), rejected logps (B,), chosen token counts (B,)) from one concatenated pass."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, counts = sequence_logps(logits, batch["labels"], average=args.loss_type == "ipo")
+    B = len(logps) // 2
+    return logps[:B], logps[B:], counts[:B]
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, pad_id, args, device, rank):
+    """(chosen, rejected) logps (P,) of every pair; each rank computes a share, summed across ranks."""
+    model.eval()
+    out = torch.zeros(2, len(pairs), device=device)
+    mine = list(range(rank, len(pairs), args.world_size))
+    for i in range(0, len(mine), args.per_device_batch_size):
+        idx = mine[i: i + args.per_device_batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in idx], pad_id).items()}
+        out[0, idx], out[1, idx], _ = pair_logps(model, batch, args)
+    if args.world_size > 1:
+        dist.all_reduce(out)
+    model.train()
+    return out
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % (args.per_device_batch_size * args.world_size):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
+                         f"{args.per_device_batch_size} x {args.world_size} ranks")
+    args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError("--label-smoothing is a flip probability in [0, 0.5)")
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: distributed set-up, seeding, device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if args.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # TRY NOT TO MODIFY: model and tokenizer loading
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    if args.model_name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(args.model_name):
+        raise SystemExit(f"no model at {args.model_name}: run `python sft.py` first, or pass --model-name")
+    tokenizer = common.load_tokenizer(args.model_name)
+    pad_id = tokenizer.pad_token_id
+    config = AutoConfig.from_pretrained(args.model_name)
+    for key, value in config.to_dict().items():  # dropout off: it would make π/π_ref ≠ 1 at the start
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+    for m in (model, ref_model):
+        common.resize_embeddings(m, tokenizer)
+    ref_model.requires_grad_(False).eval().to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.to(device)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+
+    # 1. data: prompt + chosen and prompt + rejected, each ending with EOS; ties and long pairs dropped
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", args.dataset_train_split,
+                                           args.dataset_eval_split, seed=args.seed)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length)
+    if rank == 0:
+        common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
+    args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size
+    if args.num_steps < 1:
+        raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size {args.batch_size}")
+    schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
+
+    # 2. reference log-probabilities: once for the eval pairs; for the training pairs either all
+    # at once now (then the reference model is freed) or per batch during training
+    ref_eval = all_pair_logps(ref_model, eval_pairs, pad_id, args, device, rank)  # (2, P_eval)
+    ref_train = None
+    if args.precompute_ref_logps:
+        ref_train = all_pair_logps(ref_model, train_pairs, pad_id, args, device, rank)  # (2, P_train)
+        del ref_model
+
+    # TRY NOT TO MODIFY: logging set-up
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first, or drop --track")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, "
+              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+
+    def metrics_of(losses, rc, rr, pc, pr):
+        """The logged statistics of a set of pairs, as sums over pairs (divided later by the count)."""
+        return torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
+                            pc.sum(), pr.sum()])
+
+    stat_names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                  "logps/chosen", "logps/rejected"]
+
+    def evaluate():
+        pol = all_pair_logps(model, eval_pairs, pad_id, args, device, rank)
+        losses, rc, rr = dpo_loss(pol[0], pol[1], ref_eval[0], ref_eval[1], args.beta, args.loss_type,
+                                  args.label_smoothing)
+        return dict(zip(stat_names, (metrics_of(losses, rc, rr, pol[0], pol[1]) / len(eval_pairs)).tolist()))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    per_rank = args.batch_size // args.world_size
+    log_stats, log_pairs, tokens_seen, start = torch.zeros(len(stat_names), device=device), 0, 0, time.time()
+    initial = evaluate()
+    if rank == 0:
+        print(f"at initialisation (policy = reference): eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f} for sigmoid)")
+    for step in tqdm(range(args.num_steps), disable=rank != 0):
+        lr = args.learning_rate * lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 3. one optimizer step on a global batch of pairs: each rank its slice, in micro-batches;
+        # each micro-batch's mean weighted by its share of the global batch (a mean over all pairs)
+        idx_global = schedule[step]
+        idx_mine = idx_global[rank * per_rank: (rank + 1) * per_rank]
+        step_stats = torch.zeros(len(stat_names), device=device)
+        for k in range(args.grad_accum_steps):
+            idx = idx_mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
+            batch = {key: v.to(device) for key, v in collate_pairs([train_pairs[i] for i in idx], pad_id).items()}
+            if ref_train is not None:
+                ref_c, ref_r = ref_train[0, idx], ref_train[1, idx]
+            else:
+                with torch.no_grad():
+                    ref_c, ref_r, _ = pair_logps(ref_model, batch, args)
+            sync = k == args.grad_accum_steps - 1 or args.world_size == 1
+            with contextlib.nullcontext() if sync else train_model.no_sync():  # all-reduce once per step
+                pol_c, pol_r, n_chosen = pair_logps(train_model, batch, args)
+                losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
+                if args.rpo_alpha:  # RPO: NLL of the chosen response, a token mean per pair
+                    chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)
+                    losses = losses + args.rpo_alpha * chosen_nll
+                # DDP averages gradients over ranks, hence the world_size factor
+                (losses.sum() / args.batch_size * args.world_size).backward()
+            step_stats += metrics_of(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach())
+        if args.world_size > 1:
+            dist.all_reduce(step_stats)
+        if not torch.isfinite(step_stats[0]):
+            raise FloatingPointError(f"non-finite loss at step {step}: lower --learning-rate, or check the data")
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 4. log: pair-weighted means over every step since the last log, not one micro-batch's
+        log_stats += step_stats
+        log_pairs += args.batch_size
+        tokens_seen += sum(2 * len(train_pairs[i]["prompt"]) + len(train_pairs[i]["chosen"])
+                           + len(train_pairs[i]["rejected"]) for i in idx_global)
+        global_step = (step + 1) * args.batch_size  # pairs seen
+        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
+            for name, value in zip(stat_names, (log_stats / log_pairs).tolist()):
+                writer.add_scalar(f"train/{name}", value, global_step)
+            writer.add_scalar("train/learning_rate", lr, global_step)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), global_step)
+            log_stats, log_pairs = torch.zeros_like(log_stats), 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
+            final = evaluate()
+            if writer:
+                for name, value in final.items():
+                    writer.add_scalar(f"eval/{name}", value, global_step)
+                tqdm.write(f"step {step + 1}: eval/rewards/accuracies {final['rewards/accuracies']:.4f}, "
+                           f"eval/loss {final['loss']:.4f}, eval/rewards/margins {final['rewards/margins']:.4f}")
+
+    # 5. toy task: gold reward and exact KL(π ‖ P_ref) of samples from the trained policy
+    if args.dataset_name == "toy" and args.num_toy_samples and rank == 0:
+        import toy_task
+
+        prompts = toy_task.make_dataset("prompt", "eval", seed=args.seed)["prompt"][: args.num_toy_samples]
+        ids = common.encode_prompts(tokenizer, prompts, templated=False)
+        model.eval()
+        gold, kl = [], []
+        with torch.no_grad():
+            for i in range(0, len(ids), 250):
+                batch = {k: v.to(device) for k, v in common.collate_prompts(ids[i: i + 250], pad_id).items()}
+                out = model.generate(**batch, max_new_tokens=toy_task.MAX_RESPONSE_TOKENS, do_sample=True,
+                                     temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+                seqs, labels, responses = [], [], []
+                for p, gen in zip(ids[i: i + 250], out[:, batch["input_ids"].shape[1]:].tolist()):
+                    eos = tokenizer.eos_token_id  # keep up to the first EOS; without one it was cut at the cap
+                    resp = gen[: gen.index(eos) + 1] if eos in gen else gen
+                    seqs.append(p + resp)
+                    labels.append([common.IGNORE_INDEX] * len(p) + resp)
+                    responses.append(tokenizer.decode(resp, skip_special_tokens=True))
+                # log π of each sample from a forward pass over prompt + response
+                logits = model(input_ids=common.pad(seqs, pad_id).to(device),
+                               attention_mask=common.attention_mask(seqs).to(device)).logits
+                logp_pi, _ = sequence_logps(logits, common.pad(labels, common.IGNORE_INDEX).to(device))
+                for prompt, r, lp in zip(prompts[i: i + 250], responses, logp_pi.tolist()):
+                    gold.append(toy_task.gold_reward(prompt, r))
+                    kl.append(lp - toy_task.ref_logprob(prompt, r))
+        final["toy/gold_reward"], final["toy/kl_to_ref"] = float(np.mean(gold)), float(np.mean(kl))
+        frontier = toy_task.optimal_frontier(prompts, [math.inf, args.beta])
+        final["toy/ref_gold_reward"], final["toy/optimum_kl"], final["toy/optimum_gold_reward"] = \
+            frontier[0][2], frontier[1][1], frontier[1][2]
+
+    # 6. save the policy and tokenizer
+    if rank == 0:
+        for name, value in final.items():
+            writer.add_scalar(f"eval/{name}", value, args.num_steps * args.batch_size)
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
+        print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        writer.close()
+    if args.world_size > 1:
+        dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""dpo.py: every loss type by hand, the DPO gradient, sequence log-probabilities against a loop,
+and the script through its command line."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import toy_task
+from conftest import run_script
+from dpo import collate_pairs, dpo_loss, sequence_logps
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_initialisation_gives_ln2_and_zero_rewards():
+    pc, pr = torch.tensor([-3.0, -10.0, -0.5]), torch.tensor([-4.0, -1.0, -7.0])
+    losses, rc, rr = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)))
+    assert rc.abs().max() == 0 and rr.abs().max() == 0
+
+
+# policy chosen/rejected -1, -3; reference -2, -2.5; beta 0.5: h = (-1 + 2) - (-3 + 2.5) = 1.5, beta*h = 0.75
+ARGS = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+
+
+@pytest.mark.parametrize("loss_type,eps,want", [
+    ("sigmoid", 0.0, -log_sigmoid(0.75)),
+    ("sigmoid", 0.1, -0.9 * log_sigmoid(0.75) - 0.1 * log_sigmoid(-0.75)),
+    ("ipo", 0.0, (1.5 - 1 / (2 * 0.5)) ** 2),
+    ("hinge", 0.0, 1 - 0.75),
+    ("robust", 0.1, (-0.9 * log_sigmoid(0.75) + 0.1 * log_sigmoid(-0.75)) / 0.8),
+])
+def test_losses_by_hand(loss_type, eps, want):
+    losses, rc, rr = dpo_loss(*ARGS, loss_type=loss_type, label_smoothing=eps)
+    assert losses.item() == pytest.approx(want, rel=1e-6)
+    assert rc.item() == pytest.approx(0.5 * (-1 + 2)) and rr.item() == pytest.approx(0.5 * (-3 + 2.5))
+
+
+def test_hinge_is_zero_past_the_margin():
+    losses, _, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([-10.0]), torch.tensor([0.0]), torch.tensor([0.0]),
+                            beta=0.5, loss_type="hinge")
+    assert losses.item() == 0.0
+
+
+def test_gradient_weighs_wrongly_ranked_pairs_more():
+    """DPO paper §4: d loss / d log π(y_c) = -β σ(r̂_r - r̂_c), d loss / d log π(y_r) = +β σ(r̂_r - r̂_c)."""
+    beta = 0.3
+    pc = torch.tensor([-2.0, -5.0], requires_grad=True)
+    pr = torch.tensor([-4.0, -1.0], requires_grad=True)
+    ref_c, ref_r = torch.tensor([-3.0, -3.0]), torch.tensor([-3.0, -3.0])
+    losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta)
+    losses.sum().backward()
+    # implicit rewards: pair 0 r̂_c = 0.3, r̂_r = -0.3 (right); pair 1 r̂_c = -0.6, r̂_r = 0.6 (wrong)
+    w = torch.sigmoid(torch.tensor([-0.3 - 0.3, 0.6 + 0.6]))
+    torch.testing.assert_close(pc.grad, -beta * w)
+    torch.testing.assert_close(pr.grad, beta * w)
+    assert pc.grad[1].abs() > pc.grad[0].abs()
+
+
+def test_sequence_logps_against_a_loop():
+    torch.manual_seed(0)
+    pairs = [{"prompt": [5, 6], "chosen": [7, 1], "rejected": [8, 9, 3, 1]},
+             {"prompt": [4], "chosen": [1], "rejected": [2, 2, 1]}]
+    batch = collate_pairs(pairs, pad_id=0)  # (4, 6): rows chosen0, chosen1, rejected0, rejected1
+    L = batch["input_ids"].shape[1]
+    logits = torch.randn(4, L, 10)
+    got, counts = sequence_logps(logits, batch["labels"])
+    logp = logits.log_softmax(-1)
+    want = []
+    for row, (p, key) in enumerate([(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]):
+        prompt, resp = pairs[p]["prompt"], pairs[p][key]
+        # response token j sits at position len(prompt) + j and is predicted from the position before
+        want.append(sum(logp[row, len(prompt) + j - 1, tok].item() for j, tok in enumerate(resp)))
+    torch.testing.assert_close(got, torch.tensor(want))
+    assert counts.tolist() == [2, 1, 4, 3]
+    avg, _ = sequence_logps(logits, batch["labels"], average=True)
+    torch.testing.assert_close(avg, torch.tensor(want) / torch.tensor([2.0, 1.0, 4.0, 3.0]))
+    # prompt and pad positions contribute nothing: change the logits that predict them
+    noisy = logits.clone()
+    noisy[0, 0] += 100 * torch.randn(10)  # predicts prompt token 6 of row 0
+    noisy[1, 1:] += 100 * torch.randn(L - 1, 10)  # row 1 is [4, 1]: from position 1 on they predict padding
+    torch.testing.assert_close(sequence_logps(noisy, batch["labels"])[0], got)
+
+
+def test_smoke_toy(tmp_path):
+    base = str(tmp_path / "base")
+    toy_task.save_base_model(base)
+    out = run_script(["dpo.py", "--model-name", base, "--num-epochs", "0.02", "--eval-every", "5",
+                      "--num-toy-samples", "100", "--output-dir", str(tmp_path / "dpo")])
+    assert "eval/loss 0.6931" in out  # ln 2 at initialisation
+    result = json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]
+    for k in ["loss", "rewards/accuracies", "toy/gold_reward", "toy/kl_to_ref", "toy/optimum_gold_reward"]:
+        assert math.isfinite(result[k])
+
+
+def test_hub_format_fixture_variants(tmp_path, hub_model):
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    rows = [{"prompt": f"Name a colour {i}.", "chosen": " red", "rejected": " a deep shade of purple"} for i in range(28)]
+    (prefs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    (prefs / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    run_script(["dpo.py", "--model-name", hub_model, "--dataset-name", str(prefs), "--batch-size", "8",
+                "--per-device-batch-size", "4", "--num-epochs", "3", "--learning-rate", "1e-3", "--loss-type", "ipo",
+                "--beta", "0.5", "--rpo-alpha", "0.5", "--precompute-ref-logps", "--output-dir", str(tmp_path / "dpo")])
+    result = json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]
+    assert result["rewards/accuracies"] == 1.0 and result["rewards/margins"] > 0
