@@ -116,7 +116,7 @@ def test_samples_follow_ref():
     rng = np.random.default_rng(0)
     n = 20000
     ys = toy_task.TASK.sample_responses(rng, ["the acting was wonderful"] * n)
-    for y in ["", "and the plot was dull"][:1] + [max(set(ys), key=ys.count)]:
+    for y in ["", max(set(ys), key=ys.count)]:  # the empty response and the most frequent one
         p = math.exp(toy_task.ref_logprob("the acting was wonderful", y))
         freq = ys.count(y) / n
         assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-4, (y, freq, p)
