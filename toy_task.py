@@ -20,7 +20,6 @@ are strings of space-separated words.
     python toy_task.py      # samples, the entropy floor, Bayes accuracy, the optimal frontier
 """
 
-import json
 import math
 import os
 import zlib

@@ -8,7 +8,7 @@ import torch
 
 import common
 import toy_task
-from conftest import CHAT_TEMPLATE, make_bpe_tokenizer, make_llama
+from conftest import make_bpe_tokenizer, make_llama
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 import common
 import toy_task
-from conftest import ROOT, make_bpe_tokenizer, run_script
+from conftest import ROOT, run_script
 from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
 
 
