@@ -1,0 +1,341 @@
+"""Evaluate policies: reward against KL, compared with the exact optimum, best-of-n and each other.
+
+For every policy: responses to held-out prompts, their mean reward-model score, their sequence KL
+to the reference policy (the mean over samples of Σ_t log π − log π_ref over response tokens),
+length and EOS rate, and the win rate against the dataset's reference responses under a judge.
+On the toy task also the exact gold reward and the exact KL to P_ref of every sample, and the
+optimality ratio (R_π − R_ref) / (R*(KL_π) − R_ref): the share of the best improvement achievable
+at that KL, R* being the exact frontier of π*_β ∝ P_ref exp(r/β) (toy_task.optimal_frontier).
+Best-of-n sampling from the reference (Stiennon et al. 2020; Nakano et al. 2021) is the baseline,
+at KL log n − (n − 1)/n. Results go to a table on stdout and CSV/JSON/PNG under --output-dir.
+
+    # default: the SFT, PPO and DPO models of the default chain on the toy task's held-out prompts, CPU
+    python evaluate.py
+    # PPO checkpoints saved with --save-every: the over-optimisation picture (Gao et al. 2022)
+    python evaluate.py --policies runs/models/ppo --checkpoints-dir runs/models/ppo/checkpoints
+"""
+
+import csv
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (sampling)"""
+    torch_deterministic: bool = True
+    """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
+    device: str = "auto"
+    """where to run: auto (CUDA if available, else CPU), cpu or cuda"""
+    bf16: bool = False
+    """run forward passes under bfloat16 autocast"""
+    output_dir: str = os.path.join("runs", "evaluate")
+    """folder the table (CSV, JSON) and the plots (PNG) are written to"""
+
+    policies: List[str] = field(default_factory=lambda: [os.path.join("runs", "models", s) for s in ("sft", "ppo", "dpo")])
+    """policy folders (or Hub ids) to evaluate"""
+    ref_policy: str = os.path.join("runs", "models", "sft")
+    """reference policy: KLs are measured to it and best-of-n samples from it"""
+    reward_model_name: str = os.path.join("runs", "models", "reward_model")
+    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
+    judge: Optional[str] = None
+    """reward model judging win rates against the reference responses; default: the gold reward on the toy task, none elsewhere"""
+    dataset_name: str = "toy"
+    """toy, a local file or folder, or a Hub id; column prompt, and completion (reference responses) for win rates"""
+    dataset_eval_split: str = "test"
+    """split whose prompts are evaluated (toy: the held-out prompts)"""
+    max_length: int = 64
+    """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped"""
+    response_length: int = 24
+    """most tokens generated per response, EOS included (as in ppo.py)"""
+    num_samples: int = 1000
+    """held-out prompts, one response each per policy"""
+    temperature: float = 1.0
+    """sampling temperature of every policy; KLs are between the sampling distributions"""
+    best_of_n: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    """n of the best-of-n baseline"""
+    num_best_of_n_prompts: int = 128
+    """prompts for best-of-n, each with max(best_of_n) reference samples"""
+    checkpoints_dir: Optional[str] = None
+    """folder of intermediate policies (ppo.py --save-every); each is evaluated for the over-optimisation plot"""
+    per_device_batch_size: int = 250
+    """sequences per generation or forward pass"""
+
+
+# ---- pure functions (imported by the tests) --------------------------------------------------------
+def best_of_n_kl(n):
+    """KL(best-of-n ‖ reference) = log n − (n − 1)/n nats (Stiennon et al. 2020, App. G; Nakano et al.
+    2021): exact when the reference has no ties in reward and no atoms, an upper bound otherwise."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_expectation(scores, values, n):
+    """Expected `values` of the highest-`scores` sample of n drawn without replacement from the N given
+    samples of one prompt, averaged over all C(N, n) subsets: sorted by score, the i-th smallest is the
+    best of a subset iff the subset holds it and n − 1 of the i − 1 below it, with probability
+    C(i − 1, n − 1) / C(N, n). An unbiased estimate that uses all N samples for every n ≤ N.
+    scores, values: (N,) arrays; ties in score are broken by position."""
+    N = len(scores)
+    order = np.argsort(scores, kind="stable")
+    weights = np.array([math.comb(i - 1, n - 1) for i in range(1, N + 1)], float) / math.comb(N, n)
+    return float(np.dot(weights, np.asarray(values, float)[order]))
+
+
+def frontier_reward_at(kl, frontier):
+    """R*(kl): the exact frontier [(kl, reward)], sorted by kl, linearly interpolated (held flat beyond
+    its ends). Linear interpolation of a concave curve slightly underestimates between grid points."""
+    kls, rewards = zip(*frontier)
+    return float(np.interp(kl, kls, rewards))
+
+
+def optimality_ratio(reward, kl, ref_reward, frontier):
+    """(R_π − R_ref) / (R*(KL_π) − R_ref): 1 on the frontier, 0 no better than the reference."""
+    return (reward - ref_reward) / (frontier_reward_at(kl, frontier) - ref_reward)
+
+
+def win_rate(policy_scores, reference_scores):
+    """Share of prompts where the policy's response is judged better than the reference's, ties ½."""
+    p, r = np.asarray(policy_scores, float), np.asarray(reference_scores, float)
+    return float(np.mean((p > r) + 0.5 * (p == r)))
+
+
+# ---- model helpers ----------------------------------------------------------------------------------
+def load_model(cls, name, tokenizer, device):
+    kwargs = {"num_labels": 1} if "Sequence" in cls.__name__ else {}
+    model = cls.from_pretrained(name, dtype=torch.float32, **kwargs)
+    common.resize_embeddings(model, tokenizer)
+    return model.requires_grad_(False).eval().to(device)
+
+
+@torch.no_grad()
+def sample(model, queries, tokenizer, args, device):
+    """One response per prompt id list, cut after its first EOS (a response without one reached the cap)."""
+    from transformers import GenerationConfig
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
+                                  temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=eos_id)
+    out = []
+    for i in range(0, len(queries), args.per_device_batch_size):
+        batch = {k: v.to(device) for k, v in common.collate_prompts(queries[i: i + args.per_device_batch_size], pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            gen = model.generate(**batch, generation_config=gen_config)[:, batch["input_ids"].shape[1]:]
+        out += [g[: g.index(eos_id) + 1] if eos_id in g else g for g in gen.tolist()]
+    return out
+
+
+@torch.no_grad()
+def response_logps(model, queries, responses, tokenizer, args, device):
+    """(N,) Σ over response tokens of log softmax(logits / temperature), PAD excluded as in sampling."""
+    out = []
+    for i in range(0, len(queries), args.per_device_batch_size):
+        q, r = queries[i: i + args.per_device_batch_size], responses[i: i + args.per_device_batch_size]
+        seqs = [a + b for a, b in zip(q, r)]
+        labels = common.pad([[common.IGNORE_INDEX] * len(a) + b for a, b in zip(q, r)], common.IGNORE_INDEX).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
+                           attention_mask=common.attention_mask(seqs).to(device)).logits
+        logits = logits[:, :-1].float() / args.temperature  # position t predicts token t + 1
+        logits[..., tokenizer.pad_token_id] = -float("inf")
+        labels = labels[:, 1:]
+        mask = labels != common.IGNORE_INDEX
+        logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append(torch.where(mask, logp, 0.0).sum(1).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def reward_scores(model, queries, responses, tokenizer, args, device):
+    """(N,) reward of prompt + response at its last real token (right padding), minus config.reward_bias."""
+    out = []
+    for i in range(0, len(queries), args.per_device_batch_size):
+        seqs = [a + b for a, b in zip(queries[i: i + args.per_device_batch_size], responses[i: i + args.per_device_batch_size])]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
+                           attention_mask=common.attention_mask(seqs).to(device)).logits
+        out.append(logits.squeeze(-1).float().cpu() - getattr(model.config, "reward_bias", 0.0))
+    return torch.cat(out).numpy()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    transformers.utils.logging.disable_progress_bar()
+    toy = args.dataset_name == "toy"
+    if toy:
+        import toy_task
+    for name in [args.ref_policy, args.reward_model_name] + args.policies + ([args.judge] if args.judge else []):
+        script = os.path.basename(name.rstrip(os.sep)) + ".py"
+        if name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(name):
+            raise SystemExit(f"no model at {name}: run `python {script if os.path.isfile(script) else 'its training script'}` "
+                             "first, or pass another folder")
+    tokenizer = common.load_tokenizer(args.ref_policy)
+    ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)
+    reward_model = load_model(AutoModelForSequenceClassification, args.reward_model_name, tokenizer, device)
+    judge = load_model(AutoModelForSequenceClassification, args.judge, tokenizer, device) if args.judge else None
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. held-out prompts (and their reference responses, if the data has them)
+    # (the toy task's SFT split: held-out prompts with P_ref's responses as the references)
+    _, eval_ds = common.load_splits(args.dataset_name, "sft" if toy else "prompt", eval_split=args.dataset_eval_split,
+                                    seed=args.seed)
+    eval_ds = eval_ds.select(range(min(args.num_samples, len(eval_ds))))
+    prompt_ids, completions = common.encode_dataset(tokenizer, eval_ds, "sft" if "completion" in eval_ds.column_names else "prompt")
+    keep = [i for i, p in enumerate(prompt_ids) if 0 < len(p) <= args.max_length - args.response_length]
+    queries = [prompt_ids[i] for i in keep]
+    prompts = [eval_ds["prompt"][i] for i in keep] if toy else None
+    references = [completions[0][i] for i in keep] if completions else None
+    print(f"{len(queries)} held-out prompts ({len(eval_ds) - len(queries)} over the length limit dropped)")
+
+    def judge_scores(q, responses, texts):
+        """The judge's verdicts: the exact gold reward on the toy task, else the --judge reward model."""
+        if judge is not None:
+            return reward_scores(judge, q, responses, tokenizer, args, device)
+        if toy:
+            return np.array([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)])
+        return None
+
+    frontier = None
+    if toy:  # the exact frontier on a fine grid of β, as (KL to P_ref, gold reward), sorted by KL
+        betas = [math.inf] + list(np.geomspace(20, 0.05, 80))
+        frontier = [(kl, r) for _, kl, r in toy_task.optimal_frontier(prompts, betas, args.response_length)]
+        ref_gold = frontier[0][1]  # P_ref's exact expected gold reward (KL 0)
+    ref_judged = judge_scores(queries, references, tokenizer.batch_decode(references, skip_special_tokens=True)) \
+        if references is not None else None
+
+    def evaluate_policy(name):
+        """Every per-policy metric for the policy in folder `name`."""
+        model = ref_model if name == args.ref_policy else load_model(AutoModelForCausalLM, name, tokenizer, device)
+        responses = sample(model, queries, tokenizer, args, device)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        logp = response_logps(model, queries, responses, tokenizer, args, device)
+        logp_ref = logp if model is ref_model else response_logps(ref_model, queries, responses, tokenizer, args, device)
+        row = {"policy": name, "score": float(reward_scores(reward_model, queries, responses, tokenizer, args, device).mean()),
+               "kl_to_ref_policy": float(np.mean(logp - logp_ref)),
+               "response_length": float(np.mean([len(r) for r in responses])),
+               "eos_rate": float(np.mean([r[-1:] == [tokenizer.eos_token_id] for r in responses]))}
+        judged = judge_scores(queries, responses, texts)
+        if judged is not None and ref_judged is not None:
+            row["win_rate"] = win_rate(judged, ref_judged)
+        if toy:
+            row["gold_reward"] = float(np.mean([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)]))
+            row["kl_to_p_ref"] = float(np.mean([lp - toy_task.ref_logprob(p, t, args.response_length)
+                                                for p, t, lp in zip(prompts, texts, logp)]))
+            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
+            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
+        print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        return row
+
+    # 2. every policy
+    print("policies:")
+    rows = [evaluate_policy(name) for name in args.policies]
+
+    # 3. best-of-n from the reference policy: N = max(n) samples for each of a subset of prompts
+    N = max(args.best_of_n)
+    bon_idx = list(range(min(args.num_best_of_n_prompts, len(queries))))
+    bon_queries = [queries[i] for i in bon_idx for _ in range(N)]
+    bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
+    bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device).reshape(len(bon_idx), N)
+    bon = []
+    if toy:
+        bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
+        bon_prompts = [prompts[i] for i in bon_idx for _ in range(N)]
+        gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, bon_texts)]).reshape(len(bon_idx), N)
+        # KL of best-of-n to P_ref = KL to the reference policy (formula) + E_bon[log π_ref − log P_ref]
+        lp = response_logps(ref_model, bon_queries, bon_responses, tokenizer, args, device)
+        gap = (lp - np.array([toy_task.ref_logprob(p, t, args.response_length)
+                              for p, t in zip(bon_prompts, bon_texts)])).reshape(len(bon_idx), N)
+    for n in args.best_of_n:
+        row = {"policy": f"best-of-{n}", "score": float(np.mean([best_of_n_expectation(s, s, n) for s in bon_scores])),
+               "kl_to_ref_policy": best_of_n_kl(n)}
+        if toy:
+            row["gold_reward"] = float(np.mean([best_of_n_expectation(s, g, n) for s, g in zip(bon_scores, gold)]))
+            row["kl_to_p_ref"] = best_of_n_kl(n) + float(np.mean([best_of_n_expectation(s, d, n) for s, d in zip(bon_scores, gap)]))
+            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
+            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
+        bon.append(row)
+
+    # 4. intermediate checkpoints (over-optimisation: reward-model score keeps rising, gold stalls)
+    checkpoints = []
+    if args.checkpoints_dir:
+        print("checkpoints:")
+        names = sorted(os.listdir(args.checkpoints_dir))
+        checkpoints = [evaluate_policy(os.path.join(args.checkpoints_dir, c)) for c in names]
+
+    # 5. table, CSV, JSON and plots
+    all_rows = rows + bon + checkpoints
+    columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "win_rate", "gold_reward",
+               "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio"]
+    columns = [c for c in columns if any(c in r for r in all_rows)]
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
+        "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |"
+        for r in rows + bon)
+    if toy:
+        table += f"\n\nP_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: {frontier_reward_at(1.0, frontier):.3f}"
+    print(table)
+    with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(all_rows)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "policies": rows, "best_of_n": bon, "checkpoints": checkpoints,
+                   "frontier": frontier}, f, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, y_key = ("kl_to_p_ref", "gold_reward") if toy else ("kl_to_ref_policy", "win_rate" if ref_judged is not None else "score")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if toy:
+        kls, rs = zip(*frontier)
+        limit = 1.3 * max([r[x_key] for r in rows + bon] + [1.0])
+        ax.plot([k for k in kls if k <= limit], [r for k, r in zip(kls, rs) if k <= limit], "k-", label="exact optimum π*_β")
+    ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
+    for r in rows:
+        ax.plot(r[x_key], r[y_key], "*", markersize=14, label=os.path.basename(r["policy"].rstrip("/")))
+    ax.set_xlabel("KL to P_ref (nats per response)" if toy else "KL to the reference policy (nats per response)")
+    ax.set_ylabel("gold reward" if toy else y_key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "frontier.png"))
+    if checkpoints:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot([r[x_key] for r in checkpoints], [r["score"] for r in checkpoints], "o-", label="reward-model score")
+        if toy:
+            ax.plot([r[x_key] for r in checkpoints], [r["gold_reward"] for r in checkpoints], "s-", label="gold reward")
+        ax.set_xlabel("KL to P_ref (nats per response)" if toy else "KL to the reference policy (nats per response)")
+        ax.set_ylabel("reward")
+        ax.set_title("along training (checkpoints)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.output_dir, "overoptimisation.png"))
+    print(f"wrote {args.output_dir}/results.csv, results.json, results.md, frontier.png"
+          + (", overoptimisation.png" if checkpoints else ""))

@@ -1,0 +1,643 @@
+"""RLHF with PPO: maximise a learned reward minus a KL penalty to the SFT model.
+
+Ziegler et al. 2019, Stiennon et al. 2020 and Ouyang et al. 2022 (InstructGPT), with the details
+of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
+1. sample responses to a batch of prompts from the policy; everything after the first EOS is padding;
+2. score prompt + response with the frozen reward model (reward_model.py), at the response's last token;
+3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, plus the score on the last token;
+4. GAE advantages (Schulman et al. 2016) from a separate value model initialised from the reward model;
+5. PPO's clipped policy and value losses (Schulman et al. 2017) for a few epochs over minibatches;
+6. log masked means over every valid token of the whole update.
+
+    # default: from runs/models/sft and runs/models/reward_model (run sft.py, reward_model.py first), CPU
+    python ppo.py
+    # real scale (one node, 8 GPUs): Pythia 1B SFT and reward models on TL;DR prompts (Huang et al. 2024)
+    torchrun --nproc_per_node 8 ppo.py --dataset-name trl-lib/tldr --max-length 565 --response-length 53 \
+        --temperature 0.7 --kl-coef 0.05 --learning-rate 3e-6 --batch-size 512 --num-minibatches 1 \
+        --per-device-batch-size 8 --num-epochs 8 --bf16 --track
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- shared by every script: keep this block identical ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; runs are logged to runs/{exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (rank r seeds sampling with seed + r)"""
+    torch_deterministic: bool = True
+    """use deterministic cuDNN kernels (torch.backends.cudnn.deterministic)"""
+    device: str = "auto"
+    """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
+    bf16: bool = False
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "minimal-alignment"
+    """Weights & Biases project, with --track"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team or user), with --track"""
+    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
+    """folder the trained model and tokenizer are saved to with save_pretrained"""
+
+    # ---- model, data and optimisation: the same names and meanings in every script ----
+    model_name: str = os.path.join("runs", "models", "sft")
+    """Hub id or local folder of the model to start from (default: the output of sft.py); also the frozen reference"""
+    dataset_name: str = "toy"
+    """toy (the embedded task), a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id; column prompt (or messages)"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_eval_split: str = "test"
+    """held-out split; if the dataset lacks it, 5% of the training split is held out"""
+    max_length: int = 64
+    """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped and counted"""
+    batch_size: int = 256
+    """prompts per rollout batch (episodes per PPO iteration), summed over all ranks"""
+    per_device_batch_size: int = 64
+    """sequences per forward/backward pass on one device (generation and scoring use the same chunks)"""
+    num_epochs: float = 0.1
+    """passes over the training prompts (fractions allowed): iterations = num_epochs × prompts // batch_size"""
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate of policy and value model (3e-4 suits the toy model; ~3e-6 for pretrained LMs)"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """decay of the learning rate after warmup, down to 0 at the last iteration (linear: Huang et al. 2024)"""
+    warmup_ratio: float = 0.0
+    """fraction of the iterations spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in Huang et al. 2024)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 disables clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    eval_every: int = 10
+    """iterations between held-out evaluations (responses to the eval prompts, scored; sample completions)"""
+
+    # ---- PPO ----
+    reward_model_name: str = os.path.join("runs", "models", "reward_model")
+    """folder (or Hub id) of the reward model from reward_model.py; its config.reward_bias is subtracted"""
+    value_model_name: Optional[str] = None
+    """model the value function starts from (default: the reward model, as in Stiennon et al.)"""
+    response_length: int = 24
+    """most tokens generated per response, EOS included; a response that reaches it without EOS is cut"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities use logits / temperature in rollout and update alike
+    (1.0 on the toy task, whose optimum is defined for the policy itself; 0.7 in Huang et al. 2024)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response cut at --response-length without EOS: the reward model
+    was trained on finished responses only, so an unfinished one is scored off its training
+    distribution, and without a cost a policy can drift to run-on responses (Huang et al. 2024 detail 23)"""
+    kl_coef: float = 0.5
+    """β, the weight of the per-token KL penalty to the SFT model (initial value when --target-kl is set);
+    0.5 suits the toy task's unit-scale rewards (0.05 in Huang et al. 2024)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator (Schulman 2020): k1 = log π − log π_ref; k3 = (r − 1) − log r with r = π_ref/π"""
+    target_kl: Optional[float] = None
+    """adapt β toward this KL (nats per response) with Ziegler et al.'s proportional controller; None keeps β fixed"""
+    kl_horizon: int = 10000
+    """episodes over which the adaptive controller closes the KL error (Ziegler et al.'s horizon)"""
+    gamma: float = 1.0
+    """discount over response tokens (1: the score at the end counts fully for every token)"""
+    lam: float = 0.95
+    """GAE λ: 1 is Monte-Carlo returns, 0 is one-step TD"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards over the valid tokens of the batch before GAE"""
+    num_ppo_epochs: int = 4
+    """passes of PPO updates over each rollout batch"""
+    num_minibatches: int = 4
+    """optimizer steps per PPO epoch: each rollout batch is shuffled and split into this many minibatches"""
+    cliprange: float = 0.2
+    """PPO's ε: the probability ratio is clipped to [1 − ε, 1 + ε]"""
+    cliprange_value: float = 0.2
+    """the new value prediction is clipped to within this of the rollout's"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus (0: none, as in Huang et al. 2024)"""
+    ptx_coef: float = 0.0
+    """γ of InstructGPT's PPO-ptx: weight of the SFT loss on --ptx-dataset-name added to every minibatch (0: off)"""
+    ptx_dataset_name: str = "toy"
+    """SFT-format dataset (prompt, completion) for PPO-ptx"""
+    save_every: int = 0
+    """iterations between saved intermediate policies in {output_dir}/checkpoints (0: final only)"""
+    num_eval_prompts: int = 1000
+    """held-out prompts answered at each evaluation (the first of the eval split)"""
+    num_sample_completions: int = 4
+    """held-out completions printed and logged as text at each evaluation"""
+
+    # ---- derived right after parsing (not flags) ----
+    world_size: tyro.conf.Suppress[int] = 1
+    grad_accum_steps: tyro.conf.Suppress[int] = 1
+    num_steps: tyro.conf.Suppress[int] = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
+
+
+# ---- pure PPO math (imported by the tests) ---------------------------------------------------------
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is true; whatever x holds elsewhere is ignored."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x − mean) / std over the valid positions (population variance, +1e-8); with
+    `shift_mean=False` the mean is added back (rewards keep their sign). Invalid positions get 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, 0.0)
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """responses: (B, T) generated ids. Returns (responses with every token after the first EOS
+    replaced by PAD, mask (B, T) true up to and including the first EOS, has_eos (B,)). A row
+    without EOS was cut at T tokens and is valid throughout."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last valid index
+    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= first[:, None]
+    return torch.where(mask, responses, pad_id), mask, has_eos
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, kl_estimator="k1",
+                      missing_eos_penalty=0.0):
+    """Per-token rewards of the KL-regularised objective (Ziegler et al. 2019; Stiennon et al. eq. 2).
+
+    scores (B,): reward-model scores; logprobs, ref_logprobs (B, T): log π and log π_ref of the
+    sampled tokens; mask (B, T): the valid response tokens (a prefix); has_eos (B,).
+    kl_t = log π − log π_ref (k1) or (r − 1) − log r with r = π_ref/π (k3, unbiased and ≥ 0).
+    rewards_t = −kl_coef · kl_t, and the score (minus `missing_eos_penalty` for a response cut without
+    EOS) is added at the last valid token: the EOS, or the last token of a cut response, not one slot
+    later. Returns (rewards (B, T), kl (B, T), scores after the penalty (B,)); 0 on invalid positions."""
+    log_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)  # log r
+    kl = -log_ratio if kl_estimator == "k1" else torch.expm1(log_ratio) - log_ratio
+    scores = scores - missing_eos_penalty * (~has_eos).float()
+    rewards = -kl_coef * kl
+    last = mask.sum(1) - 1  # (B,) index of the last valid token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl, scores
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    rewards, values (B, T): per-token reward and V(state before the token); mask (B, T): the valid
+    tokens, a prefix of each row. The last valid token is terminal (the value after it is 0), and
+    whatever invalid positions hold is ignored. δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}.
+    Returns (advantages, returns = advantages + values), both (B, T) and 0 on invalid positions."""
+    mask = mask.bool()
+    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
+    advantages, next_adv, T = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), rewards.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)  # 0 after the last valid token
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv  # invalid positions have δ = 0, so A = 0 there
+        advantages[:, t] = next_adv
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: the masked mean over valid
+    tokens of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log π − log π_old). All inputs (B, T).
+    Returns (loss, stats: clipfrac, approxkl = mean ½(log ρ)², ratio = mean ρ), stats detached."""
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approxkl": masked_mean(0.5 * log_ratio ** 2, mask), "ratio": masked_mean(ratio, mask)}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
+    """Clipped value loss (Huang et al. 2024 detail; OpenAI's lm-human-preferences): ½ · masked mean
+    of max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²). All inputs (B, T).
+    Returns (loss, stats: clipfrac), stats detached."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    return loss, {"clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()}
+
+
+def adaptive_kl_coef(kl_coef, kl, target_kl, horizon, num_episodes):
+    """Ziegler et al. 2019 (§2.2): β ← β · (1 + e · n / horizon), with e = clip(KL / target − 1, ±0.2)
+    the proportional error and n the episodes of this iteration."""
+    error = min(max(kl / target_kl - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * num_episodes / horizon)
+
+
+def logprobs_and_entropy(logits, tokens, temperature, pad_id):
+    """logits (B, T, V) predicting tokens (B, T) -> (log-probabilities (B, T), entropies (B, T)) of the
+    sampling distribution: softmax(logits / temperature) with PAD excluded (generation suppresses it)."""
+    logits = logits.float() / temperature
+    logits[..., pad_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
+# ---- small model helpers ---------------------------------------------------------------------------
+def token_scores(model, input_ids, attention_mask, position_ids):
+    """The scalar head of a sequence-classification model at every position: (B, L), minus the stored
+    normalisation config.reward_bias. (HF's own forward pools the head at one position; PPO needs
+    the reward at the response's last token and the value before every token.)"""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return model.score(hidden).squeeze(-1).float() - getattr(model.config, "reward_bias", 0.0)
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy and the value model side by side: separate weights (a shared trunk would let value
+    updates damage the policy, Stiennon et al.), one module so that one DDP wrapper, one optimizer
+    and one backward pass serve both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, ptx_batch=None):
+        """(policy logits (B, L, V), values (B, L), policy logits of the PPO-ptx batch or None); one
+        forward call, so that DDP sees every use of the weights before the backward pass."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        values = token_scores(self.value_model, input_ids, attention_mask, position_ids)
+        ptx_logits = None
+        if ptx_batch is not None:
+            ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]).logits
+        return logits, values, ptx_logits
+
+
+def lr_at(step, args):
+    """Learning-rate multiplier at iteration `step` (0-based): linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * args.num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.num_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[args.lr_schedule]
+
+
+@torch.no_grad()
+def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device):
+    """Steps 1–2 for a list of prompt id lists: sample responses, then, from full forward passes in
+    chunks of per_device_batch_size, the log-probabilities under π and π_ref, the values, the
+    entropies and the reward model's scores. Returns a dict of (B, ...) tensors; queries are
+    left-padded to a common width Lq, responses (B, T) right-padded after their EOS."""
+    from transformers import GenerationConfig
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    policy = agent.policy
+    # every sampling setting explicit: a model's own generation_config (top_p, repetition penalty,
+    # min length) would make samples differ from the distribution whose log-probabilities we train on
+    gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
+                                  temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=eos_id)
+    batch = common.collate_prompts(queries, pad_id)
+    Lq = batch["input_ids"].shape[1]
+    chunks = []
+    for i in range(0, len(queries), args.per_device_batch_size):
+        ids = batch["input_ids"][i: i + args.per_device_batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
+                                  generation_config=gen_config)
+        chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an EOS
+    T = max(c.shape[1] for c in chunks)
+    responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
+    responses, mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+    query_ids, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    seqs = torch.cat([query_ids, responses], 1)  # (B, Lq + T): left-padded prompt, right-padded response
+    seq_mask = torch.cat([query_mask.bool(), mask], 1)
+    positions = (seq_mask.long().cumsum(1) - 1).clamp(min=0)  # as generate numbers them under left padding
+    out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
+    last = mask.sum(1) - 1  # (B,) index of the last valid response token
+    for i in range(0, len(seqs), args.per_device_batch_size):
+        s = slice(i, i + args.per_device_batch_size)
+        fwd = dict(input_ids=seqs[s], attention_mask=seq_mask[s].long(), position_ids=positions[s])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits, values, _ = agent(**fwd)
+            ref_logits = ref_model(**fwd).logits
+            scores = token_scores(reward_model, **fwd)  # (b, Lq + T)
+        # position Lq − 1 + t predicts response token t: logits[:, Lq-1:-1] is (b, T, V)
+        logprobs, entropy = logprobs_and_entropy(logits[:, Lq - 1: -1], responses[s], args.temperature, pad_id)
+        out["logprobs"].append(logprobs)
+        out["entropy"].append(entropy)
+        out["ref_logprobs"].append(logprobs_and_entropy(ref_logits[:, Lq - 1: -1], responses[s], args.temperature, pad_id)[0])
+        out["values"].append(values[:, Lq - 1: -1])  # V(state before response token t), (b, T)
+        out["scores"].append(scores[torch.arange(len(scores)), Lq + last[s]])  # at the last real token, (b,)
+    out = {k: torch.cat(v) for k, v in out.items()}
+    out.update(queries=query_ids, query_mask=query_mask, responses=responses, mask=mask, has_eos=has_eos)
+    return out
+
+
+def sft_loss(logits, labels):
+    """Token-mean next-token NLL over labelled positions (labels −100 elsewhere); logits (B, L, V)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=common.IGNORE_INDEX)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % (args.num_minibatches * args.per_device_batch_size * args.world_size):
+        raise ValueError(f"--batch-size {args.batch_size} must split into --num-minibatches {args.num_minibatches} "
+                         f"x --per-device-batch-size {args.per_device_batch_size} x {args.world_size} ranks")
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
+    if args.response_length >= args.max_length:
+        raise ValueError(f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}")
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: PPO needs a sampling distribution with log-probabilities")
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: distributed set-up, seeding, device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if args.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # TRY NOT TO MODIFY: model and tokenizer loading
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    transformers.utils.logging.disable_progress_bar()
+    args.value_model_name = args.value_model_name or args.reward_model_name
+    for name, script in ((args.model_name, "sft.py"), (args.reward_model_name, "reward_model.py"),
+                         (args.value_model_name, "reward_model.py")):
+        if name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(name):
+            raise SystemExit(f"no model at {name}: run `python {script}` first, or pass the folder")
+    tokenizer = common.load_tokenizer(args.model_name)
+    pad_id = tokenizer.pad_token_id
+    if common.load_tokenizer(args.reward_model_name).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}; PPO hands the "
+                         "policy's token ids to the reward and value models, so train the reward model from the SFT model")
+
+    def load(cls, name, **kwargs):
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        for key, value in config.to_dict().items():  # dropout off in all four models (Huang et al. 2024):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):  # else ratio ≠ 1 at the start
+                setattr(config, key, 0.0)
+        model = cls.from_pretrained(name, config=config, dtype=torch.float32)
+        common.resize_embeddings(model, tokenizer)
+        return model.to(device)
+
+    policy = load(AutoModelForCausalLM, args.model_name)
+    ref_model = load(AutoModelForCausalLM, args.model_name).requires_grad_(False).eval()
+    reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, num_labels=1).requires_grad_(False).eval()
+    value_model = load(AutoModelForSequenceClassification, args.value_model_name, num_labels=1)
+    if args.gradient_checkpointing:
+        for m in (policy, value_model):
+            m.gradient_checkpointing_enable()
+            m.config.use_cache = False
+    agent = PolicyAndValue(policy, value_model)
+    train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 else agent
+
+    # data: prompts, each rank rolling out its slice of the same seeded global batch
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split,
+                                           args.dataset_eval_split, seed=args.seed)
+    max_prompt_length = args.max_length - args.response_length
+    train_prompts, train_stats = common.tokenize_prompts(tokenizer, train_ds, max_prompt_length)
+    eval_prompts, eval_stats = common.tokenize_prompts(tokenizer, eval_ds.select(range(min(args.num_eval_prompts, len(eval_ds)))),
+                                                       max_prompt_length)
+    if rank == 0:
+        common.report("train prompts", train_stats), common.report("eval prompts", eval_stats)
+    args.num_steps = int(args.num_epochs * len(train_prompts)) // args.batch_size
+    if args.num_steps < 1:
+        raise ValueError(f"{len(train_prompts)} training prompts make no iteration of --batch-size {args.batch_size}")
+    schedule = common.batch_schedule(len(train_prompts), args.batch_size, args.num_steps, args.seed)
+    ptx_schedule = None
+    if args.ptx_coef:  # InstructGPT's PPO-ptx: the SFT loss on demonstrations, in every minibatch
+        ptx_ds, _ = common.load_splits(args.ptx_dataset_name, "sft", seed=args.seed)
+        ptx_examples, ptx_stats = common.tokenize_sft(tokenizer, ptx_ds, args.max_length)
+        if rank == 0:
+            common.report("PPO-ptx examples", ptx_stats)
+        ptx_schedule = iter(common.batch_schedule(len(ptx_examples), args.minibatch_size,
+                                                  args.num_steps * args.num_ppo_epochs * args.num_minibatches, args.seed))
+    toy = None
+    if args.dataset_name == "toy":
+        import toy_task as toy  # exact gold reward and log P_ref of every sample
+
+    # TRY NOT TO MODIFY: logging set-up
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first, or drop --track")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        print(f"run {run_name}: policy {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_prompts)} train / {len(eval_prompts)} eval prompts, {args.num_steps} iterations of "
+              f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_minibatches} minibatches, "
+              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+
+    def decode(r):
+        """Prompt and response texts of a rollout (PAD and EOS dropped)."""
+        queries = tokenizer.batch_decode([q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True)
+        return queries, tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], r["mask"])], skip_special_tokens=True)
+
+    def rollout_sums(r, kl_seq):
+        """Sums over the rollout's responses of the statistics logged per response; on the toy task
+        also the exact gold reward and the exact KL to P_ref, log π − log P_ref of each sample."""
+        sums = {"scores": r["scores"].sum(), "kl": kl_seq.sum(), "eos_rate": r["has_eos"].float().sum(),
+                "response_length": r["mask"].sum().float()}
+        if toy:
+            queries, texts = decode(r)
+            seq_logp = torch.where(r["mask"], r["logprobs"], 0.0).sum(1).tolist()
+            sums["toy/gold_reward"] = torch.tensor(sum(toy.gold_reward(q, t) for q, t in zip(queries, texts)))
+            sums["toy/kl_to_ref"] = torch.tensor(sum(lp - toy.ref_logprob(q, t, args.response_length)
+                                                     for q, t, lp in zip(queries, texts, seq_logp)))
+        return {k: v.to(device, torch.float32) for k, v in sums.items()}
+
+    def evaluate():
+        """Responses to the --num-eval-prompts held-out prompts (each rank a share), means across ranks:
+        score, KL to the SFT model (Σ_t log π − log π_ref), EOS rate, length; toy: gold reward, KL to P_ref."""
+        r = rollout(agent, ref_model, reward_model, eval_prompts[rank:: args.world_size], tokenizer, args, device)
+        sums = rollout_sums(r, torch.where(r["mask"], r["logprobs"] - r["ref_logprobs"], 0.0).sum(1))
+        values = torch.stack(list(sums.values()))
+        if args.world_size > 1:
+            dist.all_reduce(values)
+        queries, texts = decode(r)
+        samples = list(zip(queries, texts, r["scores"].tolist()))[: args.num_sample_completions]
+        return dict(zip(sums, (values / len(eval_prompts)).tolist())), samples
+
+    # 0. the optimizer covers policy and value model (one learning rate, as in Huang et al. 2024)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    per_rank = args.batch_size // args.world_size
+    mb_per_rank = args.minibatch_size // args.world_size
+    kl_coef, start, episodes = args.kl_coef, time.time(), 0
+    update_names = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/ratio",
+                    "val/mean", "val/sq_mean", "policy/entropy", "loss/ptx"]
+    final = {}
+    for iteration in tqdm(range(args.num_steps), disable=rank != 0):
+        lr = args.learning_rate * lr_at(iteration, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1.–2. rollout: sample responses to this rank's prompts and score them (no gradients)
+        idx = schedule[iteration][rank * per_rank: (rank + 1) * per_rank]
+        agent.eval()
+        r = rollout(agent, ref_model, reward_model, [train_prompts[i] for i in idx], tokenizer, args, device)
+        agent.train()
+        mask = r["mask"]  # (b, T) valid response tokens
+
+        # 3. KL penalty: per-token −β·KL_t, the score (minus the missing-EOS penalty) on the last token
+        rewards, kl, scores = kl_shaped_rewards(r["scores"], r["logprobs"], r["ref_logprobs"], mask, r["has_eos"],
+                                                kl_coef, args.kl_estimator, args.missing_eos_penalty)
+        # 4. advantages: GAE over the response, the last valid token terminal; then whitened
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, r["values"], mask, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, mask)  # per rank, as in Huang et al. and TRL
+
+        # 5. PPO epochs: shuffled minibatches; each minibatch is one optimizer step, accumulated over
+        # micro-batches, its loss a mean over all valid tokens of the minibatch (across ranks)
+        update_stats = torch.zeros(len(update_names), device=device)
+        update_tokens = torch.zeros((), device=device)
+        for ppo_epoch in range(args.num_ppo_epochs):
+            perm = torch.randperm(per_rank, device=device)
+            for mb in range(args.num_minibatches):
+                mb_idx = perm[mb * mb_per_rank: (mb + 1) * mb_per_rank]
+                mb_tokens = mask[mb_idx].sum().float()
+                if args.world_size > 1:
+                    dist.all_reduce(mb_tokens)
+                ptx_batch = [ptx_examples[i] for i in next(ptx_schedule)[rank * mb_per_rank: (rank + 1) * mb_per_rank]] \
+                    if ptx_schedule else None
+                for k in range(args.grad_accum_steps):
+                    i = mb_idx[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
+                    m, Lq = mask[i], r["queries"].shape[1]
+                    seq_mask = torch.cat([r["query_mask"][i].bool(), m], 1)  # (b, Lq + T)
+                    ptx = None
+                    if ptx_batch:
+                        ptx = common.collate_sft(ptx_batch[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
+                        ptx = {key: v.to(device) for key, v in ptx.items()}
+                    sync = k == args.grad_accum_steps - 1 or args.world_size == 1
+                    with contextlib.nullcontext() if sync else train_agent.no_sync():  # all-reduce once per step
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                            logits, values, ptx_logits = train_agent(
+                                torch.cat([r["queries"][i], r["responses"][i]], 1), seq_mask.long(),
+                                (seq_mask.long().cumsum(1) - 1).clamp(min=0), ptx)
+                        # the same slicing, temperature and PAD handling as in the rollout
+                        logprobs, entropy = logprobs_and_entropy(logits[:, Lq - 1: -1], r["responses"][i], args.temperature, pad_id)
+                        values = values[:, Lq - 1: -1]  # (b, T)
+                        pg_loss, pg_stats = ppo_policy_loss(logprobs, r["logprobs"][i], advantages[i], m, args.cliprange)
+                        vf_loss, vf_stats = ppo_value_loss(values, r["values"][i], returns[i], m, args.cliprange_value)
+                        mean_entropy = masked_mean(entropy, m)
+                        loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * mean_entropy
+                        # weight: this micro-batch's share of the minibatch's valid tokens, so the step's loss is a
+                        # mean over all of them; DDP averages gradients over ranks, hence the world_size factor
+                        loss = loss * m.sum() / mb_tokens * args.world_size
+                        ptx_loss = sft_loss(ptx_logits, ptx["labels"]) if ptx else torch.zeros((), device=device)
+                        (loss + args.ptx_coef * ptx_loss / args.grad_accum_steps).backward()
+                    if iteration == 0 and ppo_epoch == 0 and mb == 0 and k == 0:
+                        # built-in invariant: nothing has changed yet, so π = π_old exactly
+                        first_ratio, first_kl = pg_stats["ratio"].item(), pg_stats["approxkl"].item()
+                        if abs(first_ratio - 1) > 1e-4 or first_kl > 1e-6:
+                            raise RuntimeError(f"first minibatch: ratio {first_ratio} approxkl {first_kl}, not 1 and 0: rollout and "
+                                               "update compute log-probabilities differently (dropout? temperature?)")
+                        if rank == 0:
+                            tqdm.write(f"first minibatch: ratio {first_ratio:.6f}, approxkl {first_kl:.2e} (π = π_old)")
+                    n = m.sum()
+                    vm = torch.where(m, values.detach(), 0.0)
+                    update_stats += n * torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["approxkl"], pg_stats["clipfrac"],
+                                                     vf_stats["clipfrac"], pg_stats["ratio"], vm.sum() / n, (vm ** 2).sum() / n,
+                                                     mean_entropy.detach(), ptx_loss.detach()])
+                    update_tokens += n
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 6. log: masked means over every valid token (or every response) of the whole iteration
+        seq_kl = kl.sum(1)  # (b,) the estimator's KL per response
+        sums = rollout_sums(r, seq_kl)
+        sums["non_score_reward"] = -kl_coef * seq_kl.sum()
+        sums["rlhf_reward"] = sums["non_score_reward"] + scores.sum()  # scores after the missing-EOS penalty
+        residual = returns - r["values"]
+        token_sums = {"entropy": torch.where(mask, r["entropy"], 0.0).sum(),
+                      "returns_var": masked_mean((returns - masked_mean(returns, mask)) ** 2, mask) * mask.sum(),
+                      "residual_var": masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) * mask.sum()}
+        all_stats = torch.cat([torch.stack(list(sums.values())), torch.stack(list(token_sums.values())),
+                               update_stats, update_tokens[None], mask.sum().float()[None]])
+        if args.world_size > 1:
+            dist.all_reduce(all_stats)
+        per_seq = dict(zip(sums, (all_stats[: len(sums)] / args.batch_size).tolist()))
+        per_tok = dict(zip(token_sums, (all_stats[len(sums): len(sums) + 3] / all_stats[-1]).tolist()))
+        upd = dict(zip(update_names, (all_stats[len(sums) + 3: -2] / all_stats[-2]).tolist()))
+        upd["val/var"] = upd.pop("val/sq_mean") - upd["val/mean"] ** 2
+        if not args.ptx_coef:
+            upd.pop("loss/ptx")
+        logged = {f"objective/{k}" if k in ("scores", "kl", "non_score_reward", "rlhf_reward") else
+                  k if k.startswith("toy/") else f"charts/{k}": v for k, v in per_seq.items()}
+        logged["objective/entropy"] = per_tok["entropy"]
+        logged["val/explained_variance"] = 1 - per_tok["residual_var"] / per_tok["returns_var"]
+        logged.update(upd)
+        if not math.isfinite(logged["loss/policy"] + logged["loss/value"]):
+            raise FloatingPointError(f"non-finite loss at iteration {iteration}: lower --learning-rate or check the reward model")
+        episodes += args.batch_size
+        logged.update({"objective/kl_coef": kl_coef, "charts/learning_rate": lr,
+                       "charts/episodes_per_sec": episodes / (time.time() - start)})
+        if args.target_kl is not None:  # Ziegler et al.'s adaptive β, from this batch's mean sequence KL
+            kl_coef = adaptive_kl_coef(kl_coef, logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size)
+        if writer:
+            for name, value in logged.items():
+                writer.add_scalar(name, value, episodes)
+        final = logged
+
+        if (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.num_steps:
+            agent.eval()
+            metrics, samples = evaluate()
+            agent.train()
+            if writer:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"eval/{name}", value, episodes)
+                writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {t} (score {s:.2f})" for p, t, s in samples), episodes)
+                tqdm.write(f"iteration {iteration + 1}: " + ", ".join(f"eval/{k} {v:.3f}" for k, v in metrics.items()))
+                for p, t, s in samples:
+                    tqdm.write(f"    [{p}] {t}   (score {s:+.2f})")
+            final = {**logged, **{f"eval/{k}": v for k, v in metrics.items()}}
+        if rank == 0 and args.save_every and (iteration + 1) % args.save_every == 0:
+            path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
+            policy.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+    # save the policy and tokenizer where evaluate.py looks for them
+    if rank == 0:
+        policy.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
+        print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        writer.close()
+    if args.world_size > 1:
+        dist.destroy_process_group()

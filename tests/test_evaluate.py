@@ -1,0 +1,147 @@
+"""evaluate.py: best-of-n's estimator and KL formula against enumeration, the frontier interpolation
+and optimality ratio by hand, and the sampled KL and gold reward of a policy against their exact
+values, using Llamas with no layers whose logits are a Markov chain (P_ref itself or a perturbed
+copy), for which toy_task's dynamic programming gives the exact answer."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import toy_task
+from conftest import run_script
+from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio,
+                      response_logps, sample, win_rate)
+
+
+def test_best_of_n_expectation_against_enumerating_subsets():
+    rng = np.random.default_rng(0)
+    scores, values = rng.normal(size=7), rng.normal(size=7)
+    for n in range(1, 8):
+        subsets = list(itertools.combinations(range(7), n))
+        want = np.mean([values[max(s, key=lambda i: scores[i])] for s in subsets])
+        assert best_of_n_expectation(scores, values, n) == pytest.approx(want, rel=1e-12)
+    assert best_of_n_expectation(scores, values, 1) == pytest.approx(values.mean())  # n = 1 is the reference
+    assert best_of_n_expectation(scores, values, 7) == values[scores.argmax()]
+
+
+def test_best_of_n_kl_formula():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    # exact KL of best-of-n over M equally likely outcomes with distinct rewards: the i-th best-ranked
+    # outcome is chosen with probability (i/M)^n − ((i−1)/M)^n; the formula is its M → ∞ limit
+    M = 20000
+    for n in (2, 4, 16, 64):
+        i = np.arange(1, M + 1)
+        p = (i / M) ** n - ((i - 1) / M) ** n
+        exact = float(np.sum(p[p > 0] * np.log(p[p > 0] * M)))
+        assert exact == pytest.approx(best_of_n_kl(n), abs=2e-3)
+        assert exact <= best_of_n_kl(n) + 1e-9
+
+
+def test_frontier_interpolation_and_optimality_ratio():
+    frontier = [(0.0, -0.5), (1.0, 1.5), (3.0, 2.5)]
+    assert frontier_reward_at(0.5, frontier) == pytest.approx(0.5)
+    assert frontier_reward_at(2.0, frontier) == pytest.approx(2.0)
+    assert frontier_reward_at(9.0, frontier) == pytest.approx(2.5)  # flat beyond the grid
+    # (R − R_ref) / (R*(KL) − R_ref) = (1.5 + 0.5) / (2.0 + 0.5)
+    assert optimality_ratio(1.5, 2.0, -0.5, frontier) == pytest.approx(0.8)
+    assert optimality_ratio(1.5, 1.0, -0.5, frontier) == pytest.approx(1.0)
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1, 2, 3], [2, 2, 2]) == pytest.approx(0.5)
+    assert win_rate([5, 5], [1, 1]) == 1.0
+
+
+def markov_llama(path, noise=0.0, seed=0):
+    """A Llama with no transformer layers: logits depend on the current token only, set to the toy
+    chain's log-probabilities (plus `noise`·N(0, 1) per entry): a Markov policy whose exact KL to
+    P_ref and expected gold reward toy_task computes. Returns the policy's (V, V+1) log-transitions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    toy_task.save_base_model(path)  # tokenizer: PAD, EOS, UNK, then the words
+    task, V = toy_task.TASK, len(toy_task.WORDS)
+    H, D = V + 3, V + 4  # vocabulary; hidden size (even, for RoPE's validation; the extra unit stays 0)
+    rng = np.random.default_rng(seed)
+    log_trans = np.log(task.trans) + noise * rng.normal(size=task.trans.shape)
+    log_trans -= np.log(np.exp(log_trans).sum(1, keepdims=True))
+    config = LlamaConfig(vocab_size=H, hidden_size=D, intermediate_size=4, num_hidden_layers=0, num_attention_heads=1,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                         rms_norm_eps=1e-6)
+    model = LlamaForCausalLM(config)
+    logits = np.full((H, H), -30.0)  # rows: next token; columns: current token; PAD and UNK never likely
+    logits[3:, 3:] = log_trans[:, :V].T
+    logits[1, 3:] = log_trans[:, V]  # EOS
+    scale = 1 / math.sqrt(1 / D + 1e-6)  # RMSNorm turns the one-hot embedding into scale × one-hot
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(H, D))
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.copy_(torch.tensor(np.pad(logits / scale, ((0, 0), (0, 1))), dtype=torch.float32))
+    model.save_pretrained(path)
+    return log_trans
+
+
+@pytest.fixture(scope="module")
+def markov_models(tmp_path_factory):
+    ref_path, pol_path = str(tmp_path_factory.mktemp("markov_ref")), str(tmp_path_factory.mktemp("markov_pol"))
+    markov_llama(ref_path)
+    return ref_path, pol_path, markov_llama(pol_path, noise=0.7)
+
+
+def test_sampled_kl_and_gold_match_the_exact_values(markov_models):
+    from transformers import AutoModelForCausalLM
+
+    ref_path, pol_path, pol_log_trans = markov_models
+    tok = common.load_tokenizer(ref_path)
+    args = Args(per_device_batch_size=500)
+    prompts = toy_task.make_dataset("prompt", "eval")["prompt"][:1000]
+    queries = common.encode_prompts(tok, prompts, templated=False)
+    task = toy_task.TASK
+    torch.manual_seed(0)
+    for path, log_trans in ((ref_path, np.log(task.trans)), (pol_path, pol_log_trans)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        responses = sample(model, queries, tok, args, torch.device("cpu"))
+        logp = response_logps(model, queries, responses, tok, args, torch.device("cpu"))
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        kl = np.array([lp - task.ref_logprob(p, t) for p, t, lp in zip(prompts, texts, logp)])
+        gold = np.array([task.gold_reward(p, t) for p, t in zip(prompts, texts)])
+        T = toy_task.MAX_RESPONSE_TOKENS
+        exact_gold, exact_kl, _, _ = task._forward(np.broadcast_to(log_trans, (T,) + log_trans.shape),
+                                                   task._prompt_weights(prompts))
+        if path == ref_path:  # the model is P_ref: log π = log P_ref for every single sample
+            assert np.abs(kl).max() < 1e-3
+        else:
+            assert exact_kl > 1.0 and kl.mean() == pytest.approx(exact_kl, abs=4 * float(kl.std()) / math.sqrt(len(kl)))
+        assert gold.mean() == pytest.approx(exact_gold, abs=4 * float(gold.std()) / math.sqrt(len(gold)))
+
+
+def test_smoke(tmp_path, markov_models):
+    from transformers import AutoModelForSequenceClassification
+
+    ref_path, pol_path, _ = markov_models
+    rm_path = str(tmp_path / "rm")
+    toy_task.save_base_model(rm_path)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1).save_pretrained(rm_path)
+    ckpts = tmp_path / "ckpts"
+    for name in ("episode_1", "episode_2"):
+        markov_llama(str(ckpts / name), noise=0.3)
+    out_dir = tmp_path / "eval"
+    run_script(["evaluate.py", "--policies", ref_path, pol_path, "--ref-policy", ref_path, "--reward-model-name", rm_path,
+                "--num-samples", "200", "--best-of-n", "1", "2", "4", "--num-best-of-n-prompts", "20",
+                "--checkpoints-dir", str(ckpts), "--output-dir", str(out_dir)])
+    results = json.load(open(out_dir / "results.json"))
+    ref_row, pol_row = results["policies"]
+    assert ref_row["kl_to_ref_policy"] == 0.0  # a policy's KL to itself
+    assert abs(ref_row["kl_to_p_ref"]) < 1e-3 and pol_row["kl_to_p_ref"] > 1.0
+    assert 0 <= pol_row["win_rate"] <= 1 and 0.3 < ref_row["win_rate"] < 0.7  # P_ref against P_ref samples
+    bon = results["best_of_n"]
+    assert [r["kl_to_ref_policy"] for r in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+    assert len(results["checkpoints"]) == 2
+    for f in ("results.csv", "results.md", "frontier.png", "overoptimisation.png"):
+        assert (out_dir / f).stat().st_size > 0

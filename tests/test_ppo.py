@@ -1,0 +1,227 @@
+"""ppo.py: GAE, the clipped losses, whitening, KL shaping, EOS truncation and the adaptive KL
+controller against hand-worked numbers; the rollout's alignment against unpadded forward passes;
+and the script through its command line (first minibatch: ratio 1, approx-KL 0)."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import toy_task
+from conftest import ROOT, run_script
+from ppo import (Args, PolicyAndValue, adaptive_kl_coef, compute_gae, kl_shaped_rewards, masked_whiten,
+                 ppo_policy_loss, ppo_value_loss, rollout, truncate_after_eos)
+from reward_model import rewards_at_eos
+
+NAN = float("nan")
+
+
+def test_gae_by_hand():
+    # one row of 3 valid tokens and a padded slot; gamma 0.9, lambda 0.8 (gamma * lambda = 0.72)
+    # t=2 (terminal): delta = 1.0 - 0.3 = 0.7,                A = 0.7
+    # t=1: delta = -0.2 + 0.9 * 0.3 - 0.4 = -0.33,             A = -0.33 + 0.72 * 0.7 = 0.174
+    # t=0: delta = 0.1 + 0.9 * 0.4 - 0.5 = -0.04,              A = -0.04 + 0.72 * 0.174 = 0.08528
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 7.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.08528, 0.174, 0.7, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.58528, 0.574, 1.0, 0.0]]))
+
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(5, 7), torch.randn(5, 7)
+    lengths = torch.tensor([7, 1, 4, 3, 6])
+    mask = torch.arange(7)[None, :] < lengths[:, None]
+    adv, ret = compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    for b in range(5):
+        n = lengths[b]
+        to_go = torch.tensor([rewards[b, t:n].sum() for t in range(n)])  # a second formulation: plain sums
+        torch.testing.assert_close(ret[b, :n], to_go)
+        torch.testing.assert_close(adv[b, :n], to_go - values[b, :n])
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_gae_ignores_garbage_after_the_last_valid_token():
+    torch.manual_seed(1)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.arange(6)[None, :] < torch.tensor([[2], [6], [4]])
+    clean = compute_gae(rewards, values, mask)
+    rewards2, values2 = rewards.clone(), values.clone()
+    rewards2[~mask], values2[~mask] = 1e6, NAN
+    dirty = compute_gae(rewards2, values2, mask)
+    for a, b in zip(clean, dirty):
+        torch.testing.assert_close(a, b)
+
+
+# one token per case, eps = 0.2; loss = max(-A * rho, -A * clip(rho, 0.8, 1.2))
+@pytest.mark.parametrize("adv,ratio,want,clipped", [
+    (1.0, 1.1, -1.1, 0.0),   # inside the range
+    (1.0, 1.5, -1.2, 1.0),   # A > 0, ratio above: the clip binds, no incentive to go further
+    (1.0, 0.5, -0.5, 0.0),   # A > 0, ratio below: the unclipped term is the pessimistic one
+    (-1.0, 1.5, 1.5, 0.0),   # A < 0, ratio above: unclipped, the mistake is fully penalised
+    (-1.0, 0.5, 0.8, 1.0),   # A < 0, ratio below: the clip binds
+])
+def test_policy_loss_clipping_regimes(adv, ratio, want, clipped):
+    old = torch.tensor([[-2.0, -1.0]])
+    logprobs = torch.tensor([[-2.0 + math.log(ratio), 123.0]], requires_grad=True)  # second slot is padding
+    mask = torch.tensor([[True, False]])
+    loss, stats = ppo_policy_loss(logprobs, old, torch.tensor([[adv, NAN]]), mask, 0.2)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats["clipfrac"].item() == clipped
+    assert stats["ratio"].item() == pytest.approx(ratio, rel=1e-5)
+    assert stats["approxkl"].item() == pytest.approx(0.5 * math.log(ratio) ** 2, rel=1e-5)
+    loss.backward()
+    # d/dlogp of -A * rho is -A * rho where unclipped; 0 where the clip binds; padding gets nothing
+    assert logprobs.grad[0, 0].item() == pytest.approx(0.0 if clipped else -adv * ratio, rel=1e-5, abs=1e-7)
+    assert logprobs.grad[0, 1].item() == 0.0
+
+
+def test_policy_loss_is_a_mean_over_valid_tokens():
+    logprobs = torch.zeros(2, 3)
+    adv = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    loss, stats = ppo_policy_loss(logprobs, logprobs, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1 + 2 + 3 + 4) / 4)  # ratio 1 everywhere
+    assert stats["ratio"].item() == 1.0 and stats["approxkl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+
+
+@pytest.mark.parametrize("v,v_old,ret,want,clipped", [
+    (1.0, 0.5, 2.0, 0.5 * 1.69, 1.0),  # clipped prediction 0.7 is further from 2: (0.7 - 2)^2 = 1.69
+    (0.6, 0.5, 2.0, 0.5 * 1.96, 0.0),  # inside the clip range: both terms (0.6 - 2)^2
+    (1.0, 0.5, 0.0, 0.5 * 1.0, 0.0),   # outside, but the unclipped error (1) is the larger
+])
+def test_value_loss_by_hand(v, v_old, ret, want, clipped):
+    mask = torch.tensor([[True, False]])
+    loss, stats = ppo_value_loss(torch.tensor([[v, 9.0]]), torch.tensor([[v_old, NAN]]), torch.tensor([[ret, 3.0]]), mask, 0.2)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats["clipfrac"].item() == clipped
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, NAN], [3.0, 1e9, 1e9]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # valid values 1, 2, 3: mean 2, population variance 2/3
+    s = math.sqrt(2 / 3 + 1e-8)
+    torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([[-1 / s, 0.0, 0.0], [1 / s, 0.0, 0.0]]))
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False),
+                               torch.tensor([[2 - 1 / s, 2.0, 0.0], [2 + 1 / s, 0.0, 0.0]]))
+
+
+def test_kl_shaping_places_the_score_on_the_last_real_token():
+    # row 0 ends with EOS at index 2; row 1 was cut at the cap without EOS
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -1.0, -0.5, -9.0], [-1.0, -1.0, -1.0, -1.0]])
+    scores, has_eos = torch.tensor([2.0, 3.0]), torch.tensor([True, False])
+    rewards, kl, final = kl_shaped_rewards(scores, logprobs, ref, mask, has_eos, kl_coef=0.1, missing_eos_penalty=1.0)
+    # k1 = log pi - log pi_ref: row 0: 1, -1, 0 (padding 0); row 1: 0 everywhere
+    torch.testing.assert_close(kl, torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, 0.1, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0 - 1.0]]))
+    torch.testing.assert_close(final, torch.tensor([2.0, 2.0]))
+
+
+def test_k3_estimator_by_hand():
+    mask = torch.tensor([[True, True, True]])
+    logprobs, ref = torch.tensor([[-1.0, -2.0, -1.0]]), torch.tensor([[-2.0, -1.0, -1.0]])
+    _, kl, _ = kl_shaped_rewards(torch.zeros(1), logprobs, ref, mask, torch.tensor([True]), 0.1, "k3")
+    # log r = log pi_ref - log pi = -1, +1, 0; k3 = e^{log r} - 1 - log r
+    torch.testing.assert_close(kl, torch.tensor([[math.exp(-1), math.e - 2, 0.0]]))
+
+
+def test_truncation_after_the_first_eos():
+    eos, pad = 1, 0
+    responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 9, 9, 9]])
+    out, mask, has_eos = truncate_after_eos(responses, eos, pad)
+    assert out.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_adaptive_kl_controller():
+    # Ziegler et al.: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 256) == pytest.approx(0.1 * (1 + 0.2 * 0.0256))   # clipped at +0.2
+    assert adaptive_kl_coef(0.1, 6.6, 6.0, 10000, 256) == pytest.approx(0.1 * (1 + 0.1 * 0.0256))
+    assert adaptive_kl_coef(0.1, 0.0, 6.0, 10000, 256) == pytest.approx(0.1 * (1 - 0.2 * 0.0256))    # clipped at -0.2
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 10000, 256) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    """The toy tokenizer with a random policy, reference and reward model (value from the reward model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = str(tmp_path_factory.mktemp("toy_ppo"))
+    toy_task.save_base_model(path)
+    tok = common.load_tokenizer(path)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(path).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    rm.config.reward_bias = 0.25
+    value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    return tok, policy, rm, value, path
+
+
+def test_rollout_matches_unpadded_forward_passes(toy_models):
+    """Every row's log-probabilities, score and values, from a batch with left-padded prompts and
+    right-padded responses, equal those of the same sequence alone without any padding."""
+    tok, policy, rm, value, _ = toy_models
+    args = Args(per_device_batch_size=5, response_length=12, temperature=0.7)
+    prompts = ["the plot", "a film was very dull and", "the cast", "every superb", "the music felt"] * 3
+    queries = common.encode_prompts(tok, prompts, templated=False)
+    torch.manual_seed(3)
+    r = rollout(PolicyAndValue(policy, value), policy, rm, queries, tok, args, torch.device("cpu"))
+    assert not r["has_eos"].all() and r["has_eos"].any()  # rows padded after their EOS, and rows cut at the cap
+    for b, q in enumerate(queries):
+        resp = r["responses"][b][r["mask"][b]].tolist()
+        seq = torch.tensor([q + resp])
+        with torch.no_grad():
+            logits = policy(input_ids=seq).logits[0, len(q) - 1: -1] / 0.7  # predicting each response token
+            logits[:, tok.pad_token_id] = -float("inf")
+            want_logp = logits.log_softmax(-1)[torch.arange(len(resp)), resp]
+            want_score = rewards_at_eos(rm, seq, torch.ones_like(seq))[0]  # HF's own pooling, minus reward_bias
+            hidden = value.model(input_ids=seq).last_hidden_state[0, len(q) - 1: -1]
+            want_values = value.score(hidden).squeeze(-1) - getattr(value.config, "reward_bias", 0.0)
+        n = len(resp)
+        torch.testing.assert_close(r["logprobs"][b, :n], want_logp, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r["ref_logprobs"][b, :n], want_logp, atol=1e-4, rtol=1e-4)  # ref = policy here
+        torch.testing.assert_close(r["scores"][b], want_score, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r["values"][b, :n], want_values, atol=1e-4, rtol=1e-4)
+        if r["has_eos"][b]:
+            assert resp[-1] == tok.eos_token_id and tok.eos_token_id not in resp[:-1]
+        assert tok.pad_token_id not in resp  # PAD is never sampled
+
+
+def test_missing_reward_model_is_a_clear_error(toy_models):
+    _, _, _, _, path = toy_models
+    proc = subprocess.run([sys.executable, "ppo.py", "--model-name", path, "--reward-model-name",
+                           os.path.join("runs", "models", "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "run `python reward_model.py` first" in proc.stderr
+
+
+def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
+    tok, _, rm, _, path = toy_models
+    rm_path = str(tmp_path / "rm")
+    rm.save_pretrained(rm_path)
+    tok.save_pretrained(rm_path)
+    out_dir = tmp_path / "ppo"
+    out = run_script(["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--batch-size", "16",
+                      "--per-device-batch-size", "4", "--num-minibatches", "2", "--num-ppo-epochs", "2",
+                      "--num-epochs", "0.00064", "--eval-every", "1", "--num-eval-prompts", "20", "--save-every", "1", "--kl-estimator", "k3",
+                      "--target-kl", "1.0", "--ptx-coef", "0.1", "--ent-coef", "0.01", "--output-dir", str(out_dir)])
+    ratio, approxkl = map(float, re.search(r"first minibatch: ratio ([\d.]+), approxkl ([\d.e+-]+)", out).groups())
+    assert ratio == pytest.approx(1.0, abs=1e-6) and approxkl < 1e-10
+    result = json.load(open(out_dir / "training_args.json"))["result"]
+    assert result["objective/kl_coef"] != 0.2  # the adaptive controller moved beta
+    for k in ["objective/scores", "objective/kl", "loss/policy", "loss/value", "loss/ptx", "val/explained_variance",
+              "eval/toy/gold_reward", "eval/toy/kl_to_ref", "toy/gold_reward"]:
+        assert math.isfinite(result[k]), k
+    assert 0 <= result["charts/eos_rate"] <= 1 and 1 <= result["charts/response_length"] <= 24
+    assert sorted(os.listdir(out_dir / "checkpoints")) == ["episode_0000016", "episode_0000032"]
