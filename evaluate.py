@@ -258,7 +258,7 @@ if __name__ == "__main__":
     bon_queries = [queries[i] for i in bon_idx for _ in range(N)]
     bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
     bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device).reshape(len(bon_idx), N)
-    bon = []
+    bon, bon_gold = [], []
     if toy:
         bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
         bon_prompts = [prompts[i] for i in bon_idx for _ in range(N)]
@@ -276,6 +276,14 @@ if __name__ == "__main__":
             row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
             row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
         bon.append(row)
+    if toy:  # diagnostic: the same samples with the gold reward as the selector (a perfect reward model)
+        for n in args.best_of_n:
+            row = {"policy": f"best-of-{n} (gold selector)", "kl_to_ref_policy": best_of_n_kl(n),
+                   "gold_reward": float(np.mean([best_of_n_expectation(g, g, n) for g in gold])),
+                   "kl_to_p_ref": best_of_n_kl(n) + float(np.mean([best_of_n_expectation(g, d, n) for g, d in zip(gold, gap)]))}
+            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
+            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
+            bon_gold.append(row)
 
     # 4. intermediate checkpoints (over-optimisation: reward-model score keeps rising, gold stalls)
     checkpoints = []
@@ -285,13 +293,13 @@ if __name__ == "__main__":
         checkpoints = [evaluate_policy(os.path.join(args.checkpoints_dir, c)) for c in names]
 
     # 5. table, CSV, JSON and plots
-    all_rows = rows + bon + checkpoints
+    all_rows = rows + bon + bon_gold + checkpoints
     columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "win_rate", "gold_reward",
                "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio"]
     columns = [c for c in columns if any(c in r for r in all_rows)]
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
         "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |"
-        for r in rows + bon)
+        for r in rows + bon + bon_gold + checkpoints)
     if toy:
         table += f"\n\nP_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: {frontier_reward_at(1.0, frontier):.3f}"
     print(table)
@@ -300,7 +308,7 @@ if __name__ == "__main__":
         w.writeheader()
         w.writerows(all_rows)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "policies": rows, "best_of_n": bon, "checkpoints": checkpoints,
+        json.dump({"args": vars(args), "policies": rows, "best_of_n": bon, "best_of_n_gold": bon_gold, "checkpoints": checkpoints,
                    "frontier": frontier}, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
@@ -314,9 +322,12 @@ if __name__ == "__main__":
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if toy:
         kls, rs = zip(*frontier)
-        limit = 1.3 * max([r[x_key] for r in rows + bon] + [1.0])
+        limit = 1.1 * max([r[x_key] for r in rows + bon + bon_gold] + [1.0])
         ax.plot([k for k in kls if k <= limit], [r for k, r in zip(kls, rs) if k <= limit], "k-", label="exact optimum π*_β")
     ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
+    if bon_gold:
+        ax.plot([r[x_key] for r in bon_gold], [r[y_key] for r in bon_gold], "s:", color="silver",
+                label="best-of-n, gold reward as selector")
     for r in rows:
         ax.plot(r[x_key], r[y_key], "*", markersize=14, label=os.path.basename(r["policy"].rstrip("/")))
     ax.set_xlabel("KL to P_ref (nats per response)" if toy else "KL to the reference policy (nats per response)")
