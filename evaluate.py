@@ -192,6 +192,10 @@ if __name__ == "__main__":
             raise SystemExit(f"no model at {name}: run `python {script if os.path.isfile(script) else 'its training script'}` "
                              "first, or pass another folder")
     tokenizer = common.load_tokenizer(args.ref_policy)
+    for name in [args.reward_model_name] + args.policies + ([args.judge] if args.judge else []):
+        if common.load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{name} has another tokenizer than the reference {args.ref_policy}; token-level KLs and "
+                             "scores need one vocabulary (train every stage from the same SFT model)")
     ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)
     reward_model = load_model(AutoModelForSequenceClassification, args.reward_model_name, tokenizer, device)
     judge = load_model(AutoModelForSequenceClassification, args.judge, tokenizer, device) if args.judge else None

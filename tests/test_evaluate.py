@@ -6,6 +6,7 @@ copy), for which toy_task's dynamic programming gives the exact answer."""
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -131,13 +132,15 @@ def test_smoke(tmp_path, markov_models):
     ckpts = tmp_path / "ckpts"
     for name in ("episode_1", "episode_2"):
         markov_llama(str(ckpts / name), noise=0.3)
+    same = str(tmp_path / "same")  # the reference again, loaded separately: its KL goes through a second model
+    shutil.copytree(ref_path, same)
     out_dir = tmp_path / "eval"
-    run_script(["evaluate.py", "--policies", ref_path, pol_path, "--ref-policy", ref_path, "--reward-model-name", rm_path,
+    run_script(["evaluate.py", "--policies", ref_path, pol_path, same, "--ref-policy", ref_path, "--reward-model-name", rm_path,
                 "--num-samples", "200", "--best-of-n", "1", "2", "4", "--num-best-of-n-prompts", "20",
                 "--checkpoints-dir", str(ckpts), "--output-dir", str(out_dir)])
     results = json.load(open(out_dir / "results.json"))
-    ref_row, pol_row = results["policies"]
-    assert ref_row["kl_to_ref_policy"] == 0.0  # a policy's KL to itself
+    ref_row, pol_row, same_row = results["policies"]
+    assert ref_row["kl_to_ref_policy"] == 0.0 and abs(same_row["kl_to_ref_policy"]) < 1e-5  # a policy's KL to itself
     assert abs(ref_row["kl_to_p_ref"]) < 1e-3 and pol_row["kl_to_p_ref"] > 1.0
     assert 0 <= pol_row["win_rate"] <= 1 and 0.3 < ref_row["win_rate"] < 0.7  # P_ref against P_ref samples
     bon = results["best_of_n"]
