@@ -328,7 +328,8 @@ if __name__ == "__main__":
         kls, rs = zip(*frontier)
         limit = 1.1 * max([r[x_key] for r in rows + bon + bon_gold] + [1.0])
         ax.plot([k for k in kls if k <= limit], [r for k, r in zip(kls, rs) if k <= limit], "k-", label="exact optimum π*_β")
-    ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
+    if all(y_key in r for r in bon):
+        ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
     if bon_gold:
         ax.plot([r[x_key] for r in bon_gold], [r[y_key] for r in bon_gold], "s:", color="silver",
                 label="best-of-n, gold reward as selector")
