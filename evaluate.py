@@ -171,6 +171,12 @@ def reward_scores(model, queries, responses, tokenizer, args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: KLs need a sampling distribution with log-probabilities")
+    if not args.best_of_n or min(args.best_of_n) < 1:
+        raise ValueError("--best-of-n takes positive integers")
+    if args.response_length >= args.max_length:
+        raise ValueError(f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -211,6 +217,9 @@ if __name__ == "__main__":
     queries = [prompt_ids[i] for i in keep]
     prompts = [eval_ds["prompt"][i] for i in keep] if toy else None
     references = [completions[0][i] for i in keep] if completions else None
+    if not queries:
+        raise ValueError(f"every held-out prompt is empty or over --max-length − --response-length = "
+                         f"{args.max_length - args.response_length} tokens; raise --max-length")
     print(f"{len(queries)} held-out prompts ({len(eval_ds) - len(queries)} over the length limit dropped)")
 
     def judge_scores(q, responses, texts):
@@ -262,7 +271,6 @@ if __name__ == "__main__":
     bon_queries = [queries[i] for i in bon_idx for _ in range(N)]
     bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
     bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device).reshape(len(bon_idx), N)
-    bon, bon_gold = [], []
     if toy:
         bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
         bon_prompts = [prompts[i] for i in bon_idx for _ in range(N)]
@@ -271,23 +279,26 @@ if __name__ == "__main__":
         lp = response_logps(ref_model, bon_queries, bon_responses, tokenizer, args, device)
         gap = (lp - np.array([toy_task.ref_logprob(p, t, args.response_length)
                               for p, t in zip(bon_prompts, bon_texts)])).reshape(len(bon_idx), N)
-    for n in args.best_of_n:
-        row = {"policy": f"best-of-{n}", "score": float(np.mean([best_of_n_expectation(s, s, n) for s in bon_scores])),
-               "kl_to_ref_policy": best_of_n_kl(n)}
-        if toy:
-            row["gold_reward"] = float(np.mean([best_of_n_expectation(s, g, n) for s, g in zip(bon_scores, gold)]))
-            row["kl_to_p_ref"] = best_of_n_kl(n) + float(np.mean([best_of_n_expectation(s, d, n) for s, d in zip(bon_scores, gap)]))
-            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
-            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
-        bon.append(row)
-    if toy:  # diagnostic: the same samples with the gold reward as the selector (a perfect reward model)
+
+    def best_of_n_rows(selector, label):
+        """One row per n: expected score, gold reward and KLs of the sample that `selector` (prompts, N)
+        ranks highest among n of a prompt's N (KL to P_ref = the formula + E_bon[log π_ref − log P_ref])."""
+        def at_best(values, n):
+            return float(np.mean([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)]))
+
+        out = []
         for n in args.best_of_n:
-            row = {"policy": f"best-of-{n} (gold selector)", "kl_to_ref_policy": best_of_n_kl(n),
-                   "gold_reward": float(np.mean([best_of_n_expectation(g, g, n) for g in gold])),
-                   "kl_to_p_ref": best_of_n_kl(n) + float(np.mean([best_of_n_expectation(g, d, n) for g, d in zip(gold, gap)]))}
-            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
-            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
-            bon_gold.append(row)
+            row = {"policy": f"best-of-{n}{label}", "score": at_best(bon_scores, n), "kl_to_ref_policy": best_of_n_kl(n)}
+            if toy:
+                row["gold_reward"], row["kl_to_p_ref"] = at_best(gold, n), best_of_n_kl(n) + at_best(gap, n)
+                row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
+                row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
+            out.append(row)
+        return out
+
+    bon = best_of_n_rows(bon_scores, "")
+    # diagnostic on the toy task: the same samples with the gold reward choosing (a perfect reward model)
+    bon_gold = best_of_n_rows(gold, " (gold selector)") if toy else []
 
     # 4. intermediate checkpoints (over-optimisation: reward-model score keeps rising, gold stalls)
     checkpoints = []

@@ -286,6 +286,16 @@ class PolicyAndValue(torch.nn.Module):
         return logits, values, ptx_logits
 
 
+def model_inputs(query_ids, query_mask, responses, mask):
+    """Forward-pass inputs for left-padded prompts (B, Lq) followed by right-padded responses (B, T):
+    input_ids, attention_mask and position_ids, all (B, Lq + T). Positions count from each row's first
+    real token, as generate numbers them; rollout and update both build their inputs here, so that
+    they compute the same log-probabilities. Position Lq − 1 + t then predicts response token t."""
+    seq_mask = torch.cat([query_mask.bool(), mask], 1).long()
+    return {"input_ids": torch.cat([query_ids, responses], 1), "attention_mask": seq_mask,
+            "position_ids": (seq_mask.cumsum(1) - 1).clamp(min=0)}
+
+
 def lr_at(step, args):
     """Learning-rate multiplier at iteration `step` (0-based): linear warmup, then decay to 0."""
     warmup = int(args.warmup_ratio * args.num_steps)
@@ -323,14 +333,11 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device):
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
     responses, mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
     query_ids, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    seqs = torch.cat([query_ids, responses], 1)  # (B, Lq + T): left-padded prompt, right-padded response
-    seq_mask = torch.cat([query_mask.bool(), mask], 1)
-    positions = (seq_mask.long().cumsum(1) - 1).clamp(min=0)  # as generate numbers them under left padding
     out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
     last = mask.sum(1) - 1  # (B,) index of the last valid response token
-    for i in range(0, len(seqs), args.per_device_batch_size):
+    for i in range(0, len(queries), args.per_device_batch_size):
         s = slice(i, i + args.per_device_batch_size)
-        fwd = dict(input_ids=seqs[s], attention_mask=seq_mask[s].long(), position_ids=positions[s])
+        fwd = model_inputs(query_ids[s], query_mask[s], responses[s], mask[s])  # (b, Lq + T) each
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits, values, _ = agent(**fwd)
             ref_logits = ref_model(**fwd).logits
@@ -392,9 +399,10 @@ if __name__ == "__main__":
             raise SystemExit(f"no model at {name}: run `python {script}` first, or pass the folder")
     tokenizer = common.load_tokenizer(args.model_name)
     pad_id = tokenizer.pad_token_id
-    if common.load_tokenizer(args.reward_model_name).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}; PPO hands the "
-                         "policy's token ids to the reward and value models, so train the reward model from the SFT model")
+    for name in {args.reward_model_name, args.value_model_name}:
+        if common.load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{name} has another tokenizer than {args.model_name}; PPO hands the policy's token ids "
+                             "to the reward and value models, so train the reward model from the SFT model")
 
     def load(cls, name, **kwargs):
         config = AutoConfig.from_pretrained(name, **kwargs)
@@ -536,7 +544,6 @@ if __name__ == "__main__":
                 for k in range(args.grad_accum_steps):
                     i = mb_idx[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
                     m, Lq = mask[i], r["queries"].shape[1]
-                    seq_mask = torch.cat([r["query_mask"][i].bool(), m], 1)  # (b, Lq + T)
                     ptx = None
                     if ptx_batch:
                         ptx = common.collate_sft(ptx_batch[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
@@ -545,8 +552,7 @@ if __name__ == "__main__":
                     with contextlib.nullcontext() if sync else train_agent.no_sync():  # all-reduce once per step
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                             logits, values, ptx_logits = train_agent(
-                                torch.cat([r["queries"][i], r["responses"][i]], 1), seq_mask.long(),
-                                (seq_mask.long().cumsum(1) - 1).clamp(min=0), ptx)
+                                **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m), ptx_batch=ptx)
                         # the same slicing, temperature and PAD handling as in the rollout
                         logprobs, entropy = logprobs_and_entropy(logits[:, Lq - 1: -1], r["responses"][i], args.temperature, pad_id)
                         values = values[:, Lq - 1: -1]  # (b, T)

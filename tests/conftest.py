@@ -70,6 +70,23 @@ def chat_jsonl(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory):
+    """A folder with the toy task's tokenizer and randomly initialised Llama, saved like a Hub model."""
+    import toy_task
+
+    return toy_task.save_base_model(str(tmp_path_factory.mktemp("toy_base")))
+
+
+def toy_reward_model(path, seed=0):
+    """The model in `path` with a seeded random scalar head, in eval mode: a stand-in reward or value model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+
+
 def run_script(args, timeout=300, torchrun=0):
     """Run a script of the project through its real command line; returns stdout, fails on error."""
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]

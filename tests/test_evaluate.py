@@ -14,7 +14,7 @@ import torch
 
 import common
 import toy_task
-from conftest import run_script
+from conftest import run_script, toy_reward_model
 from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio,
                       response_logps, sample, win_rate)
 
@@ -122,13 +122,10 @@ def test_sampled_kl_and_gold_match_the_exact_values(markov_models):
 
 
 def test_smoke(tmp_path, markov_models):
-    from transformers import AutoModelForSequenceClassification
-
     ref_path, pol_path, _ = markov_models
     rm_path = str(tmp_path / "rm")
     toy_task.save_base_model(rm_path)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1).save_pretrained(rm_path)
+    toy_reward_model(rm_path).save_pretrained(rm_path)
     ckpts = tmp_path / "ckpts"
     for name in ("episode_1", "episode_2"):
         markov_llama(str(ckpts / name), noise=0.3)

@@ -13,7 +13,7 @@ import torch
 
 import common
 import toy_task
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, toy_reward_model
 from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
 
 
@@ -43,14 +43,9 @@ def test_ranks_average_ties():
 
 
 @pytest.fixture(scope="module")
-def toy_rm(tmp_path_factory):
-    from transformers import AutoModelForSequenceClassification
-
-    path = str(tmp_path_factory.mktemp("toy_rm"))
-    toy_task.save_base_model(path)
-    tok = common.load_tokenizer(path)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+def toy_rm(toy_base):
+    tok = common.load_tokenizer(toy_base)
+    model = toy_reward_model(toy_base)
     common.resize_embeddings(model, tok)
     return model, tok
 

@@ -53,6 +53,15 @@ def test_ignored_positions_and_token_level_mean():
     assert sft_loss(logits2, labels_garbage).item() == pytest.approx(sum(nll) / 4)
 
 
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo.py", "dpo.py", "evaluate.py"])
+def test_every_args_field_has_a_docstring(script):
+    body = next(n for n in ast.parse(open(os.path.join(ROOT, script)).read()).body
+                if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and "Suppress" not in ast.unparse(node.annotation):
+            assert i + 1 < len(body) and isinstance(body[i + 1], ast.Expr), f"{script}: {node.target.id} has no docstring"
+
+
 def test_every_flag_has_help():
     """Every Args field has a docstring, and --help shows it (tyro reads the docstrings)."""
     tree = ast.parse(open(os.path.join(ROOT, "sft.py")).read())
