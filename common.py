@@ -3,9 +3,13 @@
 Only data handling lives here; every algorithm (model loading, losses, the training loop) is in
 its own script. The conventions every script relies on:
 
-* a completion ends with exactly one EOS, and the loss mask covers exactly its tokens and that EOS;
-* PAD is never EOS (a tokenizer without PAD, or whose PAD is EOS, gets a new PAD token), and masks
-  are always built from lengths, never by comparing ids with the pad id;
+* the ids a script trains on are those of the whole text: a conversation rendered by the chat
+  template as one piece, a plain prompt and its completion tokenized as one string;
+* a reply ends with one end token: the chat template's end-of-turn for conversations (which need
+  not be the tokenizer's EOS), the tokenizer's EOS for plain text, and the loss mask covers the
+  reply's tokens and that end token; generation stops at any end token (`stop_token_ids`);
+* PAD is never an end token (a tokenizer without PAD, or whose PAD is EOS, gets a new PAD token),
+  and masks are always built from lengths, never by comparing ids with the pad id;
 * labels use -100 (the ignore index of PyTorch's cross-entropy), never the pad id;
 * training batches are right-padded, generation batches left-padded;
 * nothing is cut silently: over-long examples are dropped or truncated, counted and reported.
@@ -90,67 +94,85 @@ def load_tokenizer(name):
 
 
 def resize_embeddings(model, tokenizer):
-    """Make room for a PAD token `load_tokenizer` added, and record PAD/EOS in the model's configs."""
+    """Make room for a PAD token `load_tokenizer` added, and record PAD and every end token in the
+    model's configs. A generation config that declares several end ids (Llama-3.1, Gemma) keeps
+    all of them: the tokenizer's EOS and the template's end-of-turn are added, nothing replaced."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
+        stops = stop_token_ids(tokenizer, model)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 
-# ---- rendering conversations to text -------------------------------------------------------------
-def _content(messages):
-    """The text of a response given as a string or as messages (its last assistant turn)."""
-    if isinstance(messages, str):
-        return messages
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError(f"a response given as messages must end with an assistant turn, got {messages!r}")
-    return messages[-1]["content"]
+def end_of_turn_id(tokenizer):
+    """The token the chat template writes right after an assistant reply (ChatML `<|im_end|>`,
+    Llama-3 `<|eot_id|>`, Gemma `<end_of_turn>`, Mistral `</s>`), found by rendering a probe
+    conversation; None for a tokenizer without a chat template. It is what a model trained on
+    conversations learns to end a reply with, and need not be the tokenizer's EOS."""
+    if tokenizer.chat_template is None:
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE_REPLY"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    if "PROBE_REPLY" not in text:
+        raise ValueError("the chat template does not render an assistant reply's content; check tokenizer.chat_template")
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.rindex("PROBE_REPLY") + len("PROBE_REPLY"):], add_special_tokens=False)["input_ids"]
+    for i in after:
+        if i in special:
+            return i
+    raise ValueError(f"the chat template ends an assistant reply with {text[text.rindex('PROBE_REPLY') + 11:]!r}, "
+                     "which holds no special token: a model could not learn where its reply ends. Use a template "
+                     "that closes each turn with a special token (such as the tokenizer's EOS)")
 
 
-def _prompt_text(tokenizer, prompt):
-    """(text, templated): a string prompt as is, a list of messages through the chat template."""
-    if isinstance(prompt, str):
-        return prompt, False
-    if prompt and prompt[-1].get("role") == "assistant":
-        prompt = prompt[:-1]
+def stop_token_ids(tokenizer, model=None):
+    """Every id that ends a response: the tokenizer's EOS, the chat template's end-of-turn, and the
+    ids `model.generation_config.eos_token_id` declares (an int or a list). Generation stops at any
+    of them, responses are cut after the first, and the reward is read there."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += declared if isinstance(declared, (list, tuple)) else [declared]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if tokenizer.pad_token_id in ids:
+        raise ValueError(f"PAD (id {tokenizer.pad_token_id}) is also an end token; load the tokenizer with common.load_tokenizer")
+    return ids
+
+
+# ---- rendering and tokenizing examples ----------------------------------------------------------
+def is_conversational(example):
+    """True if the example is given as messages (a `messages` column, or a prompt that is a list)."""
+    return "messages" in example and "prompt" not in example or isinstance(example.get("prompt"), list)
+
+
+def _render(tokenizer, messages, generation_prompt):
     if tokenizer.chat_template is None:
         raise ValueError("conversational data needs a tokenizer with a chat template (tokenizer.chat_template)")
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), True
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
 
-def to_text(tokenizer, example, kind):
-    """An example of any accepted column set -> (prompt text, templated, responses): `responses` is
-    [completion] for sft, [chosen, rejected] for preference, [] for prompt."""
-    if "messages" in example and "prompt" not in example:
-        msgs = example["messages"]
-        if kind == "sft":
-            completion = _content(msgs)  # checks that the conversation ends with the assistant's turn
-            text, templated = _prompt_text(tokenizer, msgs[:-1])
-            return text, templated, [completion]
-        text, templated = _prompt_text(tokenizer, msgs)
-        return text, templated, []
-    text, templated = _prompt_text(tokenizer, example["prompt"])
-    cols = {"sft": ["completion"], "preference": ["chosen", "rejected"], "prompt": []}[kind]
-    return text, templated, [_content(example[c]) for c in cols]
+def _as_messages(response):
+    """A response given as a string becomes one assistant turn; a message list is used as it is."""
+    return [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
 
 
-# ---- tokenization --------------------------------------------------------------------------------
-def encode_prompts(tokenizer, texts, templated):
-    """Prompt ids for a list of texts. Plain text gets the tokenizer's special tokens (a BOS, for
-    Llama); a chat template already wrote them. A trailing EOS some tokenizers add is removed: it
-    would end the text before the completion starts."""
-    ids = tokenizer(list(texts), add_special_tokens=not templated)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id
-    return [_strip_eos(x, eos) for x in ids]
+def _as_text(response):
+    """A response in plain-text data: the string, or the content of a one-turn assistant message list."""
+    if isinstance(response, str):
+        return response
+    if not response or response[-1].get("role") != "assistant":
+        raise ValueError(f"a response given as messages must end with an assistant turn, got {response!r}")
+    return response[-1]["content"]
 
 
-def encode_responses(tokenizer, texts):
-    """Response ids ending with exactly one EOS, whether or not the text already ended with it."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id
-    return [_strip_eos(x, eos) + [eos] for x in ids]
+def _ids(tokenizer, texts, templated):
+    """Token ids of each text. Plain text gets the tokenizer's special tokens (a BOS, for Llama) minus
+    any trailing EOS it adds; a chat template has written its special tokens already."""
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=not templated)["input_ids"]
+    return ids if templated else [_strip_eos(x, tokenizer.eos_token_id) for x in ids]
 
 
 def _strip_eos(ids, eos):
@@ -159,72 +181,217 @@ def _strip_eos(ids, eos):
     return ids
 
 
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _through_last(ids, token, start, what):
+    """ids cut after the last `token` at or after `start`: a reply ends with the template's end-of-turn,
+    and whatever formatting the template writes after it (a newline) is not part of the reply."""
+    for j in range(len(ids) - 1, start - 1, -1):
+        if ids[j] == token:
+            return ids[: j + 1]
+    raise ValueError(f"{what}: the chat template rendered an assistant reply without its end-of-turn token")
+
+
+def _prompt_and_responses(example, kind):
+    """(prompt, responses) of one example: prompt a string or messages, responses a list of strings
+    or message lists ([completion] for sft, [chosen, rejected] for preference, [] for prompt)."""
+    if "messages" in example and "prompt" not in example:
+        msgs = list(example["messages"])
+        if kind == "sft":
+            if not msgs or msgs[-1].get("role") != "assistant":
+                raise ValueError(f"an SFT conversation must end with an assistant turn, got {msgs!r}")
+            return msgs[:-1], [msgs[-1:]]
+        while msgs and msgs[-1].get("role") == "assistant":  # prompts: what the model is to answer
+            msgs = msgs[:-1]
+        return msgs, []
+    cols = {"sft": ["completion"], "preference": ["chosen", "rejected"], "prompt": []}[kind]
+    return example["prompt"], [example[c] for c in cols]
+
+
 def encode_dataset(tokenizer, ds, kind):
-    """Render every example to text and tokenize in batches (fast tokenizers are much quicker on
-    lists). Returns prompt ids and, per response column, response ids."""
-    rendered = [to_text(tokenizer, ex, kind) for ex in ds.to_list()]
-    if len({templated for _, templated, _ in rendered}) > 1:
+    """Prompt ids and response ids of every example, each response tokenized *together with* its
+    prompt and split at the boundary, so that the ids are exactly those of the whole text:
+    * conversations: prompt + response rendered by the chat template as one conversation; the
+      prompt is the template's rendering up to the generation prompt, the response runs to the
+      template's end-of-turn (trailing template formatting dropped). No EOS is appended.
+    * plain text: prompt + response tokenized as one string (append it as is: a leading space, as
+      TL;DR's completions have, is the data's job), then one EOS. SentencePiece tokenizers then
+      give no spurious "▁" to the response, and merges across the boundary are the model's own.
+    The boundary is the longest common prefix of the prompt's own ids and every response's joint
+    ids; examples where the prompt's ids are not a prefix are counted (`prompt_not_prefix`).
+    Returns (prompts, responses, stats): responses[k][i] is the k-th response column of example i."""
+    rows = ds.to_list()
+    split = [_prompt_and_responses(r, kind) for r in rows]
+    templated = {is_conversational(r) for r in rows}
+    if len(templated) > 1:
         raise ValueError("mix of plain-text and conversational prompts in one dataset")
-    templated = bool(rendered) and rendered[0][1]
-    prompts = encode_prompts(tokenizer, [p for p, _, _ in rendered], templated)
-    n_resp = len(rendered[0][2]) if rendered else 0
-    responses = [encode_responses(tokenizer, [r[k] for _, _, r in rendered]) for k in range(n_resp)]
-    return prompts, responses
+    templated = templated.pop() if templated else False
+    n_resp = len(split[0][1]) if split else 0
+    eos = tokenizer.eos_token_id
+    if templated:
+        eot = end_of_turn_id(tokenizer)
+        prompts = _ids(tokenizer, [_render(tokenizer, p, True) for p, _ in split], True)
+        joint = [_ids(tokenizer, [_render(tokenizer, list(p) + _as_messages(rs[k]), False) for p, rs in split], True)
+                 for k in range(n_resp)]
+    else:
+        prompts = _ids(tokenizer, [p for p, _ in split], False)
+        joint = [[x + [eos] for x in _ids(tokenizer, [p + _as_text(rs[k]) for p, rs in split], False)]
+                 for k in range(n_resp)]
+    out_prompts, out_responses, not_prefix = [], [[] for _ in range(n_resp)], 0
+    for i, p in enumerate(prompts):
+        b = min([len(p)] + [_common_prefix(p, joint[k][i]) for k in range(n_resp)])
+        not_prefix += b < len(p)
+        out_prompts.append(p[:b])
+        for k in range(n_resp):
+            full = _through_last(joint[k][i], eot, b, f"example {i}") if templated else joint[k][i]
+            out_responses[k].append(full[b:])
+    return out_prompts, out_responses, {"prompt_not_prefix": not_prefix}
 
 
-def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False):
-    """SFT examples -> (list of {"input_ids", "labels"}, stats). labels are the input ids on the
-    completion and its EOS (and the prompt if `train_on_prompt`), -100 elsewhere. An example over
-    `max_length` tokens has its completion truncated on the right (so it loses its EOS: the model
-    is not taught to stop there); one whose prompt alone leaves no room is dropped. Both counted."""
-    out, truncated, dropped = [], 0, 0
-    prompts, (completions,) = encode_dataset(tokenizer, ds, "sft")
-    for p, c in zip(prompts, completions):
-        if len(p) >= max_length:
+def encode_prompts(tokenizer, texts, templated):
+    """Prompt ids for a list of plain texts (templated=False) or already rendered chat texts."""
+    return _ids(tokenizer, texts, templated)
+
+
+def _keep_end(ids, n, bos):
+    """The newest `n` tokens of `ids`, keeping a leading BOS (TRL's keep_end drops the oldest tokens)."""
+    if len(ids) <= n:
+        return ids
+    if bos is not None and ids and ids[0] == bos and n >= 2:
+        return ids[:1] + ids[len(ids) - n + 1:]
+    return ids[len(ids) - n:]
+
+
+def _sft_conversations(tokenizer, rows):
+    """(input ids, labels, prompt_not_prefix count) of conversational SFT rows, each rendered whole by
+    the chat template. Loss on every assistant turn of the conversation (`messages` rows) or of the
+    completion (prompt/completion rows): its content and the end-of-turn token, found as the ids
+    between the template's renderings of the conversation up to that turn's generation prompt and
+    through that turn. System, user and tool turns never carry loss. The sequence ends with the last
+    assistant turn's end-of-turn token."""
+    eot, plans, texts = end_of_turn_id(tokenizer), [], []
+    for r in rows:
+        if "messages" in r and "prompt" not in r:
+            msgs, first = list(r["messages"]), 0
+        else:
+            msgs, first = list(r["prompt"]) + _as_messages(r["completion"]), len(r["prompt"])
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise ValueError(f"an SFT conversation must end with an assistant turn, got {msgs!r}")
+        turns = [k for k in range(first, len(msgs)) if msgs[k].get("role") == "assistant"]
+        plans.append((len(texts), turns))
+        texts.append(_render(tokenizer, msgs, False))
+        for k in turns:
+            texts += [_render(tokenizer, msgs[:k], True), _render(tokenizer, msgs[: k + 1], False)]
+    ids = _ids(tokenizer, texts, True)
+    out, not_prefix = [], 0
+    for i, (at, turns) in enumerate(plans):
+        full, labels, end = ids[at], [IGNORE_INDEX] * len(ids[at]), 0
+        for j, k in enumerate(turns):
+            before, through = ids[at + 1 + 2 * j], ids[at + 2 + 2 * j]
+            s, e = _common_prefix(before, full), _common_prefix(through, full)
+            not_prefix += s < len(before) or e < len(through)
+            end = len(_through_last(full[:e], eot, s, f"example {i}, turn {k}"))
+            labels[s:end] = full[s:end]
+        out.append((full[:end], labels[:end]))
+    return out, not_prefix
+
+
+def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mode="keep_start"):
+    """SFT examples -> (list of {"input_ids", "labels"}, stats). labels are the input ids where the
+    model is taught (the completion and its end token, every assistant turn of a conversation; with
+    `train_on_prompt` every token), -100 elsewhere. An example over `max_length` tokens is cut:
+    keep_start drops its end (the completion loses its end token: the model is not taught to stop
+    there), keep_end drops its oldest tokens after the BOS (long chat histories). An example left
+    with no labelled token is dropped. Both counted."""
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode for SFT is keep_start or keep_end, not {truncation_mode!r}")
+    if len(ds) and is_conversational(ds[0]):
+        examples, not_prefix = _sft_conversations(tokenizer, ds.to_list())
+    else:
+        prompts, (completions,), enc = encode_dataset(tokenizer, ds, "sft")
+        examples, not_prefix = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions)], enc["prompt_not_prefix"]
+    out, truncated, dropped, bos = [], 0, 0, tokenizer.bos_token_id
+    for ids, labels in examples:
+        if train_on_prompt:
+            labels = list(ids)
+        cut = len(ids) > max_length
+        if cut and truncation_mode == "keep_start":
+            ids, labels = ids[:max_length], labels[:max_length]
+        elif cut:  # keep_end: the newest tokens, after a leading BOS
+            head = int(bos is not None and ids[0] == bos)
+            ids, labels = ids[:head] + ids[len(ids) - max_length + head:], labels[:head] + labels[len(labels) - max_length + head:]
+        if all(x == IGNORE_INDEX for x in labels[1:]):  # the first token is never predicted
             dropped += 1
             continue
-        if len(p) + len(c) > max_length:
-            c, truncated = c[: max_length - len(p)], truncated + 1
-        labels = (p if train_on_prompt else [IGNORE_INDEX] * len(p)) + c
-        out.append({"input_ids": p + c, "labels": labels})
+        truncated += cut
+        out.append({"input_ids": ids, "labels": labels})
     if not out:
-        raise ValueError(f"every example is longer than max_length={max_length} tokens; raise --max-length")
-    return out, {"truncated": truncated, "dropped": dropped, "total": len(ds)}
+        raise ValueError(f"no example has a completion token within max_length={max_length} tokens; raise --max-length")
+    return out, {"truncated": truncated, "dropped": dropped, "prompt_not_prefix": not_prefix, "total": len(ds)}
 
 
-def tokenize_preferences(tokenizer, ds, max_length):
+def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
     """Preference pairs -> (list of {"prompt", "chosen", "rejected"} id lists, stats). Each response
-    ends with one EOS. Pairs whose prompt + longer response exceed `max_length`, and pairs whose
-    chosen equals rejected (no preference to learn), are dropped and counted."""
-    out, too_long, ties = [], 0, 0
-    prompts, (chosen, rejected) = encode_dataset(tokenizer, ds, "preference")
+    ends with its end token (see `encode_dataset`). A pair whose prompt + longer response exceeds
+    `max_length` is dropped, or with truncation_mode="keep_end" its prompt loses its oldest tokens
+    (after the BOS) to fit; a pair whose responses alone do not fit is dropped either way. Pairs
+    whose chosen equals rejected (no preference to learn) are dropped. All counted."""
+    if truncation_mode not in ("drop", "keep_end"):
+        raise ValueError(f"truncation_mode for preference pairs is drop or keep_end, not {truncation_mode!r}")
+    out, too_long, ties, cut = [], 0, 0, 0
+    prompts, (chosen, rejected), enc = encode_dataset(tokenizer, ds, "preference")
     for p, c, r in zip(prompts, chosen, rejected):
+        room = max_length - max(len(c), len(r))  # tokens left for the prompt
         if c == r:
             ties += 1
-        elif len(p) + max(len(c), len(r)) > max_length:
+        elif len(p) > room and (truncation_mode == "drop" or room < 1):
             too_long += 1
         else:
-            out.append({"prompt": p, "chosen": c, "rejected": r})
+            cut += len(p) > room
+            out.append({"prompt": _keep_end(p, room, tokenizer.bos_token_id), "chosen": c, "rejected": r})
     if not out:
         raise ValueError(f"no usable pair: {too_long} over max_length={max_length} tokens, {ties} with "
-                         f"chosen == rejected; raise --max-length or check the data")
-    return out, {"dropped_too_long": too_long, "dropped_ties": ties, "total": len(ds)}
+                         f"chosen == rejected; raise --max-length, try --truncation-mode keep_end, or check the data")
+    return out, {"dropped_too_long": too_long, "dropped_ties": ties, "truncated_prompt": cut,
+                 "prompt_not_prefix": enc["prompt_not_prefix"], "total": len(ds)}
 
 
-def tokenize_prompts(tokenizer, ds, max_prompt_length):
-    """Prompt-only data -> (list of prompt id lists, stats); prompts over the limit dropped and counted."""
-    prompts, _ = encode_dataset(tokenizer, ds, "prompt")
-    out = [p for p in prompts if 0 < len(p) <= max_prompt_length]
+def tokenize_prompts(tokenizer, ds, max_prompt_length, truncation_mode="drop"):
+    """Prompt-only data -> (list of prompt id lists, stats); a conversation is rendered up to the
+    template's generation prompt. Prompts over the limit are dropped, or with truncation_mode=
+    "keep_end" lose their oldest tokens (after the BOS); empty prompts are dropped. Counted."""
+    if truncation_mode not in ("drop", "keep_end"):
+        raise ValueError(f"truncation_mode for prompts is drop or keep_end, not {truncation_mode!r}")
+    prompts, _, _ = encode_dataset(tokenizer, ds, "prompt")
+    out, too_long, cut = [], 0, 0
+    for p in prompts:
+        if not p or (len(p) > max_prompt_length and truncation_mode == "drop"):
+            too_long += 1
+            continue
+        cut += len(p) > max_prompt_length
+        out.append(_keep_end(p, max_prompt_length, tokenizer.bos_token_id))
     if not out:
         raise ValueError(f"every prompt is empty or over max_prompt_length={max_prompt_length} tokens")
-    return out, {"dropped_too_long": len(prompts) - len(out), "total": len(ds)}
+    return out, {"dropped_too_long": too_long, "truncated_prompt": cut, "total": len(ds)}
 
 
 def report(what, stats):
-    """Print how many examples were cut or dropped, if any: truncation is never silent."""
-    lost = {k: v for k, v in stats.items() if k != "total" and v}
+    """Print how many examples were cut or dropped, if any: truncation is never silent. Also warn
+    when prompts were not a token prefix of prompt + response (the split then sits at their longest
+    common prefix: the first response token may carry a piece of the prompt's last word)."""
+    lost = {k: v for k, v in stats.items() if k not in ("total", "prompt_not_prefix") and v}
     if lost:
         print(f"{what}: of {stats['total']} examples, " + ", ".join(f"{k} {v}" for k, v in lost.items()))
+    if stats.get("prompt_not_prefix"):
+        print(f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are not "
+              "a prefix of prompt + response's (a token merges across the boundary); split at the common prefix")
 
 
 # ---- batching ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Supervised fine-tuning (SFT): maximise the likelihood of demonstration completions given prompts.
 
 The first stage of RLHF (Ouyang et al. 2022, §3.5; Stiennon et al. 2020): a causal LM is trained
-with the next-token cross-entropy on the completion tokens (and their EOS) only, the prompt
-tokens masked out. The loss is a mean over every completion token of the whole optimizer step,
+with the next-token cross-entropy on the completion tokens and their end token only (every
+assistant turn of a conversation, ended by the chat template's end-of-turn), the prompt tokens
+masked out. The loss is a mean over every completion token of the whole optimizer step,
 across micro-batches and GPUs, so gradient accumulation and DDP give the same update as one
 large batch. The model and tokenizer are saved where reward_model.py, ppo.py and dpo.py look.
 
@@ -65,16 +66,19 @@ class Args:
     """split to train on"""
     dataset_eval_split: str = "test"
     """held-out split; if the dataset lacks it, 5% of the training split is held out"""
-    max_length: int = 64
-    """tokens per example (prompt + completion + EOS); longer completions are truncated, counted and reported"""
+    max_length: Optional[int] = None
+    """tokens per example (prompt + completion + end token); default 64 on the toy task, 1024 otherwise"""
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    """an example over --max-length: keep_start cuts its end (the completion loses its end token), keep_end its
+    oldest tokens after the BOS (long chat histories); both counted and reported"""
     batch_size: int = 64
     """examples per optimizer step, summed over all ranks and micro-batches"""
     per_device_batch_size: int = 64
     """examples per forward/backward pass on one device; the rest of batch_size is gradient accumulation"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
-    learning_rate: float = 3e-3
-    """peak AdamW learning rate (3e-3 suits the toy model trained from scratch; ~3e-6 for pretrained LMs)"""
+    learning_rate: Optional[float] = None
+    """peak AdamW learning rate; default 3e-3 for the toy model trained from scratch, 3e-6 for a pretrained LM (Huang et al. 2024)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup, down to 0 at the last step"""
     warmup_ratio: float = 0.05
@@ -92,7 +96,7 @@ class Args:
 
     # ---- SFT ----
     train_on_prompt: bool = False
-    """also put loss on the prompt tokens (default: completion and EOS only)"""
+    """also put loss on the prompt tokens (default: completions and their end tokens only)"""
     num_sample_completions: int = 4
     """held-out prompts whose sampled completions are printed and logged at each evaluation"""
     max_new_tokens: int = 24
@@ -150,11 +154,12 @@ def evaluate(model, examples, pad_id, args, device, rank):
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts, args, device):
-    """Sample completions (temperature 1, no top-k/top-p) for a few prompts, as text."""
+    """Sample completions (temperature 1, no top-k/top-p) for a few prompts, as text; generation stops
+    at any end token (the EOS, the chat template's end-of-turn, the model's declared stop ids)."""
     model.eval()
     batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
-    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=common.stop_token_ids(tokenizer, model))
     model.train()
     return [(tokenizer.decode(p), tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True))
             for p, o in zip(prompts, out)]
@@ -162,6 +167,9 @@ def sample_completions(model, tokenizer, prompts, args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
+    args.learning_rate = args.learning_rate if args.learning_rate is not None else 3e-3 if args.model_name == "toy" else 3e-6
+    args.max_length = args.max_length if args.max_length is not None else 64 if args.dataset_name == "toy" else 1024
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % (args.per_device_batch_size * args.world_size):
@@ -206,8 +214,8 @@ if __name__ == "__main__":
     # 1. data: tokenize, mask the prompt, count truncation
     train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", args.dataset_train_split,
                                            args.dataset_eval_split, seed=args.seed)
-    train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, args.max_length, args.train_on_prompt)
-    eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, args.max_length, args.train_on_prompt)
+    train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, args.max_length, args.train_on_prompt, args.truncation_mode)
+    eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, args.max_length, args.train_on_prompt, args.truncation_mode)
     if rank == 0:
         common.report("train data", train_stats), common.report("eval data", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_examples)) // args.batch_size
@@ -246,7 +254,7 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    sample_prompts, _ = common.encode_dataset(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
+    sample_prompts, _, _ = common.encode_dataset(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
     per_rank = args.batch_size // args.world_size
     start, log_loss, log_tokens, tokens_seen = time.time(), 0.0, 0, 0
     for step in tqdm(range(args.num_steps), disable=rank != 0):

@@ -15,7 +15,8 @@ exactly instead of estimated:
 
 A response has at most `max_response_tokens` tokens counting its EOS; one that reaches the cap
 without EOS is cut there (its probability is that of its words alone). Prompts and responses
-are strings of space-separated words.
+are strings of space-separated words (dataset responses start with a space, so that
+prompt + response is the whole text).
 
     python toy_task.py      # samples, the entropy floor, Bayes accuracy, the optimal frontier
 """
@@ -281,8 +282,9 @@ def make_dataset(kind, split="train", num_examples=None, seed=0, task=TASK):
     if kind == "prompt":
         return datasets.Dataset.from_dict({"prompt": prompts})
     a = task.sample_responses(rng, prompts)
+    # responses carry a leading space: prompt + response is the text (scripts tokenize it as one string)
     if kind == "sft":
-        return datasets.Dataset.from_dict({"prompt": prompts, "completion": a})
+        return datasets.Dataset.from_dict({"prompt": prompts, "completion": [" " + y for y in a]})
     b = task.sample_responses(rng, prompts)
     same = [i for i in range(n) if a[i] == b[i]]
     while same:  # a pair of identical responses carries no preference: redraw the second
@@ -294,7 +296,8 @@ def make_dataset(kind, split="train", num_examples=None, seed=0, task=TASK):
     a_wins = rng.random(n) < 1 / (1 + np.exp(-(ra - rb)))
     chosen = [x if w else y for x, y, w in zip(a, b, a_wins)]
     rejected = [y if w else x for x, y, w in zip(a, b, a_wins)]
-    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
+    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" " + y for y in chosen],
+                                       "rejected": [" " + y for y in rejected]})
 
 
 def bayes_accuracy(pairs, task=TASK):

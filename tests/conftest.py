@@ -6,68 +6,125 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-CONVERSATIONS = [
-    [{"role": "user", "content": f"Name a colour number {i}."}, {"role": "assistant", "content": c}]
-    for i, c in enumerate(["red", "green", "blue", "a deep shade of purple", "yellow", "orange", "black", "white"] * 4)
+COLOURS = ["red", "green", "blue", "a deep shade of purple", "yellow", "orange", "black", "white"]
+CONVERSATIONS = [  # two assistant turns each: every one must carry loss
+    [{"role": "user", "content": f"Name a colour number {i}."}, {"role": "assistant", "content": c},
+     {"role": "user", "content": "And another one?"}, {"role": "assistant", "content": COLOURS[(i + 3) % 8]}]
+    for i, c in enumerate(COLOURS * 4)
 ]
+# Offline stand-ins of three chat-template families. In each, an assistant turn ends with a token that
+# is not the tokenizer's EOS, as in the real models' instruct templates with their base tokenizers.
+FAMILIES = {
+    "chatml": dict(  # Qwen2.5, SmolLM2: <|im_end|> ends a turn; the EOS is another token; no BOS in the template
+        bos="<s>", eos="</s>", end_of_turn="<|im_end|>", extra=["<|im_start|>"],
+        template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "llama3": dict(  # Llama 3: <|eot_id|> ends a turn, <|end_of_text|> is the EOS; the model declares both as stop ids
+        bos="<|begin_of_text|>", eos="<|end_of_text|>", end_of_turn="<|eot_id|>",
+        extra=["<|start_header_id|>", "<|end_header_id|>"], stop_ids_declared=True,
+        template="{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                 "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "gemma": dict(  # Gemma: <end_of_turn> then a newline; the assistant is called "model"; EOS <eos>; has a PAD
+        bos="<bos>", eos="<eos>", end_of_turn="<end_of_turn>", extra=["<start_of_turn>", "<pad>"], pad="<pad>",
+        stop_ids_declared=True,
+        template="{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+                 "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+}
 
 
-def make_bpe_tokenizer(pad_token=None):
-    """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) with BOS <s>, EOS </s>, a chat template and
-    the given PAD (None: no PAD at all, as GPT-2 and Pythia ship)."""
+def make_chat_tokenizer(family="chatml", pad_token=None):
+    """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) trained on the fly, with the family's BOS (added
+    to plain text), EOS, end-of-turn and chat template. PAD: the family's own (Gemma), else `pad_token`
+    (None: no PAD at all, as GPT-2 and Pythia ship). Special tokens get ids 0 (BOS), 1 (EOS), 2 (end-of-turn)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    f = FAMILIES[family]
+    specials = [f["bos"], f["eos"], f["end_of_turn"]] + f["extra"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [m["content"] for conv in CONVERSATIONS for m in conv] + ["<|user|> <|assistant|> the plot was dull"] * 3
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [m["content"] for conv in CONVERSATIONS for m in conv] + ["user assistant model system the plot was dull"] * 3
     tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad_token)
-    out.chat_template = CHAT_TEMPLATE
+    tok.post_processor = processors.TemplateProcessing(single=f"{f['bos']} $A", special_tokens=[(f["bos"], 0)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f["bos"], eos_token=f["eos"], pad_token=f.get("pad", pad_token))
+    out.chat_template = f["template"]
     return out
 
 
-def make_llama(vocab_size, path=None):
+def make_bpe_tokenizer(pad_token=None):
+    """The ChatML-family tokenizer: BOS <s>, EOS </s>, turns ended by <|im_end|>."""
+    return make_chat_tokenizer("chatml", pad_token)
+
+
+def make_llama(vocab_size, path=None, eos_token_id=1):
+    """A tiny random Llama; `eos_token_id` (an int or a list) is what its config and generation config declare."""
     from transformers import LlamaConfig, LlamaForCausalLM
     import torch
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=None)
+                         bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=None)
     model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = eos_token_id
     if path:
         model.save_pretrained(path)
     return model
 
 
-@pytest.fixture(scope="session")
-def hub_model(tmp_path_factory):
-    """A local folder like a Hub causal LM whose tokenizer has no PAD token."""
-    path = str(tmp_path_factory.mktemp("hub_llama"))
-    tok = make_bpe_tokenizer()
+def save_chat_model(path, family):
+    """A local folder like a Hub chat model of `family`; Llama-3 and Gemma declare [EOS, end-of-turn] as stop ids."""
+    tok = make_chat_tokenizer(family)
     tok.save_pretrained(path)
-    make_llama(len(tok), path)
+    make_llama(len(tok), path, eos_token_id=[1, 2] if FAMILIES[family].get("stop_ids_declared") else 1)
     return path
 
 
 @pytest.fixture(scope="session")
-def chat_jsonl(tmp_path_factory):
-    """A local JSONL file in the conversational format (a `messages` column)."""
-    path = tmp_path_factory.mktemp("chat_data") / "chat.jsonl"
-    with open(path, "w") as f:
-        for conv in CONVERSATIONS:
-            f.write(json.dumps({"messages": conv}) + "\n")
+def hub_model(tmp_path_factory):
+    """A local folder like a Hub causal LM whose tokenizer has no PAD token (ChatML family)."""
+    return save_chat_model(str(tmp_path_factory.mktemp("hub_llama")), "chatml")
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory):
+    """{family: folder} of a tiny chat model per template family."""
+    return {f: save_chat_model(str(tmp_path_factory.mktemp(f"chat_{f}")), f) for f in FAMILIES}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    """A local JSONL file in the conversational format (a `messages` column, two assistant turns each)."""
+    return write_jsonl(tmp_path_factory.mktemp("chat_data") / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """Hub-style folders (train.jsonl, test.jsonl) of conversational data, in TRL's formats:
+    sft (messages), preference (prompt, chosen, rejected as message lists) and prompt (prompt messages)."""
+    root = tmp_path_factory.mktemp("chat_folders")
+    prefs = [{"prompt": c[:3], "chosen": [c[3]], "rejected": [{"role": "assistant", "content": "a deep shade of purple"}]}
+             for c in CONVERSATIONS if c[3]["content"] != "a deep shade of purple"]
+    out = {}
+    for kind, rows in (("sft", [{"messages": c} for c in CONVERSATIONS]), ("preference", prefs),
+                       ("prompt", [{"prompt": c[:3]} for c in CONVERSATIONS])):
+        (root / kind).mkdir()
+        write_jsonl(root / kind / "train.jsonl", rows[4:])
+        write_jsonl(root / kind / "test.jsonl", rows[:4])
+        out[kind] = str(root / kind)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +133,38 @@ def toy_base(tmp_path_factory):
     import toy_task
 
     return toy_task.save_base_model(str(tmp_path_factory.mktemp("toy_base")))
+
+
+def markov_llama(path, noise=0.0, seed=0):
+    """A Llama with no transformer layers: logits depend on the current token only, set to the toy
+    chain's log-probabilities (plus `noise`·N(0, 1) per entry): a Markov policy whose exact KL to
+    P_ref and expected gold reward toy_task computes. Returns the policy's (V, V+1) log-transitions."""
+    import math
+
+    import torch
+    import toy_task
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    toy_task.save_base_model(path)  # tokenizer: PAD, EOS, UNK, then the words
+    task, V = toy_task.TASK, len(toy_task.WORDS)
+    H, D = V + 3, V + 4  # vocabulary; hidden size (even, for RoPE's validation; the extra unit stays 0)
+    rng = np.random.default_rng(seed)
+    log_trans = np.log(task.trans) + noise * rng.normal(size=task.trans.shape)
+    log_trans -= np.log(np.exp(log_trans).sum(1, keepdims=True))
+    config = LlamaConfig(vocab_size=H, hidden_size=D, intermediate_size=4, num_hidden_layers=0, num_attention_heads=1,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                         rms_norm_eps=1e-6)
+    model = LlamaForCausalLM(config)
+    logits = np.full((H, H), -30.0)  # rows: next token; columns: current token; PAD and UNK never likely
+    logits[3:, 3:] = log_trans[:, :V].T
+    logits[1, 3:] = log_trans[:, V]  # EOS
+    scale = 1 / math.sqrt(1 / D + 1e-6)  # RMSNorm turns the one-hot embedding into scale × one-hot
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(H, D))
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.copy_(torch.tensor(np.pad(logits / scale, ((0, 0), (0, 1))), dtype=torch.float32))
+    model.save_pretrained(path)
+    return log_trans
 
 
 def toy_reward_model(path, seed=0):

@@ -8,7 +8,7 @@ import torch
 
 import common
 import toy_task
-from conftest import make_bpe_tokenizer, make_llama
+from conftest import CONVERSATIONS, FAMILIES, make_bpe_tokenizer, make_chat_tokenizer, make_llama
 
 
 @pytest.fixture(scope="module")
@@ -23,31 +23,37 @@ def word_ids(tok, text):
 
 
 def test_sft_mask_covers_completion_and_one_eos(toy_tok):
-    ds = datasets.Dataset.from_dict({"prompt": ["the acting was", "a film"], "completion": ["wonderful", ""]})
+    ds = datasets.Dataset.from_dict({"prompt": ["the acting was", "a film"], "completion": [" wonderful", ""]})
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=64)
     eos = toy_tok.eos_token_id
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the acting was wonderful") + [eos]
     assert examples[0]["labels"] == [-100, -100, -100] + word_ids(toy_tok, "wonderful") + [eos]
     assert examples[1]["labels"] == [-100, -100, eos]  # the empty response is just its EOS
-    assert stats == {"truncated": 0, "dropped": 0, "total": 2}
+    assert stats == {"truncated": 0, "dropped": 0, "prompt_not_prefix": 0, "total": 2}
     with_prompt, _ = common.tokenize_sft(toy_tok, ds, max_length=64, train_on_prompt=True)
     assert with_prompt[0]["labels"] == with_prompt[0]["input_ids"]
     # a completion that already ends with the EOS text still gets exactly one EOS
-    ds2 = datasets.Dataset.from_dict({"prompt": ["a film"], "completion": ["dull <eos>"]})
+    ds2 = datasets.Dataset.from_dict({"prompt": ["a film"], "completion": [" dull <eos>"]})
     assert common.tokenize_sft(toy_tok, ds2, 64)[0][0]["labels"][-2:] == [toy_tok.convert_tokens_to_ids("dull"), eos]
 
 
 def test_truncation_is_counted(toy_tok):
     ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the plot was very dull", "a"],
-                                     "completion": ["was dull and the cast weak", "", "film"]})
+                                     "completion": [" was dull and the cast weak", "", " film"]})
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5)
     # 2 + 6 + 1 = 9 tokens -> completion cut to 3 tokens, no EOS; 5-word prompt leaves no room -> dropped
-    assert stats == {"truncated": 1, "dropped": 1, "total": 3}
+    assert stats == {"truncated": 1, "dropped": 1, "prompt_not_prefix": 0, "total": 3}
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the plot was dull and")
     assert examples[0]["labels"] == [-100, -100] + word_ids(toy_tok, "was dull and")
     assert examples[1]["input_ids"] == word_ids(toy_tok, "a film") + [toy_tok.eos_token_id]
     with pytest.raises(ValueError, match="max-length"):
         common.tokenize_sft(toy_tok, ds.select([1]), max_length=5)
+    # keep_end: the oldest prompt tokens go instead, the completion and its EOS stay (no BOS in this tokenizer)
+    examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5, truncation_mode="keep_end")
+    assert stats == {"truncated": 2, "dropped": 0, "prompt_not_prefix": 0, "total": 3}
+    assert examples[0]["input_ids"] == word_ids(toy_tok, "and the cast weak") + [toy_tok.eos_token_id]
+    assert examples[1]["input_ids"] == word_ids(toy_tok, "plot was very dull") + [toy_tok.eos_token_id]  # 6 tokens -> 5
+    assert examples[1]["labels"] == [-100, -100, -100, -100, toy_tok.eos_token_id]
 
 
 def test_padding_left_and_right():
@@ -91,24 +97,114 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
     assert examples[0]["input_ids"][0] == loaded.bos_token_id
 
 
-def test_chat_format(tmp_path):
-    tok = make_bpe_tokenizer()
-    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]
-    ds = datasets.Dataset.from_list([{"messages": msgs}])
-    [ex], _ = common.tokenize_sft(tok, ds, 64)
-    prompt_text = "<|user|>\nName a colour.</s>\n<|assistant|>\n"
-    want_prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
-    want_completion = tok("red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ex["input_ids"] == want_prompt + want_completion
-    assert ex["labels"] == [-100] * len(want_prompt) + want_completion
-    # preference data with message lists
-    pref = datasets.Dataset.from_list([{"prompt": msgs[:1], "chosen": [msgs[1]],
-                                        "rejected": [{"role": "assistant", "content": "blue"}]}])
-    [pair], _ = common.tokenize_preferences(tok, pref, 64)
-    assert pair["prompt"] == want_prompt and pair["chosen"] == want_completion
-    bad = datasets.Dataset.from_list([{"messages": msgs[:1]}])
-    with pytest.raises(ValueError, match="assistant"):
-        common.tokenize_sft(tok, bad, 64)
+def labelled_runs(labels):
+    """The contiguous runs of labelled ids (one per assistant turn)."""
+    runs, cur = [], []
+    for x in labels + [-100]:
+        if x == -100:
+            runs, cur = runs + [cur] if cur else runs, []
+        else:
+            cur.append(x)
+    return runs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_conversations_are_the_templates_own_ids(family):
+    """The ids are apply_chat_template's ids of the whole conversation (up to the last end-of-turn);
+    labels cover exactly each assistant reply and its end-of-turn, never a user turn; no EOS is added."""
+    tok = make_chat_tokenizer(family)
+    eot = tok.convert_tokens_to_ids(FAMILIES[family]["end_of_turn"])
+    assert eot != tok.eos_token_id and common.end_of_turn_id(tok) == eot
+    convs = CONVERSATIONS[:4]
+    examples, stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": c} for c in convs]), 200)
+    assert stats["prompt_not_prefix"] == 0
+    for conv, ex in zip(convs, examples):
+        whole = tok.apply_chat_template(conv, tokenize=True)["input_ids"]
+        ids = ex["input_ids"]
+        assert ids == whole[: len(ids)] and ids[-1] == eot
+        assert tok.decode(whole[len(ids):]).strip() == ""  # only the template's trailing newline is left out
+        assert tok.eos_token_id not in ids
+        replies = [m["content"] + FAMILIES[family]["end_of_turn"] for m in conv if m["role"] == "assistant"]
+        assert [tok.decode(run) for run in labelled_runs(ex["labels"])] == replies
+    # prompt/completion rows: only the completion's turn is taught, even with an assistant turn in the prompt
+    pc = datasets.Dataset.from_list([{"prompt": c[:3], "completion": [c[3]]} for c in convs])
+    for conv, ex in zip(convs, common.tokenize_sft(tok, pc, 200)[0]):
+        assert ex["input_ids"] == examples[convs.index(conv)]["input_ids"]
+        assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [conv[3]["content"] + FAMILIES[family]["end_of_turn"]]
+    # --train-on-prompt keeps its meaning: every token
+    assert common.tokenize_sft(tok, pc, 200, train_on_prompt=True)[0][0]["labels"] == examples[0]["input_ids"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pairs_and_prompts_are_rendered_the_same_way(family):
+    tok = make_chat_tokenizer(family)
+    eot_text = FAMILIES[family]["end_of_turn"]
+    conv = CONVERSATIONS[5]
+    rows = [{"prompt": conv[:3], "chosen": [conv[3]], "rejected": [{"role": "assistant", "content": "blue"}]},
+            {"prompt": conv[:3], "chosen": conv[3]["content"], "rejected": "blue"}]  # responses as strings
+    pairs = [common.tokenize_preferences(tok, datasets.Dataset.from_list([row]), 200)[0][0] for row in rows]
+    prompt = tok.apply_chat_template(conv[:3], add_generation_prompt=True, tokenize=True)["input_ids"]
+    for pair in pairs:
+        assert pair["prompt"] == prompt
+        for key, msgs in (("chosen", conv[:4]), ("rejected", conv[:3] + rows[0]["rejected"])):
+            whole = tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
+            assert pair["prompt"] + pair[key] == whole[: len(pair["prompt"]) + len(pair[key])]
+        assert tok.decode(pair["chosen"]) == conv[3]["content"] + eot_text and tok.decode(pair["rejected"]) == "blue" + eot_text
+    # prompt-only data (PPO): the conversation up to the generation prompt, a trailing assistant turn dropped
+    for row in ({"messages": conv[:4]}, {"prompt": conv[:3]}):
+        assert common.tokenize_prompts(tok, datasets.Dataset.from_list([row]), 200)[0] == [prompt]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stop_ids_keep_every_declared_end_token(family, tmp_path):
+    make_chat_tokenizer(family).save_pretrained(tmp_path)
+    tok = common.load_tokenizer(str(tmp_path))  # PAD added where missing
+    eos, eot = tok.eos_token_id, common.end_of_turn_id(tok)
+    assert common.stop_token_ids(tok) == [eos, eot]
+    model = make_llama(len(tok) + 5, eos_token_id=[7, eos])  # a model declaring another stop id too
+    common.resize_embeddings(model, tok)
+    assert sorted(model.generation_config.eos_token_id) == sorted({7, eos, eot})  # the list was kept, extended
+    assert tok.pad_token_id not in model.generation_config.eos_token_id
+
+
+def test_plain_text_is_tokenized_as_one_string():
+    """A SentencePiece-style tokenizer (Llama-2: Metaspace with a dummy prefix) gives a completion
+    tokenized alone a spurious leading "▁"; tokenized with its prompt it gets the model's own ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    sp.train_from_iterator(["the plot was dull", "the plot thickens"] * 20,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the pl"], "completion": [" was dull", "ot thickens"]})
+    examples, stats = common.tokenize_sft(tok, ds, 64)
+    for ex, p, c in zip(examples, ds["prompt"], ds["completion"]):
+        assert ex["input_ids"] == tok(p + c)["input_ids"] + [tok.eos_token_id]
+    alone = tok("ot thickens", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0] == "▁"  # what tokenizing the completion alone would have taught
+    # "the pl" + "ot" merge into "▁plot": the prompt's own ids are not a prefix, so the split is at the common
+    # prefix (<s> ▁the) and the example is counted
+    assert tok.convert_ids_to_tokens([x for x in examples[1]["labels"] if x != -100]) == ["▁plot", "▁thickens", "</s>"]
+    assert stats["prompt_not_prefix"] == 1 and tok.convert_ids_to_tokens(examples[0]["input_ids"][:3]) == ["<s>", "▁the", "▁plot"]
+
+
+def test_keep_end_keeps_the_bos_and_drops_the_oldest_prompt_tokens():
+    tok = make_chat_tokenizer("llama3")
+    conv = CONVERSATIONS[0]
+    rows = [{"prompt": conv[:3], "chosen": [conv[3]], "rejected": "blue"}]
+    [full], _ = common.tokenize_preferences(tok, datasets.Dataset.from_list(rows), 200)
+    n = len(full["prompt"]) + max(len(full["chosen"]), len(full["rejected"]))
+    with pytest.raises(ValueError, match="keep_end"):
+        common.tokenize_preferences(tok, datasets.Dataset.from_list(rows), n - 3)
+    [cut], stats = common.tokenize_preferences(tok, datasets.Dataset.from_list(rows), n - 3, truncation_mode="keep_end")
+    assert stats["truncated_prompt"] == 1 and cut["chosen"] == full["chosen"]
+    assert cut["prompt"] == full["prompt"][:1] + full["prompt"][4:] and cut["prompt"][0] == tok.bos_token_id
+    prompts, stats = common.tokenize_prompts(tok, datasets.Dataset.from_list(rows), 10, truncation_mode="keep_end")
+    assert prompts == [full["prompt"][:1] + full["prompt"][-9:]] and stats["truncated_prompt"] == 1
 
 
 def test_missing_column_is_a_clear_error(tmp_path):
@@ -137,10 +233,10 @@ def test_local_files_and_splits(tmp_path):
 
 def test_preferences_drop_ties_and_long_pairs(toy_tok):
     ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the plot", "a"],
-                                     "chosen": ["was great", "was dull", "film was very very great"],
-                                     "rejected": ["was dull", "was dull", "film"]})
+                                     "chosen": [" was great", " was dull", " film was very very great"],
+                                     "rejected": [" was dull", " was dull", " film"]})
     pairs, stats = common.tokenize_preferences(toy_tok, ds, max_length=5)
-    assert stats == {"dropped_too_long": 1, "dropped_ties": 1, "total": 3}
+    assert stats == {"dropped_too_long": 1, "dropped_ties": 1, "truncated_prompt": 0, "prompt_not_prefix": 0, "total": 3}
     assert pairs[0]["chosen"] == word_ids(toy_tok, "was great") + [toy_tok.eos_token_id]
 
 

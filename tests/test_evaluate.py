@@ -14,7 +14,7 @@ import torch
 
 import common
 import toy_task
-from conftest import run_script, toy_reward_model
+from conftest import markov_llama, run_script, toy_reward_model
 from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio,
                       response_logps, sample, win_rate)
 
@@ -57,34 +57,6 @@ def test_frontier_interpolation_and_optimality_ratio():
 def test_win_rate_counts_ties_half():
     assert win_rate([1, 2, 3], [2, 2, 2]) == pytest.approx(0.5)
     assert win_rate([5, 5], [1, 1]) == 1.0
-
-
-def markov_llama(path, noise=0.0, seed=0):
-    """A Llama with no transformer layers: logits depend on the current token only, set to the toy
-    chain's log-probabilities (plus `noise`·N(0, 1) per entry): a Markov policy whose exact KL to
-    P_ref and expected gold reward toy_task computes. Returns the policy's (V, V+1) log-transitions."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    toy_task.save_base_model(path)  # tokenizer: PAD, EOS, UNK, then the words
-    task, V = toy_task.TASK, len(toy_task.WORDS)
-    H, D = V + 3, V + 4  # vocabulary; hidden size (even, for RoPE's validation; the extra unit stays 0)
-    rng = np.random.default_rng(seed)
-    log_trans = np.log(task.trans) + noise * rng.normal(size=task.trans.shape)
-    log_trans -= np.log(np.exp(log_trans).sum(1, keepdims=True))
-    config = LlamaConfig(vocab_size=H, hidden_size=D, intermediate_size=4, num_hidden_layers=0, num_attention_heads=1,
-                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                         rms_norm_eps=1e-6)
-    model = LlamaForCausalLM(config)
-    logits = np.full((H, H), -30.0)  # rows: next token; columns: current token; PAD and UNK never likely
-    logits[3:, 3:] = log_trans[:, :V].T
-    logits[1, 3:] = log_trans[:, V]  # EOS
-    scale = 1 / math.sqrt(1 / D + 1e-6)  # RMSNorm turns the one-hot embedding into scale × one-hot
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(H, D))
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight.copy_(torch.tensor(np.pad(logits / scale, ((0, 0), (0, 1))), dtype=torch.float32))
-    model.save_pretrained(path)
-    return log_trans
 
 
 @pytest.fixture(scope="module")

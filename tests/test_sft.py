@@ -5,6 +5,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy_task
-from conftest import ROOT, run_script
+from conftest import ROOT, markov_llama, run_script
 from sft import sft_loss
 
 
@@ -84,8 +85,7 @@ def test_smoke_toy(tmp_path):
     out = run_script(["sft.py", "--num-epochs", "0.03", "--eval-every", "10", "--output-dir", str(tmp_path)])
     result = json.load(open(tmp_path / "training_args.json"))["result"]
     # 23 steps from random init take the held-out loss well below uniform guessing (ln 73 = 4.29)
-    assert result["eval_loss"] < 4.0
-    assert result["excess_nll"] == pytest.approx(result["eval_loss"] - result["ref_nll"])
+    assert result["eval_loss"] < 4.0 and result["excess_nll"] > 0.5
     assert "excess" in out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,9 +93,20 @@ def test_smoke_toy(tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token == toy_task.PAD
 
 
+def test_a_model_that_is_p_ref_has_zero_excess(tmp_path):
+    """End to end, independently of how the script computes it: a layer-free Llama whose logits are
+    P_ref's transitions, left unchanged (learning rate 0), is exactly P_ref, so its held-out loss must
+    equal the exact −log P_ref per token (tokenization, masks, shift and token counts all agree)."""
+    markov_llama(str(tmp_path / "pref"))
+    run_script(["sft.py", "--model-name", str(tmp_path / "pref"), "--learning-rate", "0", "--num-epochs", "0.0013",
+                "--num-sample-completions", "0", "--output-dir", str(tmp_path / "out")])
+    result = json.load(open(tmp_path / "out" / "training_args.json"))["result"]
+    assert abs(result["excess_nll"]) < 1e-4 and result["eval_loss"] > 2.4  # ~2.54 nats: a real loss, not 0
+
+
 def test_hub_format_model_and_chat_data(tmp_path, hub_model, chat_jsonl):
     run_script(["sft.py", "--model-name", hub_model, "--dataset-name", chat_jsonl, "--batch-size", "8",
-                "--per-device-batch-size", "4", "--num-epochs", "1", "--eval-every", "2", "--max-length", "48",
+                "--per-device-batch-size", "4", "--num-epochs", "1", "--eval-every", "2", "--max-length", "64",
                 "--learning-rate", "1e-3", "--max-new-tokens", "4", "--output-dir", str(tmp_path)])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +115,29 @@ def test_hub_format_model_and_chat_data(tmp_path, hub_model, chat_jsonl):
     # the tokenizer had no PAD: it got one, distinct from EOS, and the model's embeddings grew to fit it
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    # the saved generation config stops at the template's end-of-turn as well as at the EOS
+    assert sorted(model.generation_config.eos_token_id) == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
     assert math.isfinite(json.load(open(tmp_path / "training_args.json"))["result"]["eval_loss"])
+
+
+def test_gemma_style_conversations_and_keep_end(tmp_path, chat_models, chat_data):
+    """Conversational SFT with a Gemma-style template (<end_of_turn> ends a turn, EOS is <eos>): the
+    model learns to end replies with <end_of_turn>; long histories are cut from the left and reported."""
+    out = run_script(["sft.py", "--model-name", chat_models["gemma"], "--dataset-name", chat_data["sft"], "--batch-size", "8",
+                      "--per-device-batch-size", "8", "--num-epochs", "10", "--eval-every", "100", "--max-length", "30",
+                      "--truncation-mode", "keep_end", "--learning-rate", "3e-3", "--warmup-ratio", "0",
+                      "--max-new-tokens", "6", "--output-dir", str(tmp_path)])
+    assert re.search(r"train data: of 28 examples, truncated 28", out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "And another one?"}], add_generation_prompt=True,
+                                     tokenize=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        next_ids = model(input_ids=torch.cat([prompt, torch.tensor([tok(["black"], add_special_tokens=False)["input_ids"][0]])], 1)).logits[0, -1]
+    # after a colour, the trained model's most likely next token ends the turn, and it is not the EOS
+    assert next_ids.argmax().item() == tok.convert_tokens_to_ids("<end_of_turn>") != tok.eos_token_id
 
 
 def test_ddp_matches_single_process(tmp_path):
