@@ -5,7 +5,7 @@ Rafailov et al. 2023: the KL-regularised RLHF objective max E[r] − β KL(π �
 r̂(x,y) = β log π(y|x)/π_ref(y|x) + const, and the Bradley–Terry likelihood of the preferences
 can be maximised over π directly (their eq. 7): loss = −log σ(r̂(x,y_c) − r̂(x,y_r)). The policy
 starts from the SFT model; a frozen copy of it is the reference π_ref. Sequence log-probabilities
-sum over the response tokens and their EOS only.
+sum over the response tokens and their end token only.
 
     # default: from runs/models/sft (run `python sft.py` first) on the toy task's pairs, CPU
     python dpo.py
@@ -64,16 +64,19 @@ class Args:
     """split to train on"""
     dataset_eval_split: str = "test"
     """held-out split; if the dataset lacks it, 5% of the training split is held out"""
-    max_length: int = 64
-    """tokens per sequence (prompt + response + EOS); longer pairs are dropped, counted and reported"""
+    max_length: Optional[int] = None
+    """tokens per sequence (prompt + response + end token); default 64 on the toy task, 1024 otherwise"""
+    truncation_mode: Literal["drop", "keep_end"] = "drop"
+    """a pair over --max-length: drop it, or keep_end: cut its prompt's oldest tokens after the BOS (long chat
+    histories); pairs whose responses alone do not fit are dropped; all counted and reported"""
     batch_size: int = 64
     """preference pairs per optimizer step, summed over all ranks and micro-batches"""
     per_device_batch_size: int = 64
     """pairs per forward/backward pass on one device (each pair is two sequences)"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
-    learning_rate: float = 5e-4
-    """peak AdamW learning rate (5e-4 suits the toy model; ~3e-6 to 5e-7 for pretrained LMs)"""
+    learning_rate: Optional[float] = None
+    """peak AdamW learning rate; default 5e-4 on the toy task, 3e-6 otherwise (Huang et al. 2024; 5e-7 for Zephyr-7B)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup, down to 0 at the last step"""
     warmup_ratio: float = 0.0
@@ -90,9 +93,9 @@ class Args:
     """optimizer steps between held-out evaluations"""
 
     # ---- DPO ----
-    beta: float = 1.0
-    """strength β of the KL regularisation: the policy aims at π_ref·exp(r/β). 1.0 suits the toy task, whose
-    annotators' rewards have unit scale; 0.05–0.5 is usual for LLMs"""
+    beta: Optional[float] = None
+    """strength β of the KL regularisation: the policy aims at π_ref·exp(r/β). Default 1.0 on the toy task, whose
+    annotators' rewards have unit scale; 0.05 otherwise (Huang et al. 2024; 0.01–0.5 is usual for LLMs)"""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """sigmoid: DPO (cDPO with label smoothing); ipo: Azar et al. 2023; hinge: SLiC-HF; robust: Chowdhury et al. 2024"""
     label_smoothing: float = 0.0
@@ -196,6 +199,11 @@ def all_pair_logps(model, pairs, pad_id, args, device, rank):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
+    toy = args.dataset_name == "toy"
+    args.learning_rate = args.learning_rate if args.learning_rate is not None else 5e-4 if toy else 3e-6
+    args.max_length = args.max_length if args.max_length is not None else 64 if toy else 1024
+    args.beta = args.beta if args.beta is not None else 1.0 if toy else 0.05
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % (args.per_device_batch_size * args.world_size):
@@ -243,11 +251,11 @@ if __name__ == "__main__":
     model.to(device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
 
-    # 1. data: prompt + chosen and prompt + rejected, each ending with EOS; ties and long pairs dropped
+    # 1. data: prompt + chosen and prompt + rejected, each ending with its end token; ties and long pairs dropped
     train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", args.dataset_train_split,
                                            args.dataset_eval_split, seed=args.seed)
-    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length)
-    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length, args.truncation_mode)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length, args.truncation_mode)
     if rank == 0:
         common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size

@@ -1,7 +1,8 @@
 """Reward modelling: fit a scalar reward to pairwise human preferences (Bradley–Terry).
 
 Stiennon et al. 2020 (§3.4) and Ouyang et al. 2022 (§3.5): a copy of the SFT model with a scalar
-head reads the prompt and a response and outputs r(x, y) at the response's last token, its EOS.
+head reads the prompt and a response and outputs r(x, y) at the response's last token, its end
+token (the EOS, or the chat template's end-of-turn).
 Training maximises log σ(r(x, y_chosen) − r(x, y_rejected)) over labelled pairs. After training,
 the mean reward of reference responses (the SFT data's completions) is recorded with the model
 as `config.reward_bias`, so that r − reward_bias scores those responses 0 on average (Stiennon
@@ -65,16 +66,19 @@ class Args:
     """split to train on"""
     dataset_eval_split: str = "test"
     """held-out split; if the dataset lacks it, 5% of the training split is held out"""
-    max_length: int = 64
-    """tokens per sequence (prompt + response + EOS); longer pairs are dropped, counted and reported"""
+    max_length: Optional[int] = None
+    """tokens per sequence (prompt + response + end token); default 64 on the toy task, 1024 otherwise"""
+    truncation_mode: Literal["drop", "keep_end"] = "drop"
+    """a pair over --max-length: drop it, or keep_end: cut its prompt's oldest tokens after the BOS (long chat
+    histories); pairs whose responses alone do not fit are dropped; all counted and reported"""
     batch_size: int = 64
     """preference pairs per optimizer step, summed over all ranks and micro-batches"""
     per_device_batch_size: int = 64
     """pairs per forward/backward pass on one device (each pair is two sequences)"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
-    learning_rate: float = 1e-3
-    """peak AdamW learning rate (1e-3 suits the toy model; ~3e-6 for pretrained LMs)"""
+    learning_rate: Optional[float] = None
+    """peak AdamW learning rate; default 1e-3 on the toy task, 3e-6 otherwise (Huang et al. 2024)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay of the learning rate after warmup, down to 0 at the last step"""
     warmup_ratio: float = 0.0
@@ -93,10 +97,11 @@ class Args:
     # ---- reward model ----
     center_rewards_coefficient: float = 0.0
     """weight of the auxiliary loss mean((r_chosen + r_rejected)^2) that centres rewards at 0 (Eisenstein et al. 2023)"""
-    reference_dataset_name: str = "toy"
-    """SFT-format dataset (prompt, completion) whose completions define reward 0 after training (Stiennon et al.)"""
+    reference_dataset_name: Optional[str] = None
+    """SFT-format dataset (prompt, completion or messages) whose responses define reward 0 after training (Stiennon
+    et al.); default: the toy SFT data on the toy task, otherwise the chosen responses of the training pairs"""
     num_reference_examples: int = 2000
-    """reference (prompt, completion) examples averaged for that normalisation"""
+    """reference responses averaged for that normalisation (the first of the dataset)"""
 
     # ---- derived right after parsing (not flags) ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -121,11 +126,11 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_co
 
 
 def rewards_at_eos(model, input_ids, attention_mask):
-    """Reward of each right-padded sequence, read at its last real token (the response's EOS),
+    """Reward of each right-padded sequence, read at its last real token (the response's end token),
     minus the stored normalisation `config.reward_bias`. input_ids, attention_mask: (N, L).
     Returns (N,). Hugging Face's sequence-classification models apply the head at the rightmost
-    token that is not PAD; with right padding and a PAD distinct from EOS (common.load_tokenizer)
-    that is exactly the EOS, and causal attention never sees the pads after it, so the reward does
+    token that is not PAD; with right padding and a PAD distinct from every end token
+    (common.load_tokenizer) that is exactly the end token, and causal attention never sees the pads after it, so the reward does
     not depend on how the sequence is padded or batched (tested). `model` may be DDP-wrapped."""
     bias = getattr(getattr(model, "module", model).config, "reward_bias", 0.0)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float() - bias
@@ -194,6 +199,12 @@ def ranks(x):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
+    toy = args.dataset_name == "toy"
+    args.learning_rate = args.learning_rate if args.learning_rate is not None else 1e-3 if toy else 3e-6
+    args.max_length = args.max_length if args.max_length is not None else 64 if toy else 1024
+    if args.reference_dataset_name is None and toy:
+        args.reference_dataset_name = "toy"
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % (args.per_device_batch_size * args.world_size):
@@ -239,11 +250,11 @@ if __name__ == "__main__":
     model.to(device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
 
-    # 1. data: prompt + chosen and prompt + rejected, each ending with EOS; ties and long pairs dropped
+    # 1. data: prompt + chosen and prompt + rejected, each ending with its end token; ties and long pairs dropped
     train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", args.dataset_train_split,
                                            args.dataset_eval_split, seed=args.seed)
-    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length)
-    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length, args.truncation_mode)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length, args.truncation_mode)
     if rank == 0:
         common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size
@@ -326,11 +337,23 @@ if __name__ == "__main__":
                 tqdm.write(f"step {step + 1}: eval/accuracy {metrics['accuracy']:.4f}, eval/loss {metrics['loss']:.4f}")
 
     # 4. normalise: the mean reward of the reference responses becomes the stored bias, so that
-    # they score 0 on average (Stiennon et al. 2020; Huang et al. 2024 detail 11)
-    ref_ds, _ = common.load_splits(args.reference_dataset_name, "sft", seed=args.seed)
-    ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
-    ref_examples, ref_stats = common.tokenize_sft(tokenizer, ref_ds, args.max_length)
-    ref_rewards = score_sequences(model, [e["input_ids"] for e in ref_examples], pad_id, args, device, rank)
+    # they score 0 on average (Stiennon et al. 2020; Huang et al. 2024 detail 11). A reference cut
+    # at --max-length lost its end token: the reward there would be read mid-response, so it is skipped
+    if args.reference_dataset_name is not None:
+        ref_ds, _ = common.load_splits(args.reference_dataset_name, "sft", seed=args.seed)
+        ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
+        ref_examples, _ = common.tokenize_sft(tokenizer, ref_ds, args.max_length)
+        stops = common.stop_token_ids(tokenizer, model)
+        ref_seqs = [e["input_ids"] for e in ref_examples if e["input_ids"][-1] in stops]
+        what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({len(ref_ds) - len(ref_seqs)} cut or dropped: skipped)"
+    else:
+        ref_seqs = [p["prompt"] + p["chosen"] for p in train_pairs[: args.num_reference_examples]]
+        what = f"the chosen responses of {len(ref_seqs)} training pairs (pass --reference-dataset-name for SFT demonstrations)"
+    if not ref_seqs:
+        raise ValueError(f"no reference response fits --max-length {args.max_length} with its end token; raise it")
+    ref_rewards = score_sequences(model, ref_seqs, pad_id, args, device, rank)
+    if rank == 0:
+        print(f"reward normalisation: mean reward of {what} is stored as config.reward_bias")
     model.config.reward_bias = ref_rewards.mean().item()
     final = evaluate(model, eval_pairs, pad_id, args, device, rank)  # accuracy and margins do not move; means do
     final["reward_bias"] = model.config.reward_bias

@@ -176,6 +176,28 @@ def toy_reward_model(path, seed=0):
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
 
 
+def assert_same_weights(dir_a, dir_b, start_dir):
+    """The models saved in two folders are equal, and training moved them away from `start_dir`'s."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    start = load_file(os.path.join(start_dir, "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        moved += k in start and a[k].shape == start[k].shape and not torch.equal(a[k], start[k])
+    assert moved > len(a) // 2  # training moved the weights
+
+
+def toy_data_file(path, kind, n, seed=0):
+    """n toy examples of `kind` in a JSONL file (a local dataset without an eval split)."""
+    import toy_task
+
+    return write_jsonl(path, toy_task.make_dataset(kind, "train", num_examples=n, seed=seed).to_list())
+
+
 def run_script(args, timeout=300, torchrun=0):
     """Run a script of the project through its real command line; returns stdout, fails on error."""
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]

@@ -13,7 +13,7 @@ import torch
 
 import common
 import toy_task
-from conftest import ROOT, run_script, toy_reward_model
+from conftest import ROOT, assert_same_weights, run_script, toy_data_file, toy_reward_model
 from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
 
 
@@ -54,8 +54,8 @@ def test_reward_is_read_at_eos_whatever_the_padding(toy_rm):
     model, tok = toy_rm
     pairs, _ = common.tokenize_preferences(tok, datasets.Dataset.from_dict({
         "prompt": ["the plot", "a film was very", "the cast"],
-        "chosen": ["was dull", "", "and the acting felt wonderful but the music bland"],
-        "rejected": ["was great", "dull", "felt"]}), max_length=64)
+        "chosen": [" was dull", "", " and the acting felt wonderful but the music bland"],
+        "rejected": [" was great", " dull", " felt"]}), max_length=64)
     batch = collate_pairs(pairs, tok.pad_token_id)  # (6, L): ragged, right-padded
     with torch.no_grad():
         batched = rewards_at_eos(model, **batch)
@@ -85,19 +85,45 @@ def test_smoke_toy_and_normalisation(tmp_path):
     result = json.load(open(out_dir / "training_args.json"))["result"]
     for k in ["accuracy", "bayes_accuracy", "gold_pearson", "gold_spearman", "reward_bias"]:
         assert math.isfinite(result[k])
-    # reload the saved folder as anyone would: the reference completions now score 0 on average
+    # reload the saved folder as anyone would and score *held-out* P_ref responses (other prompts, other
+    # samples than the 300 training-split references the bias came from): they score 0 on average
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(str(out_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(out_dir))
     assert model.config.reward_bias == pytest.approx(result["reward_bias"])
-    ref = toy_task.make_dataset("sft", "train", seed=1).select(range(300))  # the script's default seed is 1
-    examples, _ = common.tokenize_sft(tok, ref, 64)
+    held_out = toy_task.make_dataset("sft", "eval", seed=7)
+    examples, _ = common.tokenize_sft(tok, held_out, 64)
     with torch.no_grad():
         r = torch.cat([rewards_at_eos(model, common.pad(b, tok.pad_token_id), common.attention_mask(b))
-                       for b in ([e["input_ids"] for e in examples[i: i + 50]] for i in range(0, 300, 50))])
-    assert abs(r.mean().item()) < 1e-4
-    assert r.std().item() > 1e-3  # not trivially zero
+                       for b in ([e["input_ids"] for e in examples[i: i + 250]] for i in range(0, len(examples), 250))])
+    se = r.std().item() / math.sqrt(len(r))
+    assert abs(r.mean().item()) < 4 * se
+    assert abs(r.mean().item() + result["reward_bias"]) > 10 * se  # without the bias the test would fail
+
+
+def test_ddp_and_accumulation_match_single_process(tmp_path):
+    """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8."""
+    base = toy_task.save_base_model(str(tmp_path / "base"))
+    data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 52)
+    flags = ["reward_model.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--eval-every", "100",
+             "--max-length", "64"]
+    run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2)
+    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "two"), base)
+    r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
+    r2 = json.load(open(tmp_path / "two" / "training_args.json"))["result"]
+    assert r1["reward_bias"] == pytest.approx(r2["reward_bias"], rel=1e-4, abs=1e-6)
+
+
+def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
+    """Conversational pairs with a Llama-3-style template; off the toy task the rewards are normalised on the
+    training pairs' chosen responses, and the script says so."""
+    out = run_script(["reward_model.py", "--model-name", chat_models["llama3"], "--dataset-name", chat_data["preference"],
+                      "--batch-size", "8", "--per-device-batch-size", "4", "--num-epochs", "2", "--learning-rate", "1e-3",
+                      "--max-length", "64", "--output-dir", str(tmp_path / "rm")])
+    assert "reward normalisation: mean reward of the chosen responses of" in out
+    assert math.isfinite(json.load(open(tmp_path / "rm" / "training_args.json"))["result"]["reward_bias"])
 
 
 def test_hub_format_fixture(tmp_path, hub_model, chat_jsonl):
