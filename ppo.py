@@ -2,7 +2,7 @@
 
 Ziegler et al. 2019, Stiennon et al. 2020 and Ouyang et al. 2022 (InstructGPT), with the details
 of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
-1. sample responses to a batch of prompts from the policy; everything after the first EOS is padding;
+1. sample responses to a batch of prompts from the policy; everything after the first end token is padding;
 2. score prompt + response with the frozen reward model (reward_model.py), at the response's last token;
 3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, plus the score on the last token;
 4. GAE advantages (Schulman et al. 2016) from a separate value model initialised from the reward model;
@@ -67,16 +67,20 @@ class Args:
     """split to train on"""
     dataset_eval_split: str = "test"
     """held-out split; if the dataset lacks it, 5% of the training split is held out"""
-    max_length: int = 64
-    """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped and counted"""
+    max_length: Optional[int] = None
+    """tokens per sequence (prompt + response); default 64 on the toy task, 1024 otherwise"""
+    truncation_mode: Literal["drop", "keep_end"] = "drop"
+    """a prompt over --max-length − --response-length: drop it, or keep_end: cut its oldest tokens after the BOS
+    (long chat histories); counted and reported"""
     batch_size: int = 256
     """prompts per rollout batch (episodes per PPO iteration), summed over all ranks"""
     per_device_batch_size: int = 64
     """sequences per forward/backward pass on one device (generation and scoring use the same chunks)"""
-    num_epochs: float = 0.1
-    """passes over the training prompts (fractions allowed): iterations = num_epochs × prompts // batch_size"""
-    learning_rate: float = 3e-4
-    """peak AdamW learning rate of policy and value model (3e-4 suits the toy model; ~3e-6 for pretrained LMs)"""
+    num_epochs: Optional[float] = None
+    """passes over the training prompts (fractions allowed): iterations = num_epochs × prompts // batch_size;
+    default 0.1 on the toy task (19 iterations), 1 otherwise"""
+    learning_rate: Optional[float] = None
+    """peak AdamW learning rate of policy and value model; default 3e-4 on the toy task, 3e-6 otherwise (Huang et al. 2024)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     """decay of the learning rate after warmup, down to 0 at the last iteration (linear: Huang et al. 2024)"""
     warmup_ratio: float = 0.0
@@ -97,20 +101,19 @@ class Args:
     """folder (or Hub id) of the reward model from reward_model.py; its config.reward_bias is subtracted"""
     value_model_name: Optional[str] = None
     """model the value function starts from (default: the reward model, as in Stiennon et al.)"""
-    response_length: int = 24
-    """most tokens generated per response, EOS included; a response that reaches it without EOS is cut"""
+    response_length: Optional[int] = None
+    """most tokens generated per response, its end token included; one that reaches it without an end token is
+    cut; default 24 on the toy task, 256 otherwise (53 for TL;DR in Huang et al. 2024)"""
     temperature: float = 1.0
     """sampling temperature; log-probabilities use logits / temperature in rollout and update alike
     (1.0 on the toy task, whose optimum is defined for the policy itself; 0.7 in Huang et al. 2024)"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response cut at --response-length without EOS: the reward model
+    """subtracted from the score of a response cut at --response-length without an end token: the reward model
     was trained on finished responses only, so an unfinished one is scored off its training
     distribution, and without a cost a policy can drift to run-on responses (Huang et al. 2024 detail 23)"""
-    kl_coef: float = 0.5
-    """β, the weight of the per-token KL penalty to the SFT model (initial value when --target-kl is set);
-    0.5 suits the toy task's unit-scale rewards (0.05 in Huang et al. 2024)"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator (Schulman 2020): k1 = log π − log π_ref; k3 = (r − 1) − log r with r = π_ref/π"""
+    kl_coef: Optional[float] = None
+    """β, the weight of the per-token KL penalty log π − log π_ref to the SFT model (initial value when --target-kl
+    is set); default 0.5 on the toy task, whose rewards have unit scale, 0.05 otherwise (Huang et al. 2024)"""
     target_kl: Optional[float] = None
     """adapt β toward this KL (nats per response) with Ziegler et al.'s proportional controller; None keeps β fixed"""
     kl_horizon: int = 10000
@@ -135,8 +138,9 @@ class Args:
     """weight of the entropy bonus (0: none, as in Huang et al. 2024)"""
     ptx_coef: float = 0.0
     """γ of InstructGPT's PPO-ptx: weight of the SFT loss on --ptx-dataset-name added to every minibatch (0: off)"""
-    ptx_dataset_name: str = "toy"
-    """SFT-format dataset (prompt, completion) for PPO-ptx"""
+    ptx_dataset_name: Optional[str] = None
+    """SFT-format dataset (prompt, completion or messages) for PPO-ptx; default the toy SFT data on the toy task,
+    required otherwise when --ptx-coef > 0"""
     save_every: int = 0
     """iterations between saved intermediate policies in {output_dir}/checkpoints (0: final only)"""
     num_eval_prompts: int = 1000
@@ -157,40 +161,55 @@ def masked_mean(x, mask):
     return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, all_reduce=None):
     """(x − mean) / std over the valid positions (population variance, +1e-8); with
-    `shift_mean=False` the mean is added back (rewards keep their sign). Invalid positions get 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    `shift_mean=False` the mean is added back (rewards keep their sign). Invalid positions get 0.
+    With `all_reduce` (torch.distributed.all_reduce under DDP) the mean and variance are those of
+    the valid positions of every rank together, so the result does not depend on how the batch is
+    split over ranks."""
+    mask = mask.bool()
+
+    def total(*values):  # sums over the valid positions (of every rank)
+        s = torch.stack([torch.where(mask, v, 0.0).sum() for v in values])
+        if all_reduce is not None:
+            all_reduce(s)
+        return s
+
+    x_sum, n = total(x, torch.ones_like(x))
+    mean = x_sum / n.clamp(min=1)
+    var = total((x - mean) ** 2)[0] / n.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return torch.where(mask.bool(), out, 0.0)
+    return torch.where(mask, out, 0.0)
 
 
-def truncate_after_eos(responses, eos_id, pad_id):
-    """responses: (B, T) generated ids. Returns (responses with every token after the first EOS
-    replaced by PAD, mask (B, T) true up to and including the first EOS, has_eos (B,)). A row
-    without EOS was cut at T tokens and is valid throughout."""
-    is_eos = responses == eos_id
+def truncate_after_eos(responses, stop_ids, pad_id):
+    """responses: (B, T) generated ids; stop_ids: the ids that end a response (an int or a list: the EOS,
+    the chat template's end-of-turn, the model's declared stop ids). Returns (responses with every token
+    after the first end token replaced by PAD, mask (B, T) true up to and including it, has_eos (B,)).
+    A row without an end token was cut at T tokens and is valid throughout."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last valid index
     mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= first[:, None]
     return torch.where(mask, responses, pad_id), mask, has_eos
 
 
-def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, kl_estimator="k1",
-                      missing_eos_penalty=0.0):
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, missing_eos_penalty=0.0):
     """Per-token rewards of the KL-regularised objective (Ziegler et al. 2019; Stiennon et al. eq. 2).
 
     scores (B,): reward-model scores; logprobs, ref_logprobs (B, T): log π and log π_ref of the
     sampled tokens; mask (B, T): the valid response tokens (a prefix); has_eos (B,).
-    kl_t = log π − log π_ref (k1) or (r − 1) − log r with r = π_ref/π (k3, unbiased and ≥ 0).
+    kl_t = log π − log π_ref (Schulman's k1): as a reward, its expected score-function gradient is
+    exactly −∇KL(π ‖ π_ref). (k3 = (r − 1) − log r, r = π_ref/π, has the right value but the gradient
+    of KL(π ‖ π_ref) − KL(π_ref ‖ π): it barely pulls back near π_ref; tested.)
     rewards_t = −kl_coef · kl_t, and the score (minus `missing_eos_penalty` for a response cut without
-    EOS) is added at the last valid token: the EOS, or the last token of a cut response, not one slot
-    later. Returns (rewards (B, T), kl (B, T), scores after the penalty (B,)); 0 on invalid positions."""
-    log_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)  # log r
-    kl = -log_ratio if kl_estimator == "k1" else torch.expm1(log_ratio) - log_ratio
+    an end token) is added at the last valid token: the end token, or the last token of a cut response,
+    not one slot later. Returns (rewards (B, T), kl (B, T), scores after the penalty (B,)); 0 on invalid
+    positions."""
+    mask = mask.bool()
+    kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
     scores = scores - missing_eos_penalty * (~has_eos).float()
     rewards = -kl_coef * kl
     last = mask.sum(1) - 1  # (B,) index of the last valid token
@@ -219,7 +238,9 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss: the masked mean over valid
     tokens of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log π − log π_old). All inputs (B, T).
-    Returns (loss, stats: clipfrac, approxkl = mean ½(log ρ)², ratio = mean ρ), stats detached."""
+    Returns (loss, stats: clipfrac, approxkl = mean ½(log ρ)², ratio = mean ρ), stats detached.
+    mask: bool or 0/1 float, as for masked_mean."""
+    mask = mask.bool()
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
@@ -232,7 +253,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
     """Clipped value loss (Huang et al. 2024 detail; OpenAI's lm-human-preferences): ½ · masked mean
     of max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²). All inputs (B, T).
-    Returns (loss, stats: clipfrac), stats detached."""
+    Returns (loss, stats: clipfrac), stats detached. mask: bool or 0/1 float."""
+    mask = mask.bool()
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
@@ -306,32 +328,38 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device):
+def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sample_seed=None):
     """Steps 1–2 for a list of prompt id lists: sample responses, then, from full forward passes in
     chunks of per_device_batch_size, the log-probabilities under π and π_ref, the values, the
     entropies and the reward model's scores. Returns a dict of (B, ...) tensors; queries are
-    left-padded to a common width Lq, responses (B, T) right-padded after their EOS."""
+    left-padded to a common width Lq, responses (B, T) right-padded after their end token.
+    With `sample_seed`, generation chunk j samples from a generator seeded with sample_seed + j (the
+    global random state is left as it was): a chunk's samples then depend on its prompts and its
+    seed only, not on how the global batch is split over ranks."""
     from transformers import GenerationConfig
 
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = agent.policy
+    pad_id, policy = tokenizer.pad_token_id, agent.policy
+    stop_ids = common.stop_token_ids(tokenizer, policy)  # EOS, the template's end-of-turn, declared stop ids
     # every sampling setting explicit: a model's own generation_config (top_p, repetition penalty,
     # min length) would make samples differ from the distribution whose log-probabilities we train on
     gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
                                   temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=eos_id)
+                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=stop_ids)
     batch = common.collate_prompts(queries, pad_id)
     Lq = batch["input_ids"].shape[1]
     chunks = []
-    for i in range(0, len(queries), args.per_device_batch_size):
+    for j, i in enumerate(range(0, len(queries), args.per_device_batch_size)):
         ids = batch["input_ids"][i: i + args.per_device_batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
-                                  generation_config=gen_config)
-        chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an EOS
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sample_seed is not None):
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed + j)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
+                                      generation_config=gen_config)
+        chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an end token
     T = max(c.shape[1] for c in chunks)
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
-    responses, mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+    responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
     query_ids, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
     last = mask.sum(1) - 1  # (B,) index of the last valid response token
@@ -361,6 +389,17 @@ def sft_loss(logits, labels):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
+    toy = args.dataset_name == "toy"
+    for name, toy_value, other in (("max_length", 64, 1024), ("response_length", 24, 256), ("num_epochs", 0.1, 1.0),
+                                   ("learning_rate", 3e-4, 3e-6), ("kl_coef", 0.5, 0.05)):
+        if getattr(args, name) is None:
+            setattr(args, name, toy_value if toy else other)
+    if args.ptx_coef and args.ptx_dataset_name is None:
+        if not toy:
+            raise ValueError("--ptx-coef > 0 needs --ptx-dataset-name: the SFT data (prompt, completion or messages) "
+                             "whose likelihood PPO-ptx keeps up")
+        args.ptx_dataset_name = "toy"
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % (args.num_minibatches * args.per_device_batch_size * args.world_size):
@@ -428,9 +467,9 @@ if __name__ == "__main__":
     train_ds, eval_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split,
                                            args.dataset_eval_split, seed=args.seed)
     max_prompt_length = args.max_length - args.response_length
-    train_prompts, train_stats = common.tokenize_prompts(tokenizer, train_ds, max_prompt_length)
+    train_prompts, train_stats = common.tokenize_prompts(tokenizer, train_ds, max_prompt_length, args.truncation_mode)
     eval_prompts, eval_stats = common.tokenize_prompts(tokenizer, eval_ds.select(range(min(args.num_eval_prompts, len(eval_ds)))),
-                                                       max_prompt_length)
+                                                       max_prompt_length, args.truncation_mode)
     if rank == 0:
         common.report("train prompts", train_stats), common.report("eval prompts", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_prompts)) // args.batch_size
@@ -486,10 +525,11 @@ if __name__ == "__main__":
                                                      for q, t, lp in zip(queries, texts, seq_logp)))
         return {k: v.to(device, torch.float32) for k, v in sums.items()}
 
-    def evaluate():
+    def evaluate(iteration):
         """Responses to the --num-eval-prompts held-out prompts (each rank a share), means across ranks:
         score, KL to the SFT model (Σ_t log π − log π_ref), EOS rate, length; toy: gold reward, KL to P_ref."""
-        r = rollout(agent, ref_model, reward_model, eval_prompts[rank:: args.world_size], tokenizer, args, device)
+        r = rollout(agent, ref_model, reward_model, eval_prompts[rank:: args.world_size], tokenizer, args, device,
+                    sample_seed=hash((args.seed, -1, iteration)) % 2 ** 62 + rank * 100_003)
         sums = rollout_sums(r, torch.where(r["mask"], r["logprobs"] - r["ref_logprobs"], 0.0).sum(1))
         values = torch.stack(list(sums.values()))
         if args.world_size > 1:
@@ -505,7 +545,7 @@ if __name__ == "__main__":
     mb_per_rank = args.minibatch_size // args.world_size
     kl_coef, start, episodes = args.kl_coef, time.time(), 0
     update_names = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/ratio",
-                    "val/mean", "val/sq_mean", "policy/entropy", "loss/ptx"]
+                    "val/mean", "val/sq_mean", "policy/entropy"]
     final = {}
     for iteration in tqdm(range(args.num_steps), disable=rank != 0):
         lr = args.learning_rate * lr_at(iteration, args)
@@ -515,23 +555,28 @@ if __name__ == "__main__":
         # 1.–2. rollout: sample responses to this rank's prompts and score them (no gradients)
         idx = schedule[iteration][rank * per_rank: (rank + 1) * per_rank]
         agent.eval()
-        r = rollout(agent, ref_model, reward_model, [train_prompts[i] for i in idx], tokenizer, args, device)
+        # sampling seeded per chunk of the global batch: the same responses however it is split over ranks
+        chunks_per_rank = per_rank // args.per_device_batch_size
+        r = rollout(agent, ref_model, reward_model, [train_prompts[i] for i in idx], tokenizer, args, device,
+                    sample_seed=hash((args.seed, iteration)) % 2 ** 62 + rank * chunks_per_rank)
         agent.train()
         mask = r["mask"]  # (b, T) valid response tokens
 
         # 3. KL penalty: per-token −β·KL_t, the score (minus the missing-EOS penalty) on the last token
         rewards, kl, scores = kl_shaped_rewards(r["scores"], r["logprobs"], r["ref_logprobs"], mask, r["has_eos"],
-                                                kl_coef, args.kl_estimator, args.missing_eos_penalty)
-        # 4. advantages: GAE over the response, the last valid token terminal; then whitened
+                                                kl_coef, args.missing_eos_penalty)
+        # 4. advantages: GAE over the response, the last valid token terminal; then whitened over the
+        # valid tokens of the whole batch, all ranks together (TRL and Huang et al. whiten per rank)
+        all_reduce = dist.all_reduce if args.world_size > 1 else None
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
         advantages, returns = compute_gae(rewards, r["values"], mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)  # per rank, as in Huang et al. and TRL
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
 
         # 5. PPO epochs: shuffled minibatches; each minibatch is one optimizer step, accumulated over
         # micro-batches, its loss a mean over all valid tokens of the minibatch (across ranks)
         update_stats = torch.zeros(len(update_names), device=device)
-        update_tokens = torch.zeros((), device=device)
+        update_tokens, ptx_stats = torch.zeros((), device=device), torch.zeros(2, device=device)
         for ppo_epoch in range(args.num_ppo_epochs):
             perm = torch.randperm(per_rank, device=device)
             for mb in range(args.num_minibatches):
@@ -539,8 +584,10 @@ if __name__ == "__main__":
                 mb_tokens = mask[mb_idx].sum().float()
                 if args.world_size > 1:
                     dist.all_reduce(mb_tokens)
-                ptx_batch = [ptx_examples[i] for i in next(ptx_schedule)[rank * mb_per_rank: (rank + 1) * mb_per_rank]] \
-                    if ptx_schedule else None
+                ptx_global = [ptx_examples[i] for i in next(ptx_schedule)] if ptx_schedule else []
+                ptx_batch = ptx_global[rank * mb_per_rank: (rank + 1) * mb_per_rank]
+                # PPO-ptx's loss is a mean over the labelled tokens of the minibatch's whole SFT batch, as in sft.py
+                ptx_tokens = sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in ptx_global)
                 for k in range(args.grad_accum_steps):
                     i = mb_idx[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
                     m, Lq = mask[i], r["queries"].shape[1]
@@ -563,8 +610,10 @@ if __name__ == "__main__":
                         # weight: this micro-batch's share of the minibatch's valid tokens, so the step's loss is a
                         # mean over all of them; DDP averages gradients over ranks, hence the world_size factor
                         loss = loss * m.sum() / mb_tokens * args.world_size
-                        ptx_loss = sft_loss(ptx_logits, ptx["labels"]) if ptx else torch.zeros((), device=device)
-                        (loss + args.ptx_coef * ptx_loss / args.grad_accum_steps).backward()
+                        ptx_loss, n_ptx = torch.zeros((), device=device), 0
+                        if ptx:
+                            ptx_loss, n_ptx = sft_loss(ptx_logits, ptx["labels"]), (ptx["labels"][:, 1:] != common.IGNORE_INDEX).sum()
+                        (loss + args.ptx_coef * ptx_loss * n_ptx / max(ptx_tokens, 1) * args.world_size).backward()
                     if iteration == 0 and ppo_epoch == 0 and mb == 0 and k == 0:
                         # built-in invariant: nothing has changed yet, so π = π_old exactly
                         first_ratio, first_kl = pg_stats["ratio"].item(), pg_stats["approxkl"].item()
@@ -577,36 +626,38 @@ if __name__ == "__main__":
                     vm = torch.where(m, values.detach(), 0.0)
                     update_stats += n * torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["approxkl"], pg_stats["clipfrac"],
                                                      vf_stats["clipfrac"], pg_stats["ratio"], vm.sum() / n, (vm ** 2).sum() / n,
-                                                     mean_entropy.detach(), ptx_loss.detach()])
+                                                     mean_entropy.detach()])
                     update_tokens += n
+                    ptx_stats += torch.stack([ptx_loss.detach() * n_ptx, torch.as_tensor(n_ptx, device=device)])
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
         # 6. log: masked means over every valid token (or every response) of the whole iteration
-        seq_kl = kl.sum(1)  # (b,) the estimator's KL per response
+        seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
         sums = rollout_sums(r, seq_kl)
         sums["non_score_reward"] = -kl_coef * seq_kl.sum()
         sums["rlhf_reward"] = sums["non_score_reward"] + scores.sum()  # scores after the missing-EOS penalty
         residual = returns - r["values"]
-        token_sums = {"entropy": torch.where(mask, r["entropy"], 0.0).sum(),
-                      "returns_var": masked_mean((returns - masked_mean(returns, mask)) ** 2, mask) * mask.sum(),
-                      "residual_var": masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) * mask.sum()}
+        token_sums = {k: torch.where(mask, v, 0.0).sum() for k, v in (("entropy", r["entropy"]), ("returns", returns),
+                      ("returns_sq", returns ** 2), ("residual", residual), ("residual_sq", residual ** 2))}
         all_stats = torch.cat([torch.stack(list(sums.values())), torch.stack(list(token_sums.values())),
-                               update_stats, update_tokens[None], mask.sum().float()[None]])
+                               update_stats, ptx_stats, update_tokens[None], mask.sum().float()[None]])
         if args.world_size > 1:
             dist.all_reduce(all_stats)
         per_seq = dict(zip(sums, (all_stats[: len(sums)] / args.batch_size).tolist()))
-        per_tok = dict(zip(token_sums, (all_stats[len(sums): len(sums) + 3] / all_stats[-1]).tolist()))
-        upd = dict(zip(update_names, (all_stats[len(sums) + 3: -2] / all_stats[-2]).tolist()))
+        per_tok = dict(zip(token_sums, (all_stats[len(sums): len(sums) + 5] / all_stats[-1]).tolist()))
+        upd = dict(zip(update_names, (all_stats[len(sums) + 5: -4] / all_stats[-2]).tolist()))
         upd["val/var"] = upd.pop("val/sq_mean") - upd["val/mean"] ** 2
-        if not args.ptx_coef:
-            upd.pop("loss/ptx")
+        if args.ptx_coef:
+            upd["loss/ptx"] = (all_stats[-4] / all_stats[-3]).item()  # per labelled token of the SFT batches
         logged = {f"objective/{k}" if k in ("scores", "kl", "non_score_reward", "rlhf_reward") else
                   k if k.startswith("toy/") else f"charts/{k}": v for k, v in per_seq.items()}
         logged["objective/entropy"] = per_tok["entropy"]
-        logged["val/explained_variance"] = 1 - per_tok["residual_var"] / per_tok["returns_var"]
+        # 1 − Var(returns − values) / Var(returns), over the valid tokens of every rank
+        logged["val/explained_variance"] = 1 - (per_tok["residual_sq"] - per_tok["residual"] ** 2) / (
+            per_tok["returns_sq"] - per_tok["returns"] ** 2)
         logged.update(upd)
         if not math.isfinite(logged["loss/policy"] + logged["loss/value"]):
             raise FloatingPointError(f"non-finite loss at iteration {iteration}: lower --learning-rate or check the reward model")
@@ -622,7 +673,7 @@ if __name__ == "__main__":
 
         if (iteration + 1) % args.eval_every == 0 or iteration + 1 == args.num_steps:
             agent.eval()
-            metrics, samples = evaluate()
+            metrics, samples = evaluate(iteration)
             agent.train()
             if writer:
                 for name, value in metrics.items():

@@ -2,6 +2,7 @@
 controller against hand-worked numbers; the rollout's alignment against unpadded forward passes;
 and the script through its command line (first minibatch: ratio 1, approx-KL 0)."""
 
+import copy
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script, toy_reward_model
+from conftest import ROOT, assert_same_weights, run_script, toy_reward_model, write_jsonl
+import toy_task
 from ppo import (Args, PolicyAndValue, adaptive_kl_coef, compute_gae, kl_shaped_rewards, masked_whiten,
                  ppo_policy_loss, ppo_value_loss, rollout, truncate_after_eos)
 from reward_model import rewards_at_eos
@@ -83,13 +85,17 @@ def test_policy_loss_clipping_regimes(adv, ratio, want, clipped):
     assert logprobs.grad[0, 1].item() == 0.0
 
 
-def test_policy_loss_is_a_mean_over_valid_tokens():
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.long])
+def test_policy_loss_is_a_mean_over_valid_tokens(dtype):
+    """Masks are accepted as bool or 0/1 numbers, as masked_mean accepts them."""
     logprobs = torch.zeros(2, 3)
     adv = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
-    mask = torch.tensor([[True, True, True], [True, False, False]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).to(dtype)
     loss, stats = ppo_policy_loss(logprobs, logprobs, adv, mask, 0.2)
     assert loss.item() == pytest.approx(-(1 + 2 + 3 + 4) / 4)  # ratio 1 everywhere
     assert stats["ratio"].item() == 1.0 and stats["approxkl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+    vloss, _ = ppo_value_loss(torch.ones(2, 3), torch.ones(2, 3), adv, mask, 0.2)
+    assert vloss.item() == pytest.approx(0.5 * (0 + 1 + 4 + 9) / 4)  # ½ mean (V − R)², V = 1
 
 
 @pytest.mark.parametrize("v,v_old,ret,want,clipped", [
@@ -127,12 +133,35 @@ def test_kl_shaping_places_the_score_on_the_last_real_token():
     torch.testing.assert_close(final, torch.tensor([2.0, 2.0]))
 
 
-def test_k3_estimator_by_hand():
-    mask = torch.tensor([[True, True, True]])
-    logprobs, ref = torch.tensor([[-1.0, -2.0, -1.0]]), torch.tensor([[-2.0, -1.0, -1.0]])
-    _, kl, _ = kl_shaped_rewards(torch.zeros(1), logprobs, ref, mask, torch.tensor([True]), 0.1, "k3")
-    # log r = log pi_ref - log pi = -1, +1, 0; k3 = e^{log r} - 1 - log r
-    torch.testing.assert_close(kl, torch.tensor([[math.exp(-1), math.e - 2, 0.0]]))
+def test_k1_penalty_has_the_gradient_of_the_kl_and_k3_would_not():
+    """On a categorical π_θ = softmax(θ) over 6 outcomes (one-token responses), the expected score-function
+    gradient of the per-token reward, E_π[∇log π(y) · reward(y)], computed exactly by enumeration, must be
+    −β ∇KL(π ‖ π_ref), which autograd gives from the closed-form KL. k3 as a reward would give the gradient
+    of KL(π ‖ π_ref) − KL(π_ref ‖ π) instead."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.randn(6, dtype=torch.float64).log_softmax(0)
+    beta = 0.3
+
+    def exact_kl(p_log, q_log):
+        return (p_log.exp() * (p_log - q_log)).sum()
+
+    logp = theta.log_softmax(0)
+    one = torch.ones(6, 1, dtype=torch.bool)
+    rewards, _, _ = kl_shaped_rewards(torch.zeros(6, dtype=torch.float64), logp.detach()[:, None], ref_logp[:, None],
+                                      one, one[:, 0], kl_coef=beta)
+    surrogate = (logp.exp().detach() * logp * rewards[:, 0]).sum()  # E_π[log π(y)] weighted by the fixed rewards
+    score_grad, = torch.autograd.grad(surrogate, theta)
+    kl_grad, = torch.autograd.grad(exact_kl(theta.log_softmax(0), ref_logp), theta)
+    torch.testing.assert_close(score_grad, -beta * kl_grad)
+    # the same computation with k3 = (r − 1) − log r, r = π_ref/π, as the per-token penalty
+    logp = theta.log_softmax(0)
+    log_r = ref_logp - logp.detach()
+    k3_surrogate = (logp.exp().detach() * logp * -beta * (torch.expm1(log_r) - log_r)).sum()
+    k3_grad, = torch.autograd.grad(k3_surrogate, theta)
+    reverse_grad, = torch.autograd.grad(exact_kl(ref_logp, theta.log_softmax(0)), theta)
+    torch.testing.assert_close(k3_grad, -beta * (kl_grad - reverse_grad))
+    assert (k3_grad + beta * kl_grad).abs().max() > 0.05  # k3 would not optimise the KL-regularised objective
 
 
 def test_truncation_after_the_first_eos():
@@ -144,73 +173,94 @@ def test_truncation_after_the_first_eos():
     assert has_eos.tolist() == [True, False, True]
 
 
-def test_adaptive_kl_controller():
-    # Ziegler et al.: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
-    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 256) == pytest.approx(0.1 * (1 + 0.2 * 0.0256))   # clipped at +0.2
-    assert adaptive_kl_coef(0.1, 6.6, 6.0, 10000, 256) == pytest.approx(0.1 * (1 + 0.1 * 0.0256))
-    assert adaptive_kl_coef(0.1, 0.0, 6.0, 10000, 256) == pytest.approx(0.1 * (1 - 0.2 * 0.0256))    # clipped at -0.2
-    assert adaptive_kl_coef(0.1, 6.0, 6.0, 10000, 256) == pytest.approx(0.1)
+def test_adaptive_kl_controller_drives_the_kl_to_its_target():
+    """Closed loop, as in training: with a policy whose KL falls as 2/β, the controller must move β to
+    0.5 (KL 4, the target) from either side, with steps of at most 0.2·n/horizon."""
+    for beta in (0.1, 3.0):
+        for _ in range(600):
+            new = adaptive_kl_coef(beta, 2 / beta, 4.0, 10000, 1000)
+            assert abs(new / beta - 1) <= 0.2 * 1000 / 10000 + 1e-12
+            beta = new
+        assert beta == pytest.approx(0.5, rel=1e-3)
 
 
 @pytest.fixture(scope="module")
-def toy_models(toy_base):
-    """The toy tokenizer with a random policy, reference and reward model, and a value model."""
-    from transformers import AutoModelForCausalLM
+def gpt2_models(tmp_path_factory):
+    """The toy tokenizer with GPT-2 models (learned absolute positions: a wrong position id changes the
+    logits, unlike RoPE, which ignores a constant offset): a policy, a *different* reference, and a reward
+    and a value model with their own random heads."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    path = toy_base
+    path = toy_task.save_base_model(str(tmp_path_factory.mktemp("toy_gpt2")))
     tok = common.load_tokenizer(path)
-    policy = AutoModelForCausalLM.from_pretrained(path).eval()
-    rm, value = toy_reward_model(path, seed=0), toy_reward_model(path, seed=1)
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id, bos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        num_labels=1)
+    models = []
+    for seed, cls in ((0, GPT2LMHeadModel), (1, GPT2LMHeadModel), (2, GPT2ForSequenceClassification), (3, GPT2ForSequenceClassification)):
+        torch.manual_seed(seed)
+        models.append(cls(copy.deepcopy(config)).eval())
+    policy, ref, rm, value = models
     rm.config.reward_bias = 0.25
-    return tok, policy, rm, value, path
+    return tok, policy, ref, rm, value
 
 
-def test_rollout_matches_unpadded_forward_passes(toy_models):
-    """Every row's log-probabilities, score and values, from a batch with left-padded prompts and
-    right-padded responses, equal those of the same sequence alone without any padding."""
-    tok, policy, rm, value, _ = toy_models
+def test_rollout_matches_unpadded_forward_passes(gpt2_models):
+    """Every row's log-probabilities under π and π_ref, score and values, from a batch with left-padded
+    prompts and right-padded responses, equal those of the same sequence alone without any padding."""
+    tok, policy, ref, rm, value = gpt2_models
     args = Args(per_device_batch_size=5, response_length=12, temperature=0.7)
     prompts = ["the plot", "a film was very dull and", "the cast", "every superb", "the music felt"] * 3
     queries = common.encode_prompts(tok, prompts, templated=False)
     torch.manual_seed(3)
-    r = rollout(PolicyAndValue(policy, value), policy, rm, queries, tok, args, torch.device("cpu"))
+    r = rollout(PolicyAndValue(policy, value), ref, rm, queries, tok, args, torch.device("cpu"))
     assert not r["has_eos"].all() and r["has_eos"].any()  # rows padded after their EOS, and rows cut at the cap
+    assert (r["query_mask"] == 0).any()  # some prompts were left-padded
     for b, q in enumerate(queries):
         resp = r["responses"][b][r["mask"][b]].tolist()
         seq = torch.tensor([q + resp])
-        with torch.no_grad():
-            logits = policy(input_ids=seq).logits[0, len(q) - 1: -1] / 0.7  # predicting each response token
-            logits[:, tok.pad_token_id] = -float("inf")
-            want_logp = logits.log_softmax(-1)[torch.arange(len(resp)), resp]
-            want_score = rewards_at_eos(rm, seq, torch.ones_like(seq))[0]  # HF's own pooling, minus reward_bias
-            hidden = value.model(input_ids=seq).last_hidden_state[0, len(q) - 1: -1]
-            want_values = value.score(hidden).squeeze(-1) - getattr(value.config, "reward_bias", 0.0)
         n = len(resp)
-        torch.testing.assert_close(r["logprobs"][b, :n], want_logp, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(r["ref_logprobs"][b, :n], want_logp, atol=1e-4, rtol=1e-4)  # ref = policy here
+        with torch.no_grad():
+            for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
+                logits = model(input_ids=seq).logits[0, len(q) - 1: -1] / 0.7  # predicting each response token
+                logits[:, tok.pad_token_id] = -float("inf")
+                torch.testing.assert_close(r[key][b, :n], logits.log_softmax(-1)[torch.arange(n), resp], atol=1e-4, rtol=1e-4)
+            want_score = rewards_at_eos(rm, seq, torch.ones_like(seq))[0]  # HF's own pooling, minus reward_bias
+            hidden = value.transformer(input_ids=seq).last_hidden_state[0, len(q) - 1: -1]
+            want_values = value.score(hidden).squeeze(-1)
         torch.testing.assert_close(r["scores"][b], want_score, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(r["values"][b, :n], want_values, atol=1e-4, rtol=1e-4)
         if r["has_eos"][b]:
             assert resp[-1] == tok.eos_token_id and tok.eos_token_id not in resp[:-1]
         assert tok.pad_token_id not in resp  # PAD is never sampled
+    assert (r["logprobs"] - r["ref_logprobs"]).abs().max() > 0.1  # the reference really is another model
+
+
+@pytest.fixture(scope="module")
+def toy_models(toy_base):
+    """The toy tokenizer with a random policy and reward model, saved as folders."""
+    tok = common.load_tokenizer(toy_base)
+    rm = toy_reward_model(toy_base, seed=0)
+    rm.config.reward_bias = 0.25
+    return tok, rm, toy_base
 
 
 def test_missing_reward_model_is_a_clear_error(toy_models):
-    _, _, _, _, path = toy_models
+    _, _, path = toy_models
     proc = subprocess.run([sys.executable, "ppo.py", "--model-name", path, "--reward-model-name",
                            os.path.join("runs", "models", "nope")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "run `python reward_model.py` first" in proc.stderr
 
 
 def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
-    tok, _, rm, _, path = toy_models
+    tok, rm, path = toy_models
     rm_path = str(tmp_path / "rm")
     rm.save_pretrained(rm_path)
     tok.save_pretrained(rm_path)
     out_dir = tmp_path / "ppo"
     out = run_script(["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--batch-size", "16",
                       "--per-device-batch-size", "4", "--num-minibatches", "2", "--num-ppo-epochs", "2",
-                      "--num-epochs", "0.00064", "--eval-every", "1", "--num-eval-prompts", "20", "--save-every", "1", "--kl-estimator", "k3",
+                      "--num-epochs", "0.00064", "--eval-every", "1", "--num-eval-prompts", "20", "--save-every", "1",
                       "--kl-coef", "0.2", "--target-kl", "1.0", "--ptx-coef", "0.1", "--ent-coef", "0.01", "--output-dir", str(out_dir)])
     ratio, approxkl = map(float, re.search(r"first minibatch: ratio ([\d.]+), approxkl ([\d.e+-]+)", out).groups())
     assert ratio == pytest.approx(1.0, abs=1e-6) and approxkl < 1e-10
@@ -222,3 +272,38 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
         assert math.isfinite(result[k]), k
     assert 0 <= result["charts/eos_rate"] <= 1 and 1 <= result["charts/response_length"] <= 24
     assert sorted(os.listdir(out_dir / "checkpoints")) == ["episode_0000016", "episode_0000032"]
+
+
+def test_ddp_matches_single_process(tmp_path, toy_models):
+    """2 processes × 4 episodes take the same PPO steps as 1 process with 8 (2 micro-batches of 4): sampling
+    is seeded per chunk of the global batch, advantages are whitened over all ranks, losses are means over
+    the valid tokens of the whole minibatch."""
+    tok, rm, path = toy_models
+    rm_path = str(tmp_path / "rm")
+    rm.save_pretrained(rm_path)
+    tok.save_pretrained(rm_path)
+    data = tmp_path / "prompts"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "train", num_examples=16)["prompt"]])
+    write_jsonl(data / "test.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "eval", num_examples=4)["prompt"]])
+    flags = ["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--dataset-name", str(data), "--batch-size", "8",
+             "--per-device-batch-size", "4", "--num-minibatches", "1", "--num-ppo-epochs", "2", "--num-epochs", "1",
+             "--max-length", "64", "--response-length", "24", "--learning-rate", "3e-3", "--kl-coef", "0.5"]
+    run_script(flags + ["--output-dir", str(tmp_path / "one")])
+    run_script(flags + ["--output-dir", str(tmp_path / "two")], torchrun=2)
+    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "two"), path)
+
+
+def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
+    """PPO on conversational prompts with a Llama-3-style model that declares [EOS, <|eot_id|>] as stop ids."""
+    path = chat_models["llama3"]
+    rm_path = str(tmp_path / "rm")
+    toy_reward_model(path).save_pretrained(rm_path)
+    common.load_tokenizer(path).save_pretrained(rm_path)
+    out_dir = tmp_path / "ppo"
+    out = run_script(["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--dataset-name", chat_data["prompt"],
+                      "--batch-size", "8", "--per-device-batch-size", "4", "--num-minibatches", "2", "--num-epochs", "0.3",
+                      "--max-length", "64", "--response-length", "8", "--learning-rate", "1e-3", "--output-dir", str(out_dir)])
+    assert "first minibatch: ratio 1.000000" in out
+    result = json.load(open(out_dir / "training_args.json"))["result"]
+    assert math.isfinite(result["loss/policy"]) and 1 <= result["charts/response_length"] <= 8
