@@ -2,7 +2,7 @@
 
 For every policy: responses to held-out prompts, their mean reward-model score, their sequence KL
 to the reference policy (the mean over samples of Σ_t log π − log π_ref over response tokens),
-length and EOS rate, and the win rate against the dataset's reference responses under a judge.
+length and the share ending with an end token (eos_rate), and the win rate against the dataset's reference responses under a judge.
 On the toy task also the exact gold reward and the exact KL to P_ref of every sample, and the
 optimality ratio (R_π − R_ref) / (R*(KL_π) − R_ref): the share of the best improvement achievable
 at that KL, R* being the exact frontier of π*_β ∝ P_ref exp(r/β) (toy_task.optimal_frontier).
@@ -55,10 +55,11 @@ class Args:
     """toy, a local file or folder, or a Hub id; column prompt, and completion (reference responses) for win rates"""
     dataset_eval_split: str = "test"
     """split whose prompts are evaluated (toy: the held-out prompts)"""
-    max_length: int = 64
-    """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped"""
-    response_length: int = 24
-    """most tokens generated per response, EOS included (as in ppo.py)"""
+    max_length: Optional[int] = None
+    """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped;
+    default 64 on the toy task, 1024 otherwise (as in ppo.py)"""
+    response_length: Optional[int] = None
+    """most tokens generated per response, its end token included; default 24 on the toy task, 256 otherwise"""
     num_samples: int = 1000
     """held-out prompts, one response each per policy"""
     temperature: float = 1.0
@@ -120,19 +121,20 @@ def load_model(cls, name, tokenizer, device):
 
 @torch.no_grad()
 def sample(model, queries, tokenizer, args, device):
-    """One response per prompt id list, cut after its first EOS (a response without one reached the cap)."""
+    """One response per prompt id list, cut after its first end token (the EOS, the chat template's
+    end-of-turn or a stop id the model declares); a response without one reached the cap."""
     from transformers import GenerationConfig
 
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, stops = tokenizer.pad_token_id, common.stop_token_ids(tokenizer, model)
     gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
                                   temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=eos_id)
+                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=stops)
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
         batch = {k: v.to(device) for k, v in common.collate_prompts(queries[i: i + args.per_device_batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             gen = model.generate(**batch, generation_config=gen_config)[:, batch["input_ids"].shape[1]:]
-        out += [g[: g.index(eos_id) + 1] if eos_id in g else g for g in gen.tolist()]
+        out += [g[: min(g.index(s) for s in stops if s in g) + 1] if set(g) & set(stops) else g for g in gen.tolist()]
     return out
 
 
@@ -171,6 +173,9 @@ def reward_scores(model, queries, responses, tokenizer, args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    toy = args.dataset_name == "toy"  # lengths default to the toy task's, or to the usual ones for pretrained LMs
+    args.max_length = args.max_length if args.max_length is not None else 64 if toy else 1024
+    args.response_length = args.response_length if args.response_length is not None else 24 if toy else 256
     if args.temperature <= 0:
         raise ValueError("--temperature must be > 0: KLs need a sampling distribution with log-probabilities")
     if not args.best_of_n or min(args.best_of_n) < 1:
@@ -189,7 +194,6 @@ if __name__ == "__main__":
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     transformers.utils.logging.disable_progress_bar()
-    toy = args.dataset_name == "toy"
     if toy:
         import toy_task
     for name in [args.ref_policy, args.reward_model_name] + args.policies + ([args.judge] if args.judge else []):
@@ -204,6 +208,7 @@ if __name__ == "__main__":
                              "scores need one vocabulary (train every stage from the same SFT model)")
     ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)
     reward_model = load_model(AutoModelForSequenceClassification, args.reward_model_name, tokenizer, device)
+    stops = common.stop_token_ids(tokenizer, ref_model)
     judge = load_model(AutoModelForSequenceClassification, args.judge, tokenizer, device) if args.judge else None
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -212,7 +217,7 @@ if __name__ == "__main__":
     _, eval_ds = common.load_splits(args.dataset_name, "sft" if toy else "prompt", eval_split=args.dataset_eval_split,
                                     seed=args.seed)
     eval_ds = eval_ds.select(range(min(args.num_samples, len(eval_ds))))
-    prompt_ids, completions = common.encode_dataset(tokenizer, eval_ds, "sft" if "completion" in eval_ds.column_names else "prompt")
+    prompt_ids, completions, _ = common.encode_dataset(tokenizer, eval_ds, "sft" if "completion" in eval_ds.column_names else "prompt")
     keep = [i for i, p in enumerate(prompt_ids) if 0 < len(p) <= args.max_length - args.response_length]
     queries = [prompt_ids[i] for i in keep]
     prompts = [eval_ds["prompt"][i] for i in keep] if toy else None
@@ -248,7 +253,7 @@ if __name__ == "__main__":
         row = {"policy": name, "score": float(reward_scores(reward_model, queries, responses, tokenizer, args, device).mean()),
                "kl_to_ref_policy": float(np.mean(logp - logp_ref)),
                "response_length": float(np.mean([len(r) for r in responses])),
-               "eos_rate": float(np.mean([r[-1:] == [tokenizer.eos_token_id] for r in responses]))}
+               "eos_rate": float(np.mean([bool(r) and r[-1] in stops for r in responses]))}
         judged = judge_scores(queries, responses, texts)
         if judged is not None and ref_judged is not None:
             row["win_rate"] = win_rate(judged, ref_judged)
