@@ -78,18 +78,19 @@ def load_splits(name, kind, train_split="train", eval_split="test", seed=0, eval
 
 
 def load_tokenizer(name):
-    """AutoTokenizer with an EOS and a PAD distinct from it. A tokenizer without PAD (GPT-2, Pythia)
-    or whose PAD is its EOS (many chat models) gets a new PAD token; call `resize_embeddings` on
-    every model used with it. PAD's embedding is never trained on or predicted (labels -100)."""
+    """AutoTokenizer with an EOS and a PAD distinct from every end token. A tokenizer without PAD
+    (GPT-2, Pythia) or whose PAD is its EOS or its chat template's end-of-turn (many chat models)
+    gets a new PAD token; call `resize_embeddings` on every model used with it. PAD's embedding is
+    never trained on or predicted (labels -100)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name!r} has no EOS token, so completions cannot be ended; "
                          f"set one (tokenizer.eos_token = ...) and save_pretrained it, then pass that folder")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+    if tok.pad_token_id is None or tok.pad_token_id in (tok.eos_token_id, end_of_turn_id(tok)):
         tok.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
-    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.pad_token_id not in (tok.eos_token_id, end_of_turn_id(tok))
     return tok
 
 

@@ -390,13 +390,13 @@ def sft_loss(logits, labels):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
-    toy = args.dataset_name == "toy"
+    on_toy = args.dataset_name == "toy"
     for name, toy_value, other in (("max_length", 64, 1024), ("response_length", 24, 256), ("num_epochs", 0.1, 1.0),
                                    ("learning_rate", 3e-4, 3e-6), ("kl_coef", 0.5, 0.05)):
         if getattr(args, name) is None:
-            setattr(args, name, toy_value if toy else other)
+            setattr(args, name, toy_value if on_toy else other)
     if args.ptx_coef and args.ptx_dataset_name is None:
-        if not toy:
+        if not on_toy:
             raise ValueError("--ptx-coef > 0 needs --ptx-dataset-name: the SFT data (prompt, completion or messages) "
                              "whose likelihood PPO-ptx keeps up")
         args.ptx_dataset_name = "toy"

@@ -95,6 +95,11 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
         assert (batch["attention_mask"][row, n:] == 0).all() and (batch["labels"][row, n:] == -100).all()
     # the plain prompt got the BOS that the tokenizer adds; no EOS slipped into it
     assert examples[0]["input_ids"][0] == loaded.bos_token_id
+    # a PAD that is the template's end-of-turn (not the EOS) would mask the real end of every reply too
+    tok = make_bpe_tokenizer(pad_token="<|im_end|>")
+    tok.save_pretrained(tmp_path / "eot_pad")
+    loaded = common.load_tokenizer(str(tmp_path / "eot_pad"))
+    assert loaded.pad_token == common.ADDED_PAD_TOKEN and common.end_of_turn_id(loaded) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def labelled_runs(labels):
