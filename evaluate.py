@@ -1,13 +1,20 @@
 """Evaluate policies: reward against KL, compared with the exact optimum, best-of-n and each other.
 
-For every policy: responses to held-out prompts, their mean reward-model score, their sequence KL
-to the reference policy (the mean over samples of Σ_t log π − log π_ref over response tokens),
-length and the share ending with an end token (eos_rate), and the win rate against the dataset's reference responses under a judge.
-On the toy task also the exact gold reward and the exact KL to P_ref of every sample, and the
-optimality ratio (R_π − R_ref) / (R*(KL_π) − R_ref): the share of the best improvement achievable
-at that KL, R* being the exact frontier of π*_β ∝ P_ref exp(r/β) (toy_task.optimal_frontier).
-Best-of-n sampling from the reference (Stiennon et al. 2020; Nakano et al. 2021) is the baseline,
-at KL log n − (n − 1)/n. Results go to a table on stdout and CSV/JSON/PNG under --output-dir.
+Every row is measured on the same held-out prompts, as a mean over prompts with its standard
+error. For every policy: one response per prompt; the reward-model score; the sequence KL to the
+reference policy (the mean over samples of Σ_t log π − log π_ref over response tokens); length,
+per-token entropy and the share ending with an end token (eos_rate); the win rate against the
+dataset's reference responses under a judge. On the toy task also the exact gold reward and the
+exact KL to P_ref of every sample, and two optimality ratios (R_π − R_0) / (R*(KL_π) − R_0), the
+share of the best improvement achievable at that KL:
+* vs P_ref: R* the exact frontier of π*_β ∝ P_ref exp(r/β) (toy_task.optimal_frontier);
+* vs SFT (the reference policy): R* the frontier of π*_β ∝ π_SFT exp(r/β), which is what PPO and
+  DPO aim at, estimated by self-normalised importance sampling from max(--best-of-n) samples of
+  the reference per prompt (biased low when few samples carry the weight: the effective sample
+  size is reported);
+each with a bootstrap standard error over prompts. Best-of-n sampling from the reference
+(Stiennon et al. 2020; Nakano et al. 2021) is the baseline, at KL log n − (n − 1)/n. Results go
+to a table on stdout and CSV/JSON/PNG under --output-dir.
 
     # default: the SFT, PPO and DPO models of the default chain on the toy task's held-out prompts, CPU
     python evaluate.py
@@ -61,13 +68,16 @@ class Args:
     response_length: Optional[int] = None
     """most tokens generated per response, its end token included; default 24 on the toy task, 256 otherwise"""
     num_samples: int = 1000
-    """held-out prompts, one response each per policy"""
+    """held-out prompts: every row of the table (policies, best-of-n, checkpoints) is measured on the same ones"""
     temperature: float = 1.0
     """sampling temperature of every policy; KLs are between the sampling distributions"""
     best_of_n: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    """n of the best-of-n baseline"""
-    num_best_of_n_prompts: int = 128
-    """prompts for best-of-n, each with max(best_of_n) reference samples"""
+    """n of the best-of-n baseline; max(best_of_n) reference samples are drawn for every prompt, and (toy task)
+    also give the optimum relative to the reference policy by importance sampling"""
+    min_kl_for_ratio: float = 0.05
+    """optimality ratios of policies closer than this (nats) to the reference are not reported: the ratio is 0/0 at KL 0"""
+    num_bootstrap: int = 200
+    """resamples of the prompts for the standard errors of the optimality ratios"""
     checkpoints_dir: Optional[str] = None
     """folder of intermediate policies (ppo.py --save-every); each is evaluated for the over-optimisation plot"""
     per_device_batch_size: int = 250
@@ -107,8 +117,66 @@ def optimality_ratio(reward, kl, ref_reward, frontier):
 
 def win_rate(policy_scores, reference_scores):
     """Share of prompts where the policy's response is judged better than the reference's, ties ½."""
+    return float(np.mean(wins(policy_scores, reference_scores)))
+
+
+def wins(policy_scores, reference_scores):
+    """Per prompt: 1 if the policy's response is judged better than the reference's, ½ on a tie, else 0."""
     p, r = np.asarray(policy_scores, float), np.asarray(reference_scores, float)
-    return float(np.mean((p > r) + 0.5 * (p == r)))
+    return (p > r) + 0.5 * (p == r)
+
+
+def mean_se(x):
+    """(mean over prompts, its standard error: sample standard deviation / √n)."""
+    x = np.asarray(x, float)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def snis_optimum(rewards, betas):
+    """The KL-regularised optimum relative to a sampling policy π_0, from its samples, by self-normalised
+    importance sampling. rewards: (P, N) rewards of N samples of π_0 for each of P prompts. For each β the
+    target is π*_β(y|x) ∝ π_0(y|x) exp(r(x,y)/β) (DPO paper, eq. 4, with π_0 in place of π_ref). Per prompt,
+    with weights w_j = exp(r_j/β) normalised to ŵ_j: E*[r] ≈ Σ_j ŵ_j r_j, and KL(π* ‖ π_0) = E*[r]/β − log E_0[e^{r/β}]
+    ≈ Σ_j ŵ_j log(N ŵ_j), the KL of the reweighted samples to the uniform ones (≤ log N: with few effective
+    samples the optimum is underestimated). ESS = (Σw)²/Σw², out of N. Exact as N → ∞.
+    Returns per-prompt (P, B) arrays kl, reward, ess; β = inf gives π_0 itself."""
+    r = np.asarray(rewards, float)
+    kl, reward, ess = (np.zeros((len(r), len(betas))) for _ in range(3))
+    for b, beta in enumerate(betas):
+        logw = np.zeros_like(r) if math.isinf(beta) else (r - r.max(1, keepdims=True)) / beta
+        w = np.exp(logw)
+        w_hat = w / w.sum(1, keepdims=True)
+        reward[:, b] = (w_hat * r).sum(1)
+        kl[:, b] = (w_hat * np.log(np.maximum(w_hat * r.shape[1], 1e-300))).sum(1)
+        ess[:, b] = 1 / (w_hat ** 2).sum(1)
+    return kl, reward, ess
+
+
+def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_bootstrap=200, min_kl=0.05):
+    """Optimality ratio (R_π − R_ref) / (R*(KL_π) − R_ref) of per-prompt gold rewards and KLs (P,), against a
+    frontier given per prompt (P, B) or exactly (B,), and R_ref per prompt (P,) or exactly (scalar). The
+    point estimate uses the means over prompts; its standard error is the spread over `num_bootstrap`
+    resamples of the prompts (every per-prompt quantity resampled together: the policy's, the reference's
+    and an estimated frontier's noise all count). (None, None) where KL_π < min_kl (0/0) or beyond the
+    frontier's largest KL (it would be extrapolated)."""
+    P = len(gold)
+    cols = [np.broadcast_to(np.asarray(a, float), (P,)) for a in (gold, kl, ref_gold)]
+    f_kl, f_r = (np.broadcast_to(np.asarray(a, float), (P, np.shape(a)[-1])) for a in (frontier_kl, frontier_reward))
+
+    def ratio(idx):
+        fk, fr = f_kl[idx].mean(0), f_r[idx].mean(0)
+        order = np.argsort(fk)
+        g, k, g0 = (c[idx].mean() for c in cols)  # gold, KL, the reference's gold
+        if k < min_kl or k > fk.max():
+            return None
+        return optimality_ratio(g, k, g0, list(zip(fk[order], fr[order])))
+
+    point = ratio(np.arange(P))
+    if point is None:
+        return None, None
+    boots = [ratio(rng.integers(0, P, P)) for _ in range(num_bootstrap)]
+    boots = [b for b in boots if b is not None]
+    return point, float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
 
 
 # ---- model helpers ----------------------------------------------------------------------------------
@@ -140,7 +208,8 @@ def sample(model, queries, tokenizer, args, device):
 
 @torch.no_grad()
 def response_logps(model, queries, responses, tokenizer, args, device):
-    """(N,) Σ over response tokens of log softmax(logits / temperature), PAD excluded as in sampling."""
+    """(N,) Σ over response tokens of log softmax(logits / temperature), PAD excluded as in sampling, and
+    (N,) the mean over each response's tokens of the entropy of that sampling distribution."""
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
         q, r = queries[i: i + args.per_device_batch_size], responses[i: i + args.per_device_batch_size]
@@ -150,12 +219,16 @@ def response_logps(model, queries, responses, tokenizer, args, device):
             logits = model(input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
                            attention_mask=common.attention_mask(seqs).to(device)).logits
         logits = logits[:, :-1].float() / args.temperature  # position t predicts token t + 1
-        logits[..., tokenizer.pad_token_id] = -float("inf")
+        logits[..., tokenizer.pad_token_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
         labels = labels[:, 1:]
         mask = labels != common.IGNORE_INDEX
-        logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append(torch.where(mask, logp, 0.0).sum(1).cpu())
-    return torch.cat(out).numpy()
+        logp_all = logits.log_softmax(-1)  # (n, L-1, V)
+        logp = torch.gather(logp_all, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (n, L-1)
+        out.append(torch.stack([torch.where(mask, logp, 0.0).sum(1),
+                                torch.where(mask, entropy, 0.0).sum(1) / mask.sum(1).clamp(min=1)], 1).cpu())
+    out = torch.cat(out).numpy()
+    return out[:, 0], out[:, 1]
 
 
 @torch.no_grad()
@@ -235,6 +308,8 @@ if __name__ == "__main__":
             return np.array([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)])
         return None
 
+    rng = np.random.default_rng(args.seed)  # bootstrap resamples of the prompts
+    P, N = len(queries), max(args.best_of_n)
     frontier = None
     if toy:  # the exact frontier on a fine grid of β, as (KL to P_ref, gold reward), sorted by KL
         betas = [math.inf] + list(np.geomspace(20, 0.05, 80))
@@ -243,61 +318,85 @@ if __name__ == "__main__":
     ref_judged = judge_scores(queries, references, tokenizer.batch_decode(references, skip_special_tokens=True)) \
         if references is not None else None
 
+    # 2. N = max(best_of_n) samples of the reference policy for every prompt: best-of-n, and on the toy task
+    # the optimum relative to the reference policy (π*_β ∝ π_ref exp(r/β), what PPO and DPO aim at)
+    bon_queries = [q for q in queries for _ in range(N)]
+    bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
+    bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device).reshape(P, N)
+    if toy:
+        bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
+        bon_prompts = [p for p in prompts for _ in range(N)]
+        gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, bon_texts)]).reshape(P, N)
+        # KL of best-of-n to P_ref = KL to the reference policy (formula) + E_bon[log π_ref − log P_ref]
+        lp, _ = response_logps(ref_model, bon_queries, bon_responses, tokenizer, args, device)
+        gap = (lp - np.array([toy_task.ref_logprob(p, t, args.response_length)
+                              for p, t in zip(bon_prompts, bon_texts)])).reshape(P, N)
+        # per prompt (P, B): KL to the reference policy and gold reward of its optimum, by importance sampling
+        ref_betas = [math.inf] + list(np.geomspace(20, 0.1, 60))
+        ref_kl, ref_reward, ref_ess = snis_optimum(gold, ref_betas)
+        ref_frontier = [(b, k, r, e) for b, k, r, e in zip(ref_betas, ref_kl.mean(0), ref_reward.mean(0), ref_ess.mean(0))]
+        ref_policy_gold = gold.mean(1)  # (P,) the reference policy's own gold reward per prompt
+
+    def add_ratios(row, gold_pp, kl_p_ref_pp, kl_ref_pp):
+        """Both optimality ratios of a row, with bootstrap standard errors: against the exact optimum
+        relative to P_ref, and against the importance-sampled optimum relative to the reference policy."""
+        row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
+        fk, fr = zip(*frontier)
+        row["optimality_ratio_vs_p_ref"], row["optimality_ratio_vs_p_ref_se"] = ratio_with_se(
+            gold_pp, kl_p_ref_pp, ref_gold, fk, fr, rng, args.num_bootstrap, args.min_kl_for_ratio)
+        row["optimality_ratio_vs_sft"], row["optimality_ratio_vs_sft_se"] = ratio_with_se(
+            gold_pp, kl_ref_pp, ref_policy_gold, ref_kl, ref_reward, rng, args.num_bootstrap, args.min_kl_for_ratio)
+        # effective samples behind the optimum at this KL: few of N means the optimum is underestimated
+        # (the ratio then overestimated); raise max(--best-of-n) for more samples
+        kls, _, _, ess = map(np.array, zip(*sorted((k, b, r, e) for b, k, r, e in ref_frontier)))
+        row["optimum_vs_sft_ess"] = float(np.interp(float(np.mean(kl_ref_pp)), kls, ess))
+
+    def with_se(row, **per_prompt):
+        """Put the mean over prompts of each per-prompt array in `row`, and its standard error as key_se."""
+        for key, values in per_prompt.items():
+            row[key], row[key + "_se"] = mean_se(values)
+        return row
+
     def evaluate_policy(name):
-        """Every per-policy metric for the policy in folder `name`."""
+        """Every per-policy metric for the policy in folder `name`, on the same prompts as every other row."""
         model = ref_model if name == args.ref_policy else load_model(AutoModelForCausalLM, name, tokenizer, device)
         responses = sample(model, queries, tokenizer, args, device)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        logp = response_logps(model, queries, responses, tokenizer, args, device)
-        logp_ref = logp if model is ref_model else response_logps(ref_model, queries, responses, tokenizer, args, device)
-        row = {"policy": name, "score": float(reward_scores(reward_model, queries, responses, tokenizer, args, device).mean()),
-               "kl_to_ref_policy": float(np.mean(logp - logp_ref)),
-               "response_length": float(np.mean([len(r) for r in responses])),
-               "eos_rate": float(np.mean([bool(r) and r[-1] in stops for r in responses]))}
+        logp, entropy = response_logps(model, queries, responses, tokenizer, args, device)
+        logp_ref = logp if model is ref_model else response_logps(ref_model, queries, responses, tokenizer, args, device)[0]
+        row = with_se({"policy": name}, score=reward_scores(reward_model, queries, responses, tokenizer, args, device),
+                      kl_to_ref_policy=logp - logp_ref, response_length=[len(r) for r in responses],
+                      eos_rate=[bool(r) and r[-1] in stops for r in responses], entropy=entropy)
         judged = judge_scores(queries, responses, texts)
         if judged is not None and ref_judged is not None:
-            row["win_rate"] = win_rate(judged, ref_judged)
+            with_se(row, win_rate=wins(judged, ref_judged))
         if toy:
-            row["gold_reward"] = float(np.mean([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)]))
-            row["kl_to_p_ref"] = float(np.mean([lp - toy_task.ref_logprob(p, t, args.response_length)
-                                                for p, t, lp in zip(prompts, texts, logp)]))
-            row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
-            row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
-        print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            gold_pp = np.array([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)])
+            kl_pp = logp - np.array([toy_task.ref_logprob(p, t, args.response_length) for p, t in zip(prompts, texts)])
+            with_se(row, gold_reward=gold_pp, kl_to_p_ref=kl_pp)
+            add_ratios(row, gold_pp, kl_pp, logp - logp_ref)
+        print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                               if not k.endswith("_se")))
         return row
 
-    # 2. every policy
+    # 3. every policy
     print("policies:")
     rows = [evaluate_policy(name) for name in args.policies]
 
-    # 3. best-of-n from the reference policy: N = max(n) samples for each of a subset of prompts
-    N = max(args.best_of_n)
-    bon_idx = list(range(min(args.num_best_of_n_prompts, len(queries))))
-    bon_queries = [queries[i] for i in bon_idx for _ in range(N)]
-    bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
-    bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device).reshape(len(bon_idx), N)
-    if toy:
-        bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
-        bon_prompts = [prompts[i] for i in bon_idx for _ in range(N)]
-        gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, bon_texts)]).reshape(len(bon_idx), N)
-        # KL of best-of-n to P_ref = KL to the reference policy (formula) + E_bon[log π_ref − log P_ref]
-        lp = response_logps(ref_model, bon_queries, bon_responses, tokenizer, args, device)
-        gap = (lp - np.array([toy_task.ref_logprob(p, t, args.response_length)
-                              for p, t in zip(bon_prompts, bon_texts)])).reshape(len(bon_idx), N)
-
     def best_of_n_rows(selector, label):
-        """One row per n: expected score, gold reward and KLs of the sample that `selector` (prompts, N)
-        ranks highest among n of a prompt's N (KL to P_ref = the formula + E_bon[log π_ref − log P_ref])."""
-        def at_best(values, n):
-            return float(np.mean([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)]))
+        """One row per n: expected score, gold reward and KLs of the sample that `selector` (P, N) ranks
+        highest among n of a prompt's N (KL to P_ref = the formula + E_bon[log π_ref − log P_ref])."""
+        def at_best(values, n):  # (P,) per prompt
+            return np.array([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)])
 
         out = []
         for n in args.best_of_n:
-            row = {"policy": f"best-of-{n}{label}", "score": at_best(bon_scores, n), "kl_to_ref_policy": best_of_n_kl(n)}
+            row = with_se({"policy": f"best-of-{n}{label}"}, score=at_best(bon_scores, n))
+            row["kl_to_ref_policy"] = best_of_n_kl(n)  # exact (an upper bound when samples tie)
             if toy:
-                row["gold_reward"], row["kl_to_p_ref"] = at_best(gold, n), best_of_n_kl(n) + at_best(gap, n)
-                row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
-                row["optimality_ratio"] = optimality_ratio(row["gold_reward"], row["kl_to_p_ref"], ref_gold, frontier)
+                gold_pp, kl_pp = at_best(gold, n), best_of_n_kl(n) + at_best(gap, n)
+                with_se(row, gold_reward=gold_pp, kl_to_p_ref=kl_pp)
+                add_ratios(row, gold_pp, kl_pp, np.full(P, best_of_n_kl(n)))
             out.append(row)
         return out
 
@@ -312,24 +411,36 @@ if __name__ == "__main__":
         names = sorted(os.listdir(args.checkpoints_dir))
         checkpoints = [evaluate_policy(os.path.join(args.checkpoints_dir, c)) for c in names]
 
-    # 5. table, CSV, JSON and plots
+    # 5. table (mean ± standard error over prompts), CSV, JSON and plots
     all_rows = rows + bon + bon_gold + checkpoints
-    columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "win_rate", "gold_reward",
-               "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio"]
-    columns = [c for c in columns if any(c in r for r in all_rows)]
+    columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "entropy", "win_rate", "gold_reward",
+               "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio_vs_p_ref", "optimality_ratio_vs_sft",
+               "optimum_vs_sft_ess"]
+    columns = [c for c in columns if any(r.get(c) is not None for r in all_rows)]
+
+    def cell(r, c):
+        v, se = r.get(c), r.get(c + "_se")
+        if not isinstance(v, float):
+            return "" if v is None else str(v)
+        return f"{v:.3f} ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else f"{v:.3f}"
+
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
-        "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |"
-        for r in rows + bon + bon_gold + checkpoints)
+        "| " + " | ".join(cell(r, c) for c in columns) + " |" for r in all_rows)
     if toy:
-        table += f"\n\nP_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: {frontier_reward_at(1.0, frontier):.3f}"
+        at1 = min(ref_frontier[1:], key=lambda f: abs(f[0] - 1.0))
+        table += (f"\n\n{P} prompts for every row. P_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: "
+                  f"{frontier_reward_at(1.0, frontier):.3f}. Optimum relative to the reference policy (importance sampling, "
+                  f"{N} samples per prompt): β = {at1[0]:.2f} gives KL {at1[1]:.3f}, gold {at1[2]:.3f}, effective sample size "
+                  f"{at1[3]:.1f} of {N}; a ratio is blank where the KL is under {args.min_kl_for_ratio} or beyond the frontier")
     print(table)
+    fields = [k for c in columns for k in (c, c + "_se") if any(k in r for r in all_rows)]
     with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(all_rows)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "policies": rows, "best_of_n": bon, "best_of_n_gold": bon_gold, "checkpoints": checkpoints,
-                   "frontier": frontier}, f, indent=2)
+                   "frontier": frontier, "frontier_vs_ref_policy": ref_frontier if toy else None}, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
 
@@ -338,25 +449,36 @@ if __name__ == "__main__":
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, y_key = ("kl_to_p_ref", "gold_reward") if toy else ("kl_to_ref_policy", "win_rate" if ref_judged is not None else "score")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if toy:
-        kls, rs = zip(*frontier)
-        limit = 1.1 * max([r[x_key] for r in rows + bon + bon_gold] + [1.0])
-        ax.plot([k for k in kls if k <= limit], [r for k, r in zip(kls, rs) if k <= limit], "k-", label="exact optimum π*_β")
-    if all(y_key in r for r in bon):
-        ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
-    if bon_gold:
-        ax.plot([r[x_key] for r in bon_gold], [r[y_key] for r in bon_gold], "s:", color="silver",
-                label="best-of-n, gold reward as selector")
-    for r in rows:
-        ax.plot(r[x_key], r[y_key], "*", markersize=14, label=os.path.basename(r["policy"].rstrip("/")))
-    ax.set_xlabel("KL to P_ref (nats per response)" if toy else "KL to the reference policy (nats per response)")
-    ax.set_ylabel("gold reward" if toy else y_key.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    def draw(ax, x_key, y_key, optimum, optimum_label):
+        """Reward against KL: an optimum curve (or none), best-of-n, and every policy as a star."""
+        if optimum:
+            limit = 1.1 * max([r[x_key] for r in rows + bon + bon_gold] + [1.0])
+            ax.plot([k for k, _ in optimum if k <= limit], [v for k, v in optimum if k <= limit], "k-", label=optimum_label)
+        if all(y_key in r for r in bon):
+            ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
+        if bon_gold:
+            ax.plot([r[x_key] for r in bon_gold], [r[y_key] for r in bon_gold], "s:", color="silver",
+                    label="best-of-n, gold reward as selector")
+        for r in rows:
+            ax.errorbar(r[x_key], r[y_key], yerr=r.get(y_key + "_se"), fmt="*", markersize=14,
+                        label=os.path.basename(r["policy"].rstrip("/")))
+        ax.set_xlabel(x_key.replace("kl_to_p_ref", "KL to P_ref").replace("kl_to_ref_policy", "KL to the reference policy")
+                      + " (nats per response)")
+        ax.set_ylabel(y_key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    if toy:  # left: against the exact optimum relative to P_ref; right: relative to the reference (SFT) policy
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+        draw(left, "kl_to_p_ref", "gold_reward", frontier, "exact optimum π*_β ∝ P_ref·exp(r/β)")
+        draw(right, "kl_to_ref_policy", "gold_reward", [(k, r) for _, k, r, _ in ref_frontier],
+             f"optimum π*_β ∝ π_SFT·exp(r/β) (importance sampling, {N} samples)")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        draw(ax, "kl_to_ref_policy", "win_rate" if ref_judged is not None else "score", None, None)
     fig.tight_layout()
     fig.savefig(os.path.join(args.output_dir, "frontier.png"))
+    x_key = "kl_to_p_ref" if toy else "kl_to_ref_policy"
     if checkpoints:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         ax.plot([r[x_key] for r in checkpoints], [r["score"] for r in checkpoints], "o-", label="reward-model score")

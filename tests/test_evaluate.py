@@ -15,8 +15,8 @@ import torch
 import common
 import toy_task
 from conftest import markov_llama, run_script, toy_reward_model
-from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio,
-                      response_logps, sample, win_rate)
+from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio, ratio_with_se,
+                      response_logps, sample, snis_optimum, win_rate)
 
 
 def test_best_of_n_expectation_against_enumerating_subsets():
@@ -54,6 +54,55 @@ def test_frontier_interpolation_and_optimality_ratio():
     assert optimality_ratio(1.5, 1.0, -0.5, frontier) == pytest.approx(1.0)
 
 
+def test_snis_optimum_by_hand():
+    # one prompt, two samples with rewards 0 and 1, β = 1: weights 1 and e
+    kl, reward, ess = snis_optimum(np.array([[0.0, 1.0]]), [math.inf, 1.0])
+    w = np.array([1, math.e]) / (1 + math.e)
+    assert reward[0].tolist() == pytest.approx([0.5, math.e / (1 + math.e)])
+    assert kl[0, 1] == pytest.approx(float((w * np.log(2 * w)).sum())) and kl[0, 0] == 0
+    # the same KL from its definition: E*[r]/β − log E_0[exp(r/β)]
+    assert kl[0, 1] == pytest.approx(math.e / (1 + math.e) - math.log((1 + math.e) / 2))
+    assert ess[0].tolist() == pytest.approx([2.0, 1 / (w ** 2).sum()])
+
+
+def test_snis_optimum_matches_the_exact_frontier(markov_models):
+    """With a layer-free Llama whose logits are P_ref as the sampling policy, the importance-sampled
+    optimum relative to it is the exact frontier relative to P_ref (toy_task's dynamic programming):
+    within 4 standard errors at β = 2 (effective sample size ~90 of 128); at β = 1 (~35 of 128) it
+    is biased low, as self-normalised importance sampling is with few effective samples."""
+    from transformers import AutoModelForCausalLM
+
+    ref_path, _, _ = markov_models
+    tok = common.load_tokenizer(ref_path)
+    model = AutoModelForCausalLM.from_pretrained(ref_path).eval()
+    prompts = toy_task.make_dataset("prompt", "eval")["prompt"][:150]
+    N = 128
+    queries = common.encode_prompts(tok, [p for p in prompts for _ in range(N)], templated=False)
+    torch.manual_seed(0)
+    args = Args(per_device_batch_size=2000, max_length=64, response_length=toy_task.MAX_RESPONSE_TOKENS)
+    texts = tok.batch_decode(sample(model, queries, tok, args, torch.device("cpu")), skip_special_tokens=True)
+    gold = np.array([toy_task.gold_reward(p, t) for p, t in zip([p for p in prompts for _ in range(N)], texts)]).reshape(-1, N)
+    kl, reward, ess = snis_optimum(gold, [2.0, 1.0])
+    (_, kl2, r2), (_, kl1, r1) = toy_task.optimal_frontier(prompts, [2.0, 1.0])
+    se = lambda x: x.std(ddof=1) / math.sqrt(len(x))
+    assert kl[:, 0].mean() == pytest.approx(kl2, abs=4 * se(kl[:, 0])) and reward[:, 0].mean() == pytest.approx(r2, abs=4 * se(reward[:, 0]))
+    assert ess[:, 0].mean() > 0.5 * N > ess[:, 1].mean()
+    assert kl[:, 1].mean() < kl1 and reward[:, 1].mean() < r1 + 2 * se(reward[:, 1])
+
+
+def test_ratio_standard_error_against_the_delta_method():
+    """On the frontier R*(k) = 2k with R_ref = 0 and every KL 1, the ratio is mean(gold) / 2, whose standard
+    error is std(gold) / (2√P); the bootstrap must agree. Below min_kl the ratio is not reported."""
+    rng = np.random.default_rng(0)
+    gold = rng.normal(1.5, 0.5, size=400)
+    frontier_kl, frontier_r = np.array([0.0, 1.0, 3.0]), np.array([0.0, 2.0, 6.0])
+    ratio, se = ratio_with_se(gold, np.ones(400), 0.0, frontier_kl, frontier_r, rng, num_bootstrap=2000)
+    assert ratio == pytest.approx(gold.mean() / 2)
+    assert se == pytest.approx(gold.std(ddof=1) / (2 * math.sqrt(400)), rel=0.1)
+    assert ratio_with_se(gold, np.full(400, 0.01), 0.0, frontier_kl, frontier_r, rng) == (None, None)
+    assert ratio_with_se(gold, np.full(400, 5.0), 0.0, frontier_kl, frontier_r, rng) == (None, None)  # beyond the frontier
+
+
 def test_win_rate_counts_ties_half():
     assert win_rate([1, 2, 3], [2, 2, 2]) == pytest.approx(0.5)
     assert win_rate([5, 5], [1, 1]) == 1.0
@@ -79,7 +128,7 @@ def test_sampled_kl_and_gold_match_the_exact_values(markov_models):
     for path, log_trans in ((ref_path, np.log(task.trans)), (pol_path, pol_log_trans)):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         responses = sample(model, queries, tok, args, torch.device("cpu"))
-        logp = response_logps(model, queries, responses, tok, args, torch.device("cpu"))
+        logp, entropy = response_logps(model, queries, responses, tok, args, torch.device("cpu"))
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         kl = np.array([lp - task.ref_logprob(p, t) for p, t, lp in zip(prompts, texts, logp)])
         gold = np.array([task.gold_reward(p, t) for p, t in zip(prompts, texts)])
@@ -91,6 +140,11 @@ def test_sampled_kl_and_gold_match_the_exact_values(markov_models):
         else:
             assert exact_kl > 1.0 and kl.mean() == pytest.approx(exact_kl, abs=4 * float(kl.std()) / math.sqrt(len(kl)))
         assert gold.mean() == pytest.approx(exact_gold, abs=4 * float(gold.std()) / math.sqrt(len(gold)))
+        # per-token entropy of a Markov policy: at each step the entropy of the row of the word before
+        for i in range(5):
+            words = [prompts[i].split()[-1]] + texts[i].split()
+            rows = [log_trans[task.index[w]] for w in words[: len(responses[i])]]
+            assert entropy[i] == pytest.approx(np.mean([-(np.exp(r) * r).sum() for r in rows]), abs=1e-3)
 
 
 def test_smoke(tmp_path, markov_models):
@@ -105,7 +159,7 @@ def test_smoke(tmp_path, markov_models):
     shutil.copytree(ref_path, same)
     out_dir = tmp_path / "eval"
     run_script(["evaluate.py", "--policies", ref_path, pol_path, same, "--ref-policy", ref_path, "--reward-model-name", rm_path,
-                "--num-samples", "600", "--best-of-n", "1", "2", "4", "--num-best-of-n-prompts", "150",
+                "--num-samples", "600", "--best-of-n", "1", "2", "4", "16",
                 "--checkpoints-dir", str(ckpts), "--output-dir", str(out_dir)])
     results = json.load(open(out_dir / "results.json"))
     ref_row, pol_row, same_row = results["policies"]
@@ -125,6 +179,14 @@ def test_smoke(tmp_path, markov_models):
     frontier_ref_gold = results["frontier"][0][1]
     gold_bon = [r["gold_reward"] for r in results["best_of_n_gold"]]
     assert gold_bon[0] == pytest.approx(frontier_ref_gold, abs=0.25) and gold_bon[0] < gold_bon[1] < gold_bon[2]
+    # every row on the same prompts, with standard errors; no ratio for the reference itself (KL 0)
+    for row in results["policies"] + results["best_of_n"]:
+        assert row["gold_reward_se"] > 0 and row["score_se"] > 0
+    assert ref_row["optimality_ratio_vs_sft"] is None and pol_row["optimality_ratio_vs_sft_se"] > 0
+    # the reference policy is P_ref here, so its importance-sampled optimum at small KL (β = 20, large
+    # effective sample size) is the exact frontier's
+    beta, kl, r, ess = results["frontier_vs_ref_policy"][1]
+    assert beta == 20 and ess > 12 and r == pytest.approx(frontier_reward_at(kl, results["frontier"]), abs=0.1)
     assert len(results["checkpoints"]) == 2
     for f in ("results.csv", "results.md", "frontier.png", "overoptimisation.png"):
         assert (out_dir / f).stat().st_size > 0
