@@ -696,5 +696,6 @@ if __name__ == "__main__":
             json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
         print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
         writer.close()
-    if args.world_size > 1:
+    if args.world_size > 1:  # every rank waits for rank 0's save, then all leave together
+        dist.barrier()
         dist.destroy_process_group()
