@@ -271,7 +271,7 @@ def _keep_end(ids, n, bos):
 
 
 def _sft_conversations(tokenizer, rows):
-    """(input ids, labels, prompt_not_prefix count) of conversational SFT rows, each rendered whole by
+    """([(input ids, labels)], prompt_not_prefix count) of conversational SFT rows, each rendered whole by
     the chat template. Loss on every assistant turn of the conversation (`messages` rows) or of the
     completion (prompt/completion rows): its content and the end-of-turn token, found as the ids
     between the template's renderings of the conversation up to that turn's generation prompt and

@@ -333,9 +333,9 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
     chunks of per_device_batch_size, the log-probabilities under π and π_ref, the values, the
     entropies and the reward model's scores. Returns a dict of (B, ...) tensors; queries are
     left-padded to a common width Lq, responses (B, T) right-padded after their end token.
-    With `sample_seed`, generation chunk j samples from a generator seeded with sample_seed + j (the
-    global random state is left as it was): a chunk's samples then depend on its prompts and its
-    seed only, not on how the global batch is split over ranks."""
+    With `sample_seed`, generation chunk j samples with the random state seeded to sample_seed + j
+    inside torch.random.fork_rng (the outer random state is left as it was): a chunk's samples then
+    depend on its prompts and its seed only, not on how the global batch is split over ranks."""
     from transformers import GenerationConfig
 
     pad_id, policy = tokenizer.pad_token_id, agent.policy
