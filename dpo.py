@@ -45,7 +45,8 @@ class Args:
     device: str = "auto"
     """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
     bf16: bool = False
-    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32; with --fsdp the
+    weights are also gathered in bfloat16 and gradients reduced in float32)"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "minimal-alignment"
@@ -54,6 +55,14 @@ class Args:
     """Weights & Biases entity (team or user), with --track"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and tokenizer are saved to with save_pretrained"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state over the ranks (FSDP2, one group per decoder layer)
+    instead of replicating them (DDP); needs torchrun, also with one process"""
+    checkpoint_every: int = 0
+    """every this many optimizer steps (PPO: iterations), save all a run needs to continue to
+    {output_dir}/resume/step_N (model, optimizer, step, RNG states of every rank); 0 = never"""
+    resume: bool = False
+    """continue from the latest complete checkpoint in {output_dir}/resume (same flags and number of ranks)"""
 
     # ---- model, data and optimisation: the same names and meanings in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
@@ -187,14 +196,149 @@ def all_pair_logps(model, pairs, pad_id, args, device, rank):
     model.eval()
     out = torch.zeros(2, len(pairs), device=device)
     mine = list(range(rank, len(pairs), args.world_size))
-    for i in range(0, len(mine), args.per_device_batch_size):
+    # as many forward passes on every rank (under FSDP each is a collective): one out of pairs
+    # repeats pair 0 and keeps nothing
+    for i in range(0, math.ceil(len(pairs) / args.world_size), args.per_device_batch_size):
         idx = mine[i: i + args.per_device_batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in idx], pad_id).items()}
-        out[0, idx], out[1, idx], _ = pair_logps(model, batch, args)
+        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in idx or [0]], pad_id).items()}
+        chosen, rejected, _ = pair_logps(model, batch, args)
+        if idx:
+            out[0, idx], out[1, idx] = chosen, rejected
     if args.world_size > 1:
         dist.all_reduce(out)
     model.train()
     return out
+
+
+# ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
+def shard(model, mesh, args):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): one group per decoder layer (the classes the model
+    lists in _no_split_modules), then the root for the rest (embeddings, final norm, head). Each rank
+    keeps 1/world_size of every parameter, gradient and AdamW state; a group is all-gathered just
+    before its forward (and again in backward) and freed after. With --bf16 it is gathered in
+    bfloat16 and its gradients reduce-scattered in float32 into the float32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    for m in model.modules():
+        if type(m).__name__ in (model._no_split_modules or ()):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP, all-gather every parameter of `model` once and keep it until the block ends, so that
+    generate (a forward per token) needs no collective per token and may run on one rank alone; it
+    costs one full copy of the weights in the compute dtype meanwhile. Every rank must enter the
+    block. Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        if m is not model:  # the root keeps its parameters after forward anyway
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def save_model(model, tokenizer, path, args, rank):
+    """save_pretrained on rank 0 (every rank must call this): under FSDP the full state dict is first
+    gathered, shard by shard, into rank 0's CPU memory."""
+    state_dict = None
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        unique = dict(model.named_parameters()).keys()  # a tied head once, as save_pretrained writes it
+        state_dict = {k: v for k, v in state_dict.items() if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+        if args.fsdp:  # fully_shard renamed the class to FSDP<name>; from_pretrained and vLLM want the real one
+            model.config.architectures = [type(model).__bases__[-1].__name__]
+            model.config.save_pretrained(path)
+
+
+def save_checkpoint(path, model, optimizer, trainer_state, rank):
+    """All a run needs to continue, in `path` (every rank must call this): model and AdamW state with
+    torch.distributed.checkpoint (under FSDP each rank writes its shards; replicated tensors are
+    written once), each rank's Python, NumPy and torch RNG states, and last trainer_state.json,
+    whose presence marks the checkpoint complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(path, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f)
+
+
+def load_checkpoint(output_dir, model, optimizer, rank, world_size):
+    """Load the latest complete checkpoint in output_dir/resume into `model`, `optimizer` and this
+    rank's RNGs; returns its path and trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    root = os.path.join(output_dir, "resume")
+    done = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if os.path.exists(os.path.join(root, d, "trainer_state.json")))
+    if not done:
+        raise SystemExit(f"--resume: no complete checkpoint in {root}; save some with --checkpoint-every N")
+    path = os.path.join(root, done[-1])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise SystemExit(f"--resume: {path} was written by {state['world_size']} rank(s), not {world_size}: "
+                         "each rank's data slice and random state belong to that number")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)  # in place, each rank its shards
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return path, state
+
+
+def memory_plan(models, args):
+    """Bytes per rank of the float32 parameters, gradients and AdamW state (two moments) of each
+    (name, model, trained) under DDP (every rank a full copy) or FSDP (1/world_size each); activations,
+    the gathered layers and the logits come on top. Printed at the start."""
+    shards, total, lines = args.world_size if args.fsdp else 1, 0, []
+    for name, model, trained in models:
+        n = sum(p.numel() for p in model.parameters())
+        parts = {"parameters": 4 * n / shards, "gradients": 4 * n / shards * trained, "AdamW": 8 * n / shards * trained}
+        total += sum(parts.values())
+        lines.append(f"  {name} ({n / 1e6:.1f}M): " + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in parts.items() if v))
+    mode = f"FSDP over {args.world_size} rank(s)" if args.fsdp else f"DDP, {args.world_size} rank(s)"
+    return "\n".join([f"memory per rank ({mode}), GiB, before activations: {total / 2**30:.3f}"] + lines)
+
+
+def peak_memory(device, world_size):
+    """Peak memory of every rank in GiB: CUDA tensors on GPU, the process's peak resident set on CPU."""
+    import resource
+
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = torch.tensor([float(peak)] * world_size, device=device)
+    if world_size > 1:
+        peaks.zero_()[dist.get_rank()] = peak
+        dist.all_reduce(peaks)
+    return [round(p / 2**30, 3) for p in peaks.tolist()]
 
 
 if __name__ == "__main__":
@@ -212,13 +356,15 @@ if __name__ == "__main__":
     args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError("--label-smoothing is a flip probability in [0, 0.5)")
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        raise SystemExit("--fsdp runs under torchrun, e.g. `torchrun --nproc_per_node 8 dpo.py --fsdp`")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: distributed set-up, seeding, device
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
-    if args.world_size > 1:
+    if args.world_size > 1 or args.fsdp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -249,7 +395,13 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     model.to(device)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+    plan = memory_plan([("policy", model, True), ("reference", ref_model, False)], args)
+    if args.fsdp:  # the frozen reference is sharded too: at 7B its full copy alone would be 28 GB per rank
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (args.world_size,))
+        shard(model, mesh, args), shard(ref_model, mesh, args)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
 
     # 1. data: prompt + chosen and prompt + rejected, each ending with its end token; ties and long pairs dropped
     train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", args.dataset_train_split,
@@ -288,6 +440,7 @@ if __name__ == "__main__":
         print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, "
               f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+        print(plan)
 
     def metrics_of(losses, rc, rr, pc, pr):
         """The logged statistics of a set of pairs, as sums over pairs (divided later by the count)."""
@@ -305,12 +458,20 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
+    first_step = 0
+    if args.resume:  # model, optimizer and RNG states as they were after step `first_step`
+        path, state = load_checkpoint(args.output_dir, model, optimizer, rank, args.world_size)
+        first_step = state["step"]
+        if first_step >= args.num_steps:
+            raise SystemExit(f"{path} is the last step: nothing left to train")
+        if rank == 0:
+            print(f"resumed from {path} at step {first_step}")
     per_rank = args.batch_size // args.world_size
     log_stats, log_pairs, tokens_seen, start = torch.zeros(len(stat_names), device=device), 0, 0, time.time()
     initial = evaluate()
     if rank == 0:
         print(f"at initialisation (policy = reference): eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f} for sigmoid)")
-    for step in tqdm(range(args.num_steps), disable=rank != 0):
+    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         lr = args.learning_rate * lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -328,8 +489,9 @@ if __name__ == "__main__":
             else:
                 with torch.no_grad():
                     ref_c, ref_r, _ = pair_logps(ref_model, batch, args)
-            sync = k == args.grad_accum_steps - 1 or args.world_size == 1
-            with contextlib.nullcontext() if sync else train_model.no_sync():  # all-reduce once per step
+            # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, so gradients stay sharded
+            sync = k == args.grad_accum_steps - 1 or args.world_size == 1 or args.fsdp
+            with contextlib.nullcontext() if sync else train_model.no_sync():
                 pol_c, pol_r, n_chosen = pair_logps(train_model, batch, args)
                 losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
                 if args.rpo_alpha:  # RPO: NLL of the chosen response, a token mean per pair
@@ -340,10 +502,11 @@ if __name__ == "__main__":
             step_stats += metrics_of(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach())
         if args.world_size > 1:
             dist.all_reduce(step_stats)
-        if not torch.isfinite(step_stats[0]):
-            raise FloatingPointError(f"non-finite loss at step {step}: lower --learning-rate, or check the data")
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # the global gradient norm (clipped if --max-grad-norm > 0); checked on every rank before the update
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if not (math.isfinite(step_stats[0].item()) and math.isfinite(grad_norm.item())):
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}, before the update: "
+                                     "lower --learning-rate, or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -359,6 +522,9 @@ if __name__ == "__main__":
             writer.add_scalar("train/learning_rate", lr, global_step)
             writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), global_step)
             log_stats, log_pairs = torch.zeros_like(log_stats), 0
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}"), model, optimizer,
+                            {"step": step + 1, "world_size": args.world_size}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             final = evaluate()
             if writer:
@@ -368,47 +534,50 @@ if __name__ == "__main__":
                            f"eval/loss {final['loss']:.4f}, eval/rewards/margins {final['rewards/margins']:.4f}")
 
     # 5. toy task: gold reward and exact KL(π ‖ P_ref) of samples from the trained policy
-    if args.dataset_name == "toy" and args.num_toy_samples and rank == 0:
-        import toy_task
+    toy_eval = args.dataset_name == "toy" and args.num_toy_samples
+    with gathered(model) if toy_eval else contextlib.nullcontext():  # under FSDP the full weights, for rank 0
+        if toy_eval and rank == 0:
+            import toy_task
 
-        prompts = toy_task.make_dataset("prompt", "eval", seed=args.seed)["prompt"][: args.num_toy_samples]
-        ids = common.encode_prompts(tokenizer, prompts, templated=False)
-        model.eval()
-        gold, kl = [], []
-        with torch.no_grad():
-            for i in range(0, len(ids), 250):
-                batch = {k: v.to(device) for k, v in common.collate_prompts(ids[i: i + 250], pad_id).items()}
-                out = model.generate(**batch, max_new_tokens=toy_task.MAX_RESPONSE_TOKENS, do_sample=True,
-                                     temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-                seqs, labels, responses = [], [], []
-                for p, gen in zip(ids[i: i + 250], out[:, batch["input_ids"].shape[1]:].tolist()):
-                    eos = tokenizer.eos_token_id  # keep up to the first EOS; without one it was cut at the cap
-                    resp = gen[: gen.index(eos) + 1] if eos in gen else gen
-                    seqs.append(p + resp)
-                    labels.append([common.IGNORE_INDEX] * len(p) + resp)
-                    responses.append(tokenizer.decode(resp, skip_special_tokens=True))
-                # log π of each sample from a forward pass over prompt + response
-                logits = model(input_ids=common.pad(seqs, pad_id).to(device),
-                               attention_mask=common.attention_mask(seqs).to(device)).logits
-                logp_pi, _ = sequence_logps(logits, common.pad(labels, common.IGNORE_INDEX).to(device))
-                for prompt, r, lp in zip(prompts[i: i + 250], responses, logp_pi.tolist()):
-                    gold.append(toy_task.gold_reward(prompt, r))
-                    kl.append(lp - toy_task.ref_logprob(prompt, r))
-        final["toy/gold_reward"], final["toy/kl_to_ref"] = float(np.mean(gold)), float(np.mean(kl))
-        frontier = toy_task.optimal_frontier(prompts, [math.inf, args.beta])
-        final["toy/ref_gold_reward"], final["toy/optimum_kl"], final["toy/optimum_gold_reward"] = \
-            frontier[0][2], frontier[1][1], frontier[1][2]
+            prompts = toy_task.make_dataset("prompt", "eval", seed=args.seed)["prompt"][: args.num_toy_samples]
+            ids = common.encode_prompts(tokenizer, prompts, templated=False)
+            model.eval()
+            gold, kl = [], []
+            with torch.no_grad():
+                for i in range(0, len(ids), 250):
+                    batch = {k: v.to(device) for k, v in common.collate_prompts(ids[i: i + 250], pad_id).items()}
+                    out = model.generate(**batch, max_new_tokens=toy_task.MAX_RESPONSE_TOKENS, do_sample=True,
+                                         temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id, synced_gpus=False,
+                                         eos_token_id=tokenizer.eos_token_id)
+                    seqs, labels, responses = [], [], []
+                    for p, gen in zip(ids[i: i + 250], out[:, batch["input_ids"].shape[1]:].tolist()):
+                        eos = tokenizer.eos_token_id  # keep up to the first EOS; without one it was cut at the cap
+                        resp = gen[: gen.index(eos) + 1] if eos in gen else gen
+                        seqs.append(p + resp)
+                        labels.append([common.IGNORE_INDEX] * len(p) + resp)
+                        responses.append(tokenizer.decode(resp, skip_special_tokens=True))
+                    # log π of each sample from a forward pass over prompt + response
+                    logits = model(input_ids=common.pad(seqs, pad_id).to(device),
+                                   attention_mask=common.attention_mask(seqs).to(device)).logits
+                    logp_pi, _ = sequence_logps(logits, common.pad(labels, common.IGNORE_INDEX).to(device))
+                    for prompt, r, lp in zip(prompts[i: i + 250], responses, logp_pi.tolist()):
+                        gold.append(toy_task.gold_reward(prompt, r))
+                        kl.append(lp - toy_task.ref_logprob(prompt, r))
+            final["toy/gold_reward"], final["toy/kl_to_ref"] = float(np.mean(gold)), float(np.mean(kl))
+            frontier = toy_task.optimal_frontier(prompts, [math.inf, args.beta])
+            final["toy/ref_gold_reward"], final["toy/optimum_kl"], final["toy/optimum_gold_reward"] = \
+                frontier[0][2], frontier[1][1], frontier[1][2]
 
     # 6. save the policy and tokenizer
+    save_model(model, tokenizer, args.output_dir, args, rank)
+    peaks = peak_memory(device, args.world_size)
     if rank == 0:
         for name, value in final.items():
             writer.add_scalar(f"eval/{name}", value, args.num_steps * args.batch_size)
-        model.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
+            json.dump({"args": vars(args), "result": final, "peak_memory_gib": peaks}, f, indent=2, default=str)
         print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        print(f"peak memory per rank (GiB): {peaks}")
         writer.close()
     if args.world_size > 1:  # every rank waits for rank 0's save, then all leave together
         dist.barrier()

@@ -48,7 +48,8 @@ class Args:
     device: str = "auto"
     """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
     bf16: bool = False
-    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32; with --fsdp the
+    weights are also gathered in bfloat16 and gradients reduced in float32)"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "minimal-alignment"
@@ -57,6 +58,14 @@ class Args:
     """Weights & Biases entity (team or user), with --track"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and tokenizer are saved to with save_pretrained"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state over the ranks (FSDP2, one group per decoder layer)
+    instead of replicating them (DDP); needs torchrun, also with one process"""
+    checkpoint_every: int = 0
+    """every this many optimizer steps (PPO: iterations), save all a run needs to continue to
+    {output_dir}/resume/step_N (model, optimizer, step, RNG states of every rank); 0 = never"""
+    resume: bool = False
+    """continue from the latest complete checkpoint in {output_dir}/resume (same flags and number of ranks)"""
 
     # ---- model, data and optimisation: the same names and meanings in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
@@ -348,15 +357,16 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
     batch = common.collate_prompts(queries, pad_id)
     Lq = batch["input_ids"].shape[1]
     chunks = []
-    for j, i in enumerate(range(0, len(queries), args.per_device_batch_size)):
-        ids = batch["input_ids"][i: i + args.per_device_batch_size].to(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sample_seed is not None):
-            if sample_seed is not None:
-                torch.manual_seed(sample_seed + j)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
-                                      generation_config=gen_config)
-        chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an end token
+    with gathered(policy):  # under FSDP: the policy's full weights for the whole generation, no collective per token
+        for j, i in enumerate(range(0, len(queries), args.per_device_batch_size)):
+            ids = batch["input_ids"][i: i + args.per_device_batch_size].to(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sample_seed is not None):
+                if sample_seed is not None:
+                    torch.manual_seed(sample_seed + j)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
+                                          generation_config=gen_config, synced_gpus=False)
+            chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an end token
     T = max(c.shape[1] for c in chunks)
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
     responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
@@ -387,6 +397,139 @@ def sft_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=common.IGNORE_INDEX)
 
 
+# ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
+def shard(model, mesh, args):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): one group per decoder layer (the classes the model
+    lists in _no_split_modules), then the root for the rest (embeddings, final norm, head). Each rank
+    keeps 1/world_size of every parameter, gradient and AdamW state; a group is all-gathered just
+    before its forward (and again in backward) and freed after. With --bf16 it is gathered in
+    bfloat16 and its gradients reduce-scattered in float32 into the float32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    for m in model.modules():
+        if type(m).__name__ in (model._no_split_modules or ()):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    # a sequence-classification model is called as its backbone, then its head (token_scores): two roots
+    for root in [getattr(model, model.base_model_prefix), model.score] if hasattr(model, "score") else [model]:
+        fully_shard(root, mesh=mesh, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP, all-gather every parameter of `model` once and keep it until the block ends, so that
+    generate (a forward per token) needs no collective per token and may run on one rank alone; it
+    costs one full copy of the weights in the compute dtype meanwhile. Every rank must enter the
+    block. Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        if m is not model:  # the root keeps its parameters after forward anyway
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def save_model(model, tokenizer, path, args, rank):
+    """save_pretrained on rank 0 (every rank must call this): under FSDP the full state dict is first
+    gathered, shard by shard, into rank 0's CPU memory."""
+    state_dict = None
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        unique = dict(model.named_parameters()).keys()  # a tied head once, as save_pretrained writes it
+        state_dict = {k: v for k, v in state_dict.items() if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+        if args.fsdp:  # fully_shard renamed the class to FSDP<name>; from_pretrained and vLLM want the real one
+            model.config.architectures = [type(model).__bases__[-1].__name__]
+            model.config.save_pretrained(path)
+
+
+def save_checkpoint(path, model, optimizer, trainer_state, rank):
+    """All a run needs to continue, in `path` (every rank must call this): model and AdamW state with
+    torch.distributed.checkpoint (under FSDP each rank writes its shards; replicated tensors are
+    written once), each rank's Python, NumPy and torch RNG states, and last trainer_state.json,
+    whose presence marks the checkpoint complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(path, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f)
+
+
+def load_checkpoint(output_dir, model, optimizer, rank, world_size):
+    """Load the latest complete checkpoint in output_dir/resume into `model`, `optimizer` and this
+    rank's RNGs; returns its path and trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    root = os.path.join(output_dir, "resume")
+    done = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if os.path.exists(os.path.join(root, d, "trainer_state.json")))
+    if not done:
+        raise SystemExit(f"--resume: no complete checkpoint in {root}; save some with --checkpoint-every N")
+    path = os.path.join(root, done[-1])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise SystemExit(f"--resume: {path} was written by {state['world_size']} rank(s), not {world_size}: "
+                         "each rank's data slice and random state belong to that number")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)  # in place, each rank its shards
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return path, state
+
+
+def memory_plan(models, args):
+    """Bytes per rank of the float32 parameters, gradients and AdamW state (two moments) of each
+    (name, model, trained) under DDP (every rank a full copy) or FSDP (1/world_size each); activations,
+    the gathered layers and the logits come on top. Printed at the start."""
+    shards, total, lines = args.world_size if args.fsdp else 1, 0, []
+    for name, model, trained in models:
+        n = sum(p.numel() for p in model.parameters())
+        parts = {"parameters": 4 * n / shards, "gradients": 4 * n / shards * trained, "AdamW": 8 * n / shards * trained}
+        total += sum(parts.values())
+        lines.append(f"  {name} ({n / 1e6:.1f}M): " + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in parts.items() if v))
+    mode = f"FSDP over {args.world_size} rank(s)" if args.fsdp else f"DDP, {args.world_size} rank(s)"
+    return "\n".join([f"memory per rank ({mode}), GiB, before activations: {total / 2**30:.3f}"] + lines)
+
+
+def peak_memory(device, world_size):
+    """Peak memory of every rank in GiB: CUDA tensors on GPU, the process's peak resident set on CPU."""
+    import resource
+
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = torch.tensor([float(peak)] * world_size, device=device)
+    if world_size > 1:
+        peaks.zero_()[dist.get_rank()] = peak
+        dist.all_reduce(peaks)
+    return [round(p / 2**30, 3) for p in peaks.tolist()]
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # defaults that depend on the task: tuned for the toy task, the usual ones for pretrained LMs
@@ -411,13 +554,15 @@ if __name__ == "__main__":
         raise ValueError(f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}")
     if args.temperature <= 0:
         raise ValueError("--temperature must be > 0: PPO needs a sampling distribution with log-probabilities")
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        raise SystemExit("--fsdp runs under torchrun, e.g. `torchrun --nproc_per_node 8 ppo.py --fsdp`")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: distributed set-up, seeding, device
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
-    if args.world_size > 1:
+    if args.world_size > 1 or args.fsdp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -460,8 +605,16 @@ if __name__ == "__main__":
         for m in (policy, value_model):
             m.gradient_checkpointing_enable()
             m.config.use_cache = False
+    plan = memory_plan([("policy", policy, True), ("value model", value_model, True), ("reference", ref_model, False),
+                        ("reward model", reward_model, False)], args)
+    if args.fsdp:  # the frozen models sharded too: no optimizer state, but at 7B each is 28 GB whole
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (args.world_size,))
+        for m in (policy, value_model, ref_model, reward_model):
+            shard(m, mesh, args)
     agent = PolicyAndValue(policy, value_model)
-    train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 else agent
+    train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 and not args.fsdp else agent
 
     # data: prompts, each rank rolling out its slice of the same seeded global batch
     train_ds, eval_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split,
@@ -470,6 +623,8 @@ if __name__ == "__main__":
     train_prompts, train_stats = common.tokenize_prompts(tokenizer, train_ds, max_prompt_length, args.truncation_mode)
     eval_prompts, eval_stats = common.tokenize_prompts(tokenizer, eval_ds.select(range(min(args.num_eval_prompts, len(eval_ds)))),
                                                        max_prompt_length, args.truncation_mode)
+    # as many eval prompts on every rank, so as many forward passes (each a collective under FSDP)
+    eval_prompts = eval_prompts[: len(eval_prompts) // args.world_size * args.world_size]
     if rank == 0:
         common.report("train prompts", train_stats), common.report("eval prompts", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_prompts)) // args.batch_size
@@ -506,6 +661,7 @@ if __name__ == "__main__":
               f"{len(train_prompts)} train / {len(eval_prompts)} eval prompts, {args.num_steps} iterations of "
               f"{args.batch_size} episodes, {args.num_ppo_epochs} epochs x {args.num_minibatches} minibatches, "
               f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+        print(plan)
 
     def decode(r):
         """Prompt and response texts of a rollout (PAD and EOS dropped)."""
@@ -543,11 +699,21 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay)
     per_rank = args.batch_size // args.world_size
     mb_per_rank = args.minibatch_size // args.world_size
-    kl_coef, start, episodes = args.kl_coef, time.time(), 0
+    kl_coef, start, episodes, first_iteration = args.kl_coef, time.time(), 0, 0
+    if args.resume:  # models, optimizer, RNG states and β as they were after iteration `first_iteration`
+        path, state = load_checkpoint(args.output_dir, agent, optimizer, rank, args.world_size)
+        first_iteration, kl_coef, episodes = state["step"], state["kl_coef"], state["step"] * args.batch_size
+        if first_iteration >= args.num_steps:
+            raise SystemExit(f"{path} is the last iteration: nothing left to train")
+        for _ in range(first_iteration * args.num_ppo_epochs * args.num_minibatches if ptx_schedule else 0):
+            next(ptx_schedule)  # the PPO-ptx batches already used
+        if rank == 0:
+            print(f"resumed from {path} at iteration {first_iteration}")
     update_names = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/ratio",
                     "val/mean", "val/sq_mean", "policy/entropy"]
     final = {}
-    for iteration in tqdm(range(args.num_steps), disable=rank != 0):
+    for iteration in tqdm(range(first_iteration, args.num_steps), initial=first_iteration, total=args.num_steps,
+                          disable=rank != 0):
         lr = args.learning_rate * lr_at(iteration, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -595,8 +761,9 @@ if __name__ == "__main__":
                     if ptx_batch:
                         ptx = common.collate_sft(ptx_batch[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
                         ptx = {key: v.to(device) for key, v in ptx.items()}
-                    sync = k == args.grad_accum_steps - 1 or args.world_size == 1
-                    with contextlib.nullcontext() if sync else train_agent.no_sync():  # all-reduce once per step
+                    # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch (gradients stay sharded)
+                    sync = k == args.grad_accum_steps - 1 or args.world_size == 1 or args.fsdp
+                    with contextlib.nullcontext() if sync else train_agent.no_sync():
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                             logits, values, ptx_logits = train_agent(
                                 **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m), ptx_batch=ptx)
@@ -629,8 +796,11 @@ if __name__ == "__main__":
                                                      mean_entropy.detach()])
                     update_tokens += n
                     ptx_stats += torch.stack([ptx_loss.detach() * n_ptx, torch.as_tensor(n_ptx, device=device)])
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                # the global gradient norm (clipped if --max-grad-norm > 0); checked on every rank before the update
+                grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
+                if not math.isfinite(grad_norm.item()):
+                    raise FloatingPointError(f"non-finite gradient at iteration {iteration}, before the update: "
+                                             "lower --learning-rate or check the reward model")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -683,18 +853,20 @@ if __name__ == "__main__":
                 for p, t, s in samples:
                     tqdm.write(f"    [{p}] {t}   (score {s:+.2f})")
             final = {**logged, **{f"eval/{k}": v for k, v in metrics.items()}}
-        if rank == 0 and args.save_every and (iteration + 1) % args.save_every == 0:
-            path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
-            policy.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+        if args.save_every and (iteration + 1) % args.save_every == 0:
+            save_model(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), args, rank)
+        if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
+            save_checkpoint(os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}"), agent, optimizer,
+                            {"step": iteration + 1, "world_size": args.world_size, "kl_coef": kl_coef}, rank)
 
     # save the policy and tokenizer where evaluate.py looks for them
+    save_model(policy, tokenizer, args.output_dir, args, rank)
+    peaks = peak_memory(device, args.world_size)
     if rank == 0:
-        policy.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
+            json.dump({"args": vars(args), "result": final, "peak_memory_gib": peaks}, f, indent=2, default=str)
         print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        print(f"peak memory per rank (GiB): {peaks}")
         writer.close()
     if args.world_size > 1:  # every rank waits for rank 0's save, then all leave together
         dist.barrier()

@@ -47,7 +47,8 @@ class Args:
     device: str = "auto"
     """where to run: auto (CUDA if available, else CPU), cpu or cuda; under torchrun rank r uses cuda:LOCAL_RANK"""
     bf16: bool = False
-    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32)"""
+    """run forward passes under bfloat16 autocast (weights and optimizer state stay float32; with --fsdp the
+    weights are also gathered in bfloat16 and gradients reduced in float32)"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "minimal-alignment"
@@ -56,6 +57,14 @@ class Args:
     """Weights & Biases entity (team or user), with --track"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and tokenizer are saved to with save_pretrained"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state over the ranks (FSDP2, one group per decoder layer)
+    instead of replicating them (DDP); needs torchrun, also with one process"""
+    checkpoint_every: int = 0
+    """every this many optimizer steps (PPO: iterations), save all a run needs to continue to
+    {output_dir}/resume/step_N (model, optimizer, step, RNG states of every rank); 0 = never"""
+    resume: bool = False
+    """continue from the latest complete checkpoint in {output_dir}/resume (same flags and number of ranks)"""
 
     # ---- model, data and optimisation: the same names and meanings in every script ----
     model_name: str = "toy"
@@ -138,12 +147,15 @@ def evaluate(model, examples, pad_id, args, device, rank):
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
     mine = list(range(rank, len(examples), args.world_size))
-    for i in range(0, len(mine), args.per_device_batch_size):
-        batch = common.collate_sft([examples[j] for j in mine[i: i + args.per_device_batch_size]], pad_id)
+    # as many forward passes on every rank (under FSDP each is a collective): one out of examples
+    # repeats example 0 and counts none of it
+    for i in range(0, math.ceil(len(examples) / args.world_size), args.per_device_batch_size):
+        idx = mine[i: i + args.per_device_batch_size]
+        batch = common.collate_sft([examples[j] for j in idx or [0]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = (batch["labels"][:, 1:] != common.IGNORE_INDEX).sum()
+        n = (batch["labels"][:, 1:] != common.IGNORE_INDEX).sum() * bool(idx)
         total += sft_loss(logits, batch["labels"]).double() * n
         count += n
     if args.world_size > 1:
@@ -159,10 +171,142 @@ def sample_completions(model, tokenizer, prompts, args, device):
     model.eval()
     batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         synced_gpus=False,  # only rank 0 samples (under FSDP with the weights gathered)
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=common.stop_token_ids(tokenizer, model))
     model.train()
     return [(tokenizer.decode(p), tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True))
             for p, o in zip(prompts, out)]
+
+
+# ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
+def shard(model, mesh, args):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): one group per decoder layer (the classes the model
+    lists in _no_split_modules), then the root for the rest (embeddings, final norm, head). Each rank
+    keeps 1/world_size of every parameter, gradient and AdamW state; a group is all-gathered just
+    before its forward (and again in backward) and freed after. With --bf16 it is gathered in
+    bfloat16 and its gradients reduce-scattered in float32 into the float32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    for m in model.modules():
+        if type(m).__name__ in (model._no_split_modules or ()):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP, all-gather every parameter of `model` once and keep it until the block ends, so that
+    generate (a forward per token) needs no collective per token and may run on one rank alone; it
+    costs one full copy of the weights in the compute dtype meanwhile. Every rank must enter the
+    block. Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        if m is not model:  # the root keeps its parameters after forward anyway
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def save_model(model, tokenizer, path, args, rank):
+    """save_pretrained on rank 0 (every rank must call this): under FSDP the full state dict is first
+    gathered, shard by shard, into rank 0's CPU memory."""
+    state_dict = None
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        unique = dict(model.named_parameters()).keys()  # a tied head once, as save_pretrained writes it
+        state_dict = {k: v for k, v in state_dict.items() if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+        if args.fsdp:  # fully_shard renamed the class to FSDP<name>; from_pretrained and vLLM want the real one
+            model.config.architectures = [type(model).__bases__[-1].__name__]
+            model.config.save_pretrained(path)
+
+
+def save_checkpoint(path, model, optimizer, trainer_state, rank):
+    """All a run needs to continue, in `path` (every rank must call this): model and AdamW state with
+    torch.distributed.checkpoint (under FSDP each rank writes its shards; replicated tensors are
+    written once), each rank's Python, NumPy and torch RNG states, and last trainer_state.json,
+    whose presence marks the checkpoint complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(path, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f)
+
+
+def load_checkpoint(output_dir, model, optimizer, rank, world_size):
+    """Load the latest complete checkpoint in output_dir/resume into `model`, `optimizer` and this
+    rank's RNGs; returns its path and trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    root = os.path.join(output_dir, "resume")
+    done = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if os.path.exists(os.path.join(root, d, "trainer_state.json")))
+    if not done:
+        raise SystemExit(f"--resume: no complete checkpoint in {root}; save some with --checkpoint-every N")
+    path = os.path.join(root, done[-1])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise SystemExit(f"--resume: {path} was written by {state['world_size']} rank(s), not {world_size}: "
+                         "each rank's data slice and random state belong to that number")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)  # in place, each rank its shards
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return path, state
+
+
+def memory_plan(models, args):
+    """Bytes per rank of the float32 parameters, gradients and AdamW state (two moments) of each
+    (name, model, trained) under DDP (every rank a full copy) or FSDP (1/world_size each); activations,
+    the gathered layers and the logits come on top. Printed at the start."""
+    shards, total, lines = args.world_size if args.fsdp else 1, 0, []
+    for name, model, trained in models:
+        n = sum(p.numel() for p in model.parameters())
+        parts = {"parameters": 4 * n / shards, "gradients": 4 * n / shards * trained, "AdamW": 8 * n / shards * trained}
+        total += sum(parts.values())
+        lines.append(f"  {name} ({n / 1e6:.1f}M): " + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in parts.items() if v))
+    mode = f"FSDP over {args.world_size} rank(s)" if args.fsdp else f"DDP, {args.world_size} rank(s)"
+    return "\n".join([f"memory per rank ({mode}), GiB, before activations: {total / 2**30:.3f}"] + lines)
+
+
+def peak_memory(device, world_size):
+    """Peak memory of every rank in GiB: CUDA tensors on GPU, the process's peak resident set on CPU."""
+    import resource
+
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = torch.tensor([float(peak)] * world_size, device=device)
+    if world_size > 1:
+        peaks.zero_()[dist.get_rank()] = peak
+        dist.all_reduce(peaks)
+    return [round(p / 2**30, 3) for p in peaks.tolist()]
 
 
 if __name__ == "__main__":
@@ -176,13 +320,15 @@ if __name__ == "__main__":
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
                          f"{args.per_device_batch_size} x {args.world_size} ranks")
     args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        raise SystemExit("--fsdp runs under torchrun, e.g. `torchrun --nproc_per_node 8 sft.py --fsdp`")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: distributed set-up, seeding, device
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
-    if args.world_size > 1:
+    if args.world_size > 1 or args.fsdp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -209,7 +355,12 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     model.to(device)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+    plan = memory_plan([("model", model, True)], args)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard(model, init_device_mesh(device.type, (args.world_size,)), args)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
 
     # 1. data: tokenize, mask the prompt, count truncation
     train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", args.dataset_train_split,
@@ -240,6 +391,7 @@ if __name__ == "__main__":
         print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_examples)} train / {len(eval_examples)} eval examples, {args.num_steps} steps, "
               f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+        print(plan)
 
     toy_ref_nll = None
     if args.dataset_name == "toy":  # exact -log P_ref of the same held-out tokens, to measure the excess
@@ -255,9 +407,17 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     sample_prompts, _, _ = common.encode_dataset(tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft")
+    first_step = 0
+    if args.resume:  # model, optimizer and RNG states as they were after step `first_step`
+        path, state = load_checkpoint(args.output_dir, model, optimizer, rank, args.world_size)
+        first_step = state["step"]
+        if first_step >= args.num_steps:
+            raise SystemExit(f"{path} is the last step: nothing left to train")
+        if rank == 0:
+            print(f"resumed from {path} at step {first_step}")
     per_rank = args.batch_size // args.world_size
     start, log_loss, log_tokens, tokens_seen = time.time(), 0.0, 0, 0
-    for step in tqdm(range(args.num_steps), disable=rank != 0):
+    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         lr = args.learning_rate * lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -273,8 +433,9 @@ if __name__ == "__main__":
             micro = common.collate_sft(mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
             micro = {key: v.to(device) for key, v in micro.items()}
             n_tokens = (micro["labels"][:, 1:] != common.IGNORE_INDEX).sum()
-            sync = k == args.grad_accum_steps - 1 or args.world_size == 1
-            with contextlib.nullcontext() if sync else train_model.no_sync():  # all-reduce once per step
+            # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, so gradients stay sharded
+            sync = k == args.grad_accum_steps - 1 or args.world_size == 1 or args.fsdp
+            with contextlib.nullcontext() if sync else train_model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     logits = train_model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
                 loss = sft_loss(logits, micro["labels"])
@@ -283,10 +444,11 @@ if __name__ == "__main__":
             step_loss += loss.detach() * n_tokens
         if args.world_size > 1:
             dist.all_reduce(step_loss)
-        if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: lower --learning-rate, or check the data")
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # the global gradient norm (clipped if --max-grad-norm > 0); checked on every rank before the update
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm.item())):
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}, before the update: "
+                                     "lower --learning-rate, or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -300,6 +462,9 @@ if __name__ == "__main__":
             writer.add_scalar("train/learning_rate", lr, global_step)
             writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), global_step)
             log_loss, log_tokens = 0.0, 0
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}"), model, optimizer,
+                            {"step": step + 1, "world_size": args.world_size}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             eval_loss = evaluate(model, eval_examples, pad_id, args, device, rank)
             if writer:
@@ -309,20 +474,23 @@ if __name__ == "__main__":
                     writer.add_scalar("eval/excess_nll_over_ref", eval_loss - toy_ref_nll, global_step)
                     msg += f", P_ref {toy_ref_nll:.4f}, excess {eval_loss - toy_ref_nll:.4f} nats/token"
                 tqdm.write(msg)
-                if sample_prompts:
-                    samples = sample_completions(model, tokenizer, sample_prompts, args, device)
-                    writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), global_step)
+            if sample_prompts:
+                with gathered(model):  # under FSDP every rank gathers the weights, rank 0 samples
+                    if writer:
+                        samples = sample_completions(model, tokenizer, sample_prompts, args, device)
+                        writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), global_step)
 
     # 4. save model, tokenizer and the arguments for the next stages
+    save_model(model, tokenizer, args.output_dir, args, rank)
+    peaks = peak_memory(device, args.world_size)
     if rank == 0:
-        model.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
         result = {"eval_loss": eval_loss}
         if toy_ref_nll is not None:
             result.update(ref_nll=toy_ref_nll, excess_nll=eval_loss - toy_ref_nll)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump({"args": vars(args), "result": result}, f, indent=2, default=str)
+            json.dump({"args": vars(args), "result": result, "peak_memory_gib": peaks}, f, indent=2, default=str)
         print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        print(f"peak memory per rank (GiB): {peaks}")
         writer.close()
     if args.world_size > 1:  # every rank waits for rank 0's save, then all leave together
         dist.barrier()

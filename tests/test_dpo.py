@@ -110,16 +110,22 @@ def test_hub_format_fixture_variants(tmp_path, hub_model):
     assert result["rewards/accuracies"] == 1.0 and result["rewards/margins"] > 0
 
 
-def test_ddp_and_accumulation_match_single_process(tmp_path):
+def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
     """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8 (the
-    loss is a mean over the pairs of the global batch however it is split)."""
+    loss is a mean over the pairs of the global batch however it is split), with DDP and with FSDP
+    (policy and reference sharded; 3 eval pairs split unevenly over the ranks)."""
     base = toy_task.save_base_model(str(tmp_path / "base"))
     data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 52)
     flags = ["dpo.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--eval-every", "100",
              "--max-length", "64", "--beta", "1", "--learning-rate", "1e-3", "--rpo-alpha", "0.5"]
     run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
     run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2)
-    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "two"), base)
+    run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    for run in ("two", "fsdp"):
+        assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
+        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
+        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        assert abs(r1["loss"] - r2["loss"]) < 2e-3 and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
 
 
 def test_chatml_conversations(tmp_path, chat_models, chat_data):

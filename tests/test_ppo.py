@@ -7,11 +7,13 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 from conftest import ROOT, assert_same_weights, run_script, toy_reward_model, write_jsonl
@@ -274,10 +276,12 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
     assert sorted(os.listdir(out_dir / "checkpoints")) == ["episode_0000016", "episode_0000032"]
 
 
-def test_ddp_matches_single_process(tmp_path, toy_models):
-    """2 processes × 4 episodes take the same PPO steps as 1 process with 8 (2 micro-batches of 4): sampling
-    is seeded per chunk of the global batch, advantages are whitened over all ranks, losses are means over
-    the valid tokens of the whole minibatch."""
+def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_models):
+    """2 processes × 4 episodes take the same PPO steps as 1 process with 8 (2 micro-batches of 4), with
+    DDP and with FSDP (all four models sharded, generation on gathered weights): sampling is seeded per
+    chunk of the global batch, advantages are whitened over all ranks, losses are means over the valid
+    tokens of the whole minibatch. The DDP run, resumed after iteration 1 (its later checkpoint removed),
+    ends bit-identical: optimizer, RNG states (minibatch shuffling), adaptive β and the PPO-ptx position."""
     tok, rm, path = toy_models
     rm_path = str(tmp_path / "rm")
     rm.save_pretrained(rm_path)
@@ -286,12 +290,25 @@ def test_ddp_matches_single_process(tmp_path, toy_models):
     data.mkdir()
     write_jsonl(data / "train.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "train", num_examples=16)["prompt"]])
     write_jsonl(data / "test.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "eval", num_examples=4)["prompt"]])
+    demos = write_jsonl(tmp_path / "demos.jsonl", toy_task.make_dataset("sft", "train", num_examples=32).to_list())
     flags = ["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--dataset-name", str(data), "--batch-size", "8",
              "--per-device-batch-size", "4", "--num-minibatches", "1", "--num-ppo-epochs", "2", "--num-epochs", "1",
-             "--max-length", "64", "--response-length", "24", "--learning-rate", "3e-3", "--kl-coef", "0.5"]
+             "--max-length", "64", "--response-length", "24", "--learning-rate", "3e-3", "--kl-coef", "0.5",
+             "--target-kl", "0.5", "--kl-horizon", "100", "--ptx-coef", "0.1", "--ptx-dataset-name", demos]
     run_script(flags + ["--output-dir", str(tmp_path / "one")])
-    run_script(flags + ["--output-dir", str(tmp_path / "two")], torchrun=2)
-    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "two"), path)
+    run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)
+    run_script(flags + ["--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    for run in ("two", "fsdp"):
+        assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), path)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two" / "resume" / "step_0000001", resumed / "resume" / "step_0000001")
+    out = run_script(flags + ["--resume", "--output-dir", str(resumed)], torchrun=2)
+    assert "at iteration 1" in out
+    straight, again = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in straight:
+        assert torch.equal(straight[k], again[k]), k
+    kl_coefs = [json.load(open(p / "training_args.json"))["result"]["objective/kl_coef"] for p in (tmp_path / "two", resumed)]
+    assert kl_coefs[0] == kl_coefs[1] != 0.5  # β adapted, and the resumed run carried it on
 
 
 def test_llama3_style_conversations(tmp_path, chat_models, chat_data):

@@ -102,18 +102,22 @@ def test_smoke_toy_and_normalisation(tmp_path):
     assert abs(r.mean().item() + result["reward_bias"]) > 10 * se  # without the bias the test would fail
 
 
-def test_ddp_and_accumulation_match_single_process(tmp_path):
-    """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8."""
+def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
+    """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8, with
+    DDP and with FSDP; the normalising bias is the same."""
     base = toy_task.save_base_model(str(tmp_path / "base"))
     data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 52)
     flags = ["reward_model.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--eval-every", "100",
              "--max-length", "64"]
     run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
     run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2)
-    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "two"), base)
-    r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
-    r2 = json.load(open(tmp_path / "two" / "training_args.json"))["result"]
-    assert r1["reward_bias"] == pytest.approx(r2["reward_bias"], rel=1e-4, abs=1e-6)
+    run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    for run in ("two", "fsdp"):
+        assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
+        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
+        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        assert r1["reward_bias"] == pytest.approx(r2["reward_bias"], rel=1e-4, abs=1e-6)
+    assert json.load(open(tmp_path / "fsdp" / "config.json"))["architectures"] == ["LlamaForSequenceClassification"]
 
 
 def test_llama3_style_conversations(tmp_path, chat_models, chat_data):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -140,24 +141,131 @@ def test_gemma_style_conversations_and_keep_end(tmp_path, chat_models, chat_data
     assert next_ids.argmax().item() == tok.convert_tokens_to_ids("<end_of_turn>") != tok.eos_token_id
 
 
-def test_ddp_matches_single_process(tmp_path):
+def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
     """2 CPU processes under torchrun (4 examples each) take the same steps as 1 process with one
-    batch of 8: the loss is a token-level mean over the global batch, however it is split."""
+    batch of 8, with DDP and with FSDP: the loss is a token-level mean over the global batch, however it
+    is split. The FSDP run, stopped after step 2 (its later checkpoint removed) and resumed, ends with
+    bit-identical weights."""
     base = str(tmp_path / "base")
     toy_task.save_base_model(base)
     data = tmp_path / "data.jsonl"
     ds = toy_task.make_dataset("sft", "train", num_examples=48)
     data.write_text("".join(json.dumps(r) + "\n" for r in ds.to_list()))
     flags = ["sft.py", "--model-name", base, "--dataset-name", str(data), "--batch-size", "8", "--num-epochs", "1",
-             "--eval-every", "100", "--warmup-ratio", "0", "--num-sample-completions", "0"]
+             "--eval-every", "3", "--warmup-ratio", "0", "--learning-rate", "3e-3", "--num-sample-completions", "2"]
     run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "two")], torchrun=2)
+    out = run_script(flags + ["--per-device-batch-size", "4", "--fsdp", "--checkpoint-every", "2",
+                              "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    assert "memory per rank (FSDP over 2 rank(s))" in out
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "model.safetensors"))
     start = load_file(os.path.join(base, "model.safetensors"))
-    for k in one:
-        assert not torch.equal(one[k], start[k]) or "norm" in k  # training moved the weights
-        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
-    r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
-    r2 = json.load(open(tmp_path / "two" / "training_args.json"))["result"]
-    assert r1["eval_loss"] == pytest.approx(r2["eval_loss"], rel=1e-5)
+    for run in ("two", "fsdp"):
+        other = load_file(str(tmp_path / run / "model.safetensors"))
+        assert sorted(other) == sorted(one)  # the tied head saved once, as save_pretrained does
+        for k in one:
+            assert not torch.equal(one[k], start[k]) or "norm" in k  # training moved the weights
+            torch.testing.assert_close(one[k], other[k], rtol=1e-4, atol=1e-5)
+        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
+        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        assert abs(r1["eval_loss"] - r2["eval_loss"]) < 2e-3 and r1["eval_loss"] == pytest.approx(r2["eval_loss"], rel=1e-5)
+    assert json.load(open(tmp_path / "fsdp" / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+
+    # resume: a copy of the run's output with only the step-2 checkpoint, as if it had died before step 4
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "resume" / "step_0000002", resumed / "resume" / "step_0000002")
+    out = run_script(flags + ["--per-device-batch-size", "4", "--fsdp", "--resume", "--output-dir", str(resumed)], torchrun=2)
+    assert f"resumed from {resumed / 'resume' / 'step_0000002'} at step 2" in out
+    straight, again = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in straight:
+        assert torch.equal(straight[k], again[k]), k
+
+
+FAULTS = {  # sitecustomize.py modules that break rank 1 of a torchrun job from outside the script
+    "raise": """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+
+    def step(self, *args, **kwargs):
+        raise RuntimeError("injected failure on rank 1")
+
+    torch.optim.AdamW.step = step
+""",
+    "nan": """
+import os
+import torch
+import torch.nn.functional as F
+
+calls, cross_entropy, step = [0], F.cross_entropy, torch.optim.AdamW.step
+
+def nan_from_third_call(*args, **kwargs):  # rank 1's loss becomes NaN at its third micro-batch (step 2)
+    calls[0] += 1
+    out = cross_entropy(*args, **kwargs)
+    return out * float("nan") if calls[0] >= 3 and os.environ.get("RANK") == "1" else out
+
+def checked_step(self, *args, **kwargs):
+    if any(not torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None):
+        raise AssertionError("the optimizer stepped on non-finite gradients")
+    return step(self, *args, **kwargs)
+
+F.cross_entropy, torch.optim.AdamW.step = nan_from_third_call, checked_step
+""",
+}
+
+
+def run_with_fault(tmp_path, fault, extra):
+    """sft.py on 2 ranks with a fault injected into rank 1; returns (process, seconds)."""
+    import time
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAULTS[fault])
+    base = toy_task.save_base_model(str(tmp_path / "base"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_task.make_dataset("sft", "train", num_examples=48).to_list()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "sft.py",
+           "--model-name", base, "--dataset-name", str(data), "--batch-size", "8", "--per-device-batch-size", "4",
+           "--eval-every", "100", "--num-sample-completions", "0", "--output-dir", str(tmp_path / "out")] + extra
+    env = dict(os.environ, PYTHONPATH=str(inject), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return proc, time.time() - start
+
+
+def test_one_failing_rank_stops_every_rank_promptly(tmp_path):
+    """Rank 1 raises at its first optimizer step under FSDP while rank 0 goes on to its next collective:
+    the job ends with rank 1's error within seconds, not at a collective's timeout (30 minutes for gloo)."""
+    proc, seconds = run_with_fault(tmp_path, "raise", ["--fsdp"])
+    assert proc.returncode != 0 and "injected failure on rank 1" in proc.stderr
+    assert seconds < 90
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_every_rank_before_the_update(tmp_path):
+    """Rank 1's loss turns NaN at step 2 (DDP): both ranks raise before the optimizer step (the injected
+    optimizer would fail on a non-finite gradient), with a message that says what to do."""
+    proc, _ = run_with_fault(tmp_path, "nan", [])
+    assert proc.returncode != 0
+    assert proc.stderr.count("FloatingPointError: non-finite loss or gradient at step 2, before the update") == 2
+    assert "stepped on non-finite" not in proc.stderr
+
+
+def test_fsdp_needs_torchrun():
+    proc = subprocess.run([sys.executable, "sft.py", "--fsdp"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--fsdp runs under torchrun" in proc.stderr
+
+
+def test_memory_plan_by_hand():
+    """16 bytes per trained parameter (float32 weight and gradient, AdamW's two moments), 4 per frozen one;
+    FSDP divides all of it by the number of ranks, DDP by nothing."""
+    from types import SimpleNamespace
+
+    from sft import memory_plan
+
+    layer = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
+    fsdp = memory_plan([("policy", layer, True), ("reference", layer, False)], SimpleNamespace(world_size=4, fsdp=True))
+    assert f"before activations: {20 * 1_001_000 / 4 / 2**30:.3f}" in fsdp
+    assert f"AdamW {8 * 1_001_000 / 4 / 2**30:.3f}" in fsdp
+    ddp = memory_plan([("policy", layer, True)], SimpleNamespace(world_size=4, fsdp=False))
+    assert f"before activations: {16 * 1_001_000 / 2**30:.3f}" in ddp
