@@ -398,13 +398,17 @@ def sft_loss(logits, labels):
 
 
 # ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
-def shard(model, mesh, args):
+def shard(model, device, args):
     """FSDP2 (torch.distributed.fsdp.fully_shard): one group per decoder layer (the classes the model
     lists in _no_split_modules), then the root for the rest (embeddings, final norm, head). Each rank
-    keeps 1/world_size of every parameter, gradient and AdamW state; a group is all-gathered just
-    before its forward (and again in backward) and freed after. With --bf16 it is gathered in
-    bfloat16 and its gradients reduce-scattered in float32 into the float32 shards."""
+    keeps 1/world_size of every parameter, gradient and AdamW state, moved to `device` a layer at a
+    time (the whole model is never there); a group is all-gathered just before its forward (and again
+    in backward) and freed after. With --bf16 it is gathered in bfloat16 and its gradients
+    reduce-scattered in float32 into the float32 shards."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (args.world_size,))
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
     for m in model.modules():
@@ -518,14 +522,27 @@ def memory_plan(models, args):
     return "\n".join([f"memory per rank ({mode}), GiB, before activations: {total / 2**30:.3f}"] + lines)
 
 
-def peak_memory(device, world_size):
-    """Peak memory of every rank in GiB: CUDA tensors on GPU, the process's peak resident set on CPU."""
-    import resource
+def peak_memory(device, world_size, reset=False):
+    """Every rank's peak memory in GiB since the last call with reset=True (made as training starts, so
+    that loading does not count): CUDA tensors on GPU; on CPU the peak resident set (Linux's VmHWM)."""
+    if reset:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident set
+        return None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
 
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = torch.tensor([float(peak)] * world_size, device=device)
-    if world_size > 1:
-        peaks.zero_()[dist.get_rank()] = peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole run's, where /proc is missing
+        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    peaks = torch.zeros(world_size, dtype=torch.float64, device=device)
+    peaks[dist.get_rank() if dist.is_initialized() else 0] = peak
+    if dist.is_initialized():
         dist.all_reduce(peaks)
     return [round(p / 2**30, 3) for p in peaks.tolist()]
 
@@ -588,31 +605,29 @@ if __name__ == "__main__":
             raise ValueError(f"{name} has another tokenizer than {args.model_name}; PPO hands the policy's token ids "
                              "to the reward and value models, so train the reward model from the SFT model")
 
-    def load(cls, name, **kwargs):
+    def load(cls, name, trained, **kwargs):
+        """Load on the CPU, then onto the device: whole (DDP), or in shards (FSDP; the frozen models too,
+        since at 7B each would be 28 GB whole on every rank), one model at a time."""
         config = AutoConfig.from_pretrained(name, **kwargs)
         for key, value in config.to_dict().items():  # dropout off in all four models (Huang et al. 2024):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):  # else ratio ≠ 1 at the start
                 setattr(config, key, 0.0)
         model = cls.from_pretrained(name, config=config, dtype=torch.float32)
         common.resize_embeddings(model, tokenizer)
-        return model.to(device)
+        if not trained:
+            model.requires_grad_(False).eval()
+        elif args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        shard(model, device, args) if args.fsdp else model.to(device)
+        return model
 
-    policy = load(AutoModelForCausalLM, args.model_name)
-    ref_model = load(AutoModelForCausalLM, args.model_name).requires_grad_(False).eval()
-    reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, num_labels=1).requires_grad_(False).eval()
-    value_model = load(AutoModelForSequenceClassification, args.value_model_name, num_labels=1)
-    if args.gradient_checkpointing:
-        for m in (policy, value_model):
-            m.gradient_checkpointing_enable()
-            m.config.use_cache = False
+    policy = load(AutoModelForCausalLM, args.model_name, trained=True)
+    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
+    reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
+    value_model = load(AutoModelForSequenceClassification, args.value_model_name, trained=True, num_labels=1)
     plan = memory_plan([("policy", policy, True), ("value model", value_model, True), ("reference", ref_model, False),
                         ("reward model", reward_model, False)], args)
-    if args.fsdp:  # the frozen models sharded too: no optimizer state, but at 7B each is 28 GB whole
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (args.world_size,))
-        for m in (policy, value_model, ref_model, reward_model):
-            shard(m, mesh, args)
     agent = PolicyAndValue(policy, value_model)
     train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 and not args.fsdp else agent
 
@@ -712,6 +727,7 @@ if __name__ == "__main__":
     update_names = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/ratio",
                     "val/mean", "val/sq_mean", "policy/entropy"]
     final = {}
+    peak_memory(device, args.world_size, reset=True)
     for iteration in tqdm(range(first_iteration, args.num_steps), initial=first_iteration, total=args.num_steps,
                           disable=rank != 0):
         lr = args.learning_rate * lr_at(iteration, args)
@@ -860,8 +876,8 @@ if __name__ == "__main__":
                             {"step": iteration + 1, "world_size": args.world_size, "kl_coef": kl_coef}, rank)
 
     # save the policy and tokenizer where evaluate.py looks for them
+    peaks = peak_memory(device, args.world_size)  # of training: loading and saving not counted
     save_model(policy, tokenizer, args.output_dir, args, rank)
-    peaks = peak_memory(device, args.world_size)
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": final, "peak_memory_gib": peaks}, f, indent=2, default=str)

@@ -211,13 +211,17 @@ def ranks(x):
 
 
 # ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
-def shard(model, mesh, args):
+def shard(model, device, args):
     """FSDP2 (torch.distributed.fsdp.fully_shard): one group per decoder layer (the classes the model
     lists in _no_split_modules), then the root for the rest (embeddings, final norm, head). Each rank
-    keeps 1/world_size of every parameter, gradient and AdamW state; a group is all-gathered just
-    before its forward (and again in backward) and freed after. With --bf16 it is gathered in
-    bfloat16 and its gradients reduce-scattered in float32 into the float32 shards."""
+    keeps 1/world_size of every parameter, gradient and AdamW state, moved to `device` a layer at a
+    time (the whole model is never there); a group is all-gathered just before its forward (and again
+    in backward) and freed after. With --bf16 it is gathered in bfloat16 and its gradients
+    reduce-scattered in float32 into the float32 shards."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (args.world_size,))
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
     for m in model.modules():
@@ -329,14 +333,27 @@ def memory_plan(models, args):
     return "\n".join([f"memory per rank ({mode}), GiB, before activations: {total / 2**30:.3f}"] + lines)
 
 
-def peak_memory(device, world_size):
-    """Peak memory of every rank in GiB: CUDA tensors on GPU, the process's peak resident set on CPU."""
-    import resource
+def peak_memory(device, world_size, reset=False):
+    """Every rank's peak memory in GiB since the last call with reset=True (made as training starts, so
+    that loading does not count): CUDA tensors on GPU; on CPU the peak resident set (Linux's VmHWM)."""
+    if reset:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident set
+        return None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
 
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = torch.tensor([float(peak)] * world_size, device=device)
-    if world_size > 1:
-        peaks.zero_()[dist.get_rank()] = peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole run's, where /proc is missing
+        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    peaks = torch.zeros(world_size, dtype=torch.float64, device=device)
+    peaks[dist.get_rank() if dist.is_initialized() else 0] = peak
+    if dist.is_initialized():
         dist.all_reduce(peaks)
     return [round(p / 2**30, 3) for p in peaks.tolist()]
 
@@ -393,12 +410,8 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    model.to(device)
     plan = memory_plan([("reward model", model, True)], args)
-    if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        shard(model, init_device_mesh(device.type, (args.world_size,)), args)
+    shard(model, device, args) if args.fsdp else model.to(device)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
 
     # 1. data: prompt + chosen and prompt + rejected, each ending with its end token; ties and long pairs dropped
@@ -442,6 +455,7 @@ if __name__ == "__main__":
             raise SystemExit(f"{path} is the last step: nothing left to train")
         if rank == 0:
             print(f"resumed from {path} at step {first_step}")
+    peak_memory(device, args.world_size, reset=True)
     per_rank = args.batch_size // args.world_size
     stat_names = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected"]
     log_stats, log_pairs, tokens_seen, start = torch.zeros(len(stat_names), device=device), 0, 0, time.time()
@@ -535,8 +549,8 @@ if __name__ == "__main__":
         final["gold_pearson"], final["gold_spearman"] = pearson(rm, gold), pearson(ranks(rm), ranks(gold))
 
     # 6. save model (with config.reward_bias), tokenizer and results
+    peaks = peak_memory(device, args.world_size)  # of training: loading and saving not counted
     save_model(model, tokenizer, args.output_dir, args, rank)
-    peaks = peak_memory(device, args.world_size)
     if rank == 0:
         for name, value in final.items():
             writer.add_scalar(f"eval/{name}", value, args.num_steps * args.batch_size)
