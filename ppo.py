@@ -884,6 +884,7 @@ if __name__ == "__main__":
         print(f"saved to {args.output_dir}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
         print(f"peak memory per rank (GiB): {peaks}")
         writer.close()
-    if args.world_size > 1:  # every rank waits for rank 0's save, then all leave together
+    if dist.is_initialized():  # every rank waits for rank 0's save, then all leave together
         dist.barrier()
+        del train_agent  # DDP's reducer holds the process group: freed now, not during interpreter teardown
         dist.destroy_process_group()
