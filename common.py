@@ -98,8 +98,14 @@ def resize_embeddings(model, tokenizer):
     """Make room for a PAD token `load_tokenizer` added, and record PAD and every end token in the
     model's configs. A generation config that declares several end ids (Llama-3.1, Gemma) keeps
     all of them: the tokenizer's EOS and the template's end-of-turn are added, nothing replaced."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_rows:
+        # new rows = the mean of the old ones, not a random draw (transformers' default): then every rank
+        # (FSDP keeps the last rank's draw of them), and a policy and the reference loaded beside it, agree
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for layer in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                layer.weight[old_rows:] = layer.weight[:old_rows].mean(0)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         stops = stop_token_ids(tokenizer, model)

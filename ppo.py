@@ -449,8 +449,8 @@ def save_model(model, tokenizer, path, args, rank):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        unique = dict(model.named_parameters()).keys()  # a tied head once, as save_pretrained writes it
-        state_dict = {k: v for k, v in state_dict.items() if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
+        tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}  # a tied head once, as save_pretrained writes it
     if rank == 0:
         model.save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)
@@ -479,7 +479,7 @@ def save_checkpoint(path, model, optimizer, trainer_state, rank):
             json.dump(trainer_state, f)
 
 
-def load_checkpoint(output_dir, model, optimizer, rank, world_size):
+def load_checkpoint(output_dir, model, optimizer, rank, world_size, num_steps, seed):
     """Load the latest complete checkpoint in output_dir/resume into `model`, `optimizer` and this
     rank's RNGs; returns its path and trainer state."""
     import torch.distributed.checkpoint as dcp
@@ -496,6 +496,9 @@ def load_checkpoint(output_dir, model, optimizer, rank, world_size):
     if state["world_size"] != world_size:
         raise SystemExit(f"--resume: {path} was written by {state['world_size']} rank(s), not {world_size}: "
                          "each rank's data slice and random state belong to that number")
+    if (state["num_steps"], state["seed"]) != (num_steps, seed):
+        raise SystemExit(f"--resume: {path} belongs to a run of {state['num_steps']} steps with --seed {state['seed']}, "
+                         f"this one has {num_steps} with --seed {seed}: resume with the flags of the run that wrote it")
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)  # in place, each rank its shards
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
@@ -640,6 +643,8 @@ if __name__ == "__main__":
                                                        max_prompt_length, args.truncation_mode)
     # as many eval prompts on every rank, so as many forward passes (each a collective under FSDP)
     eval_prompts = eval_prompts[: len(eval_prompts) // args.world_size * args.world_size]
+    if not eval_prompts:
+        raise ValueError(f"no eval prompt for each of the {args.world_size} ranks: raise --num-eval-prompts")
     if rank == 0:
         common.report("train prompts", train_stats), common.report("eval prompts", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_prompts)) // args.batch_size
@@ -716,7 +721,7 @@ if __name__ == "__main__":
     mb_per_rank = args.minibatch_size // args.world_size
     kl_coef, start, episodes, first_iteration = args.kl_coef, time.time(), 0, 0
     if args.resume:  # models, optimizer, RNG states and β as they were after iteration `first_iteration`
-        path, state = load_checkpoint(args.output_dir, agent, optimizer, rank, args.world_size)
+        path, state = load_checkpoint(args.output_dir, agent, optimizer, rank, args.world_size, args.num_steps, args.seed)
         first_iteration, kl_coef, episodes = state["step"], state["kl_coef"], state["step"] * args.batch_size
         if first_iteration >= args.num_steps:
             raise SystemExit(f"{path} is the last iteration: nothing left to train")
@@ -873,7 +878,8 @@ if __name__ == "__main__":
             save_model(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), args, rank)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             save_checkpoint(os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}"), agent, optimizer,
-                            {"step": iteration + 1, "world_size": args.world_size, "kl_coef": kl_coef}, rank)
+                            {"step": iteration + 1, "world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed,
+                             "kl_coef": kl_coef}, rank)
 
     # save the policy and tokenizer where evaluate.py looks for them
     peaks = peak_memory(device, args.world_size)  # of training: loading and saving not counted

@@ -260,8 +260,8 @@ def save_model(model, tokenizer, path, args, rank):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        unique = dict(model.named_parameters()).keys()  # a tied head once, as save_pretrained writes it
-        state_dict = {k: v for k, v in state_dict.items() if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
+        tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}  # a tied head once, as save_pretrained writes it
     if rank == 0:
         model.save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)
@@ -290,7 +290,7 @@ def save_checkpoint(path, model, optimizer, trainer_state, rank):
             json.dump(trainer_state, f)
 
 
-def load_checkpoint(output_dir, model, optimizer, rank, world_size):
+def load_checkpoint(output_dir, model, optimizer, rank, world_size, num_steps, seed):
     """Load the latest complete checkpoint in output_dir/resume into `model`, `optimizer` and this
     rank's RNGs; returns its path and trainer state."""
     import torch.distributed.checkpoint as dcp
@@ -307,6 +307,9 @@ def load_checkpoint(output_dir, model, optimizer, rank, world_size):
     if state["world_size"] != world_size:
         raise SystemExit(f"--resume: {path} was written by {state['world_size']} rank(s), not {world_size}: "
                          "each rank's data slice and random state belong to that number")
+    if (state["num_steps"], state["seed"]) != (num_steps, seed):
+        raise SystemExit(f"--resume: {path} belongs to a run of {state['num_steps']} steps with --seed {state['seed']}, "
+                         f"this one has {num_steps} with --seed {seed}: resume with the flags of the run that wrote it")
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)  # in place, each rank its shards
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
@@ -405,7 +408,8 @@ if __name__ == "__main__":
     config.reward_bias = 0.0
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name, config=config, dtype=torch.float32)
     common.resize_embeddings(model, tokenizer)
-    # head ~ N(0, 1/sqrt(d + 1)), bias-free, as in Stiennon et al.'s and Huang et al.'s reward models
+    # head ~ N(0, 1/sqrt(d + 1)), bias-free, as in Stiennon et al.'s and Huang et al.'s reward models (DDP
+    # broadcasts rank 0's draw; FSDP keeps the head's single row whole on rank 0, so rank 0's draw again)
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -449,7 +453,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay)
     first_step = 0
     if args.resume:  # model, optimizer and RNG states as they were after step `first_step`
-        path, state = load_checkpoint(args.output_dir, model, optimizer, rank, args.world_size)
+        path, state = load_checkpoint(args.output_dir, model, optimizer, rank, args.world_size, args.num_steps, args.seed)
         first_step = state["step"]
         if first_step >= args.num_steps:
             raise SystemExit(f"{path} is the last step: nothing left to train")
@@ -507,7 +511,7 @@ if __name__ == "__main__":
             log_stats, log_pairs = torch.zeros_like(log_stats), 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             save_checkpoint(os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}"), model, optimizer,
-                            {"step": step + 1, "world_size": args.world_size}, rank)
+                            {"step": step + 1, "world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             metrics = evaluate(model, eval_pairs, pad_id, args, device, rank)
             if writer:

@@ -191,6 +191,12 @@ def assert_same_weights(dir_a, dir_b, start_dir):
     assert moved > len(a) // 2  # training moved the weights
 
 
+def result_of(run_dir):
+    """The `result` a script wrote to training_args.json in its output folder."""
+    with open(os.path.join(run_dir, "training_args.json")) as f:
+        return json.load(f)["result"]
+
+
 def toy_data_file(path, kind, n, seed=0):
     """n toy examples of `kind` in a JSONL file (a local dataset without an eval split)."""
     import toy_task

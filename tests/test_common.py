@@ -1,5 +1,6 @@
 """common.py: masks, padding, PAD handling, formats, errors and truncation, checked by hand."""
 
+import copy
 import json
 
 import datasets
@@ -74,9 +75,18 @@ def test_tokenizer_without_pad_gets_one(tmp_path):
     loaded = common.load_tokenizer(str(tmp_path))
     assert loaded.pad_token == common.ADDED_PAD_TOKEN and loaded.pad_token_id not in (None, loaded.eos_token_id)
     model = make_llama(len(tok))
+    twin = copy.deepcopy(model)  # a reference model loaded beside the policy, or the same model on another rank
+    torch.manual_seed(1)
     common.resize_embeddings(model, loaded)
-    assert model.get_input_embeddings().weight.shape[0] == len(loaded) == len(tok) + 1
+    torch.manual_seed(2)
+    common.resize_embeddings(twin, loaded)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(loaded) == len(tok) + 1
     assert model.config.pad_token_id == loaded.pad_token_id
+    # the new row is the mean of the old rows whatever the random state, so both copies agree
+    torch.testing.assert_close(emb[-1], emb[:-1].mean(0))
+    torch.testing.assert_close(model.get_output_embeddings().weight[-1], model.get_output_embeddings().weight[:-1].mean(0))
+    assert torch.equal(emb, twin.get_input_embeddings().weight)
 
 
 def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import toy_task
-from conftest import assert_same_weights, run_script, toy_data_file
+from conftest import assert_same_weights, result_of, run_script
 from dpo import collate_pairs, dpo_loss, sequence_logps
 
 
@@ -110,22 +111,25 @@ def test_hub_format_fixture_variants(tmp_path, hub_model):
     assert result["rewards/accuracies"] == 1.0 and result["rewards/margins"] > 0
 
 
-def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
+def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, chat_data):
     """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8 (the
     loss is a mean over the pairs of the global batch however it is split), with DDP and with FSDP
-    (policy and reference sharded; 3 eval pairs split unevenly over the ranks)."""
-    base = toy_task.save_base_model(str(tmp_path / "base"))
-    data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 52)
-    flags = ["dpo.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--eval-every", "100",
-             "--max-length", "64", "--beta", "1", "--learning-rate", "1e-3", "--rpo-alpha", "0.5"]
+    (policy and reference sharded). ChatML conversations, and a tokenizer that gets a PAD added: the
+    embeddings grow by a row, which must come out the same on every rank (FSDP broadcasts nothing)."""
+    base = chat_models["chatml"]
+    flags = ["dpo.py", "--model-name", base, "--dataset-name", chat_data["preference"], "--batch-size", "8",
+             "--eval-every", "100", "--max-length", "64", "--beta", "1", "--learning-rate", "1e-3", "--rpo-alpha", "0.5"]
     run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
     run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2)
     run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
     for run in ("two", "fsdp"):
         assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
-        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
-        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        r1, r2 = result_of(tmp_path / "one"), result_of(tmp_path / run)
         assert abs(r1["loss"] - r2["loss"]) < 2e-3 and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+    # the added PAD's input embedding gets no gradient (padding is masked), so it is still its initial value,
+    # which must be the same on every rank of every run (FSDP keeps the last rank's, DDP broadcasts rank 0's)
+    pad_rows = [load_file(str(tmp_path / run / "model.safetensors"))["model.embed_tokens.weight"][-1] for run in ("one", "two", "fsdp")]
+    assert torch.equal(pad_rows[0], pad_rows[1]) and torch.equal(pad_rows[0], pad_rows[2])
 
 
 def test_chatml_conversations(tmp_path, chat_models, chat_data):

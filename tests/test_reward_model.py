@@ -13,7 +13,7 @@ import torch
 
 import common
 import toy_task
-from conftest import ROOT, assert_same_weights, run_script, toy_data_file, toy_reward_model
+from conftest import ROOT, assert_same_weights, result_of, run_script, toy_data_file, toy_reward_model
 from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
 
 
@@ -114,8 +114,7 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
     run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
     for run in ("two", "fsdp"):
         assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
-        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
-        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        r1, r2 = result_of(tmp_path / "one"), result_of(tmp_path / run)
         assert r1["reward_bias"] == pytest.approx(r2["reward_bias"], rel=1e-4, abs=1e-6)
     assert json.load(open(tmp_path / "fsdp" / "config.json"))["architectures"] == ["LlamaForSequenceClassification"]
 

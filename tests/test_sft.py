@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy_task
-from conftest import ROOT, markov_llama, run_script
+from conftest import ROOT, markov_llama, result_of, run_script
 from sft import sft_loss
 
 
@@ -166,8 +166,7 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
         for k in one:
             assert not torch.equal(one[k], start[k]) or "norm" in k  # training moved the weights
             torch.testing.assert_close(one[k], other[k], rtol=1e-4, atol=1e-5)
-        r1 = json.load(open(tmp_path / "one" / "training_args.json"))["result"]
-        r2 = json.load(open(tmp_path / run / "training_args.json"))["result"]
+        r1, r2 = result_of(tmp_path / "one"), result_of(tmp_path / run)
         assert abs(r1["eval_loss"] - r2["eval_loss"]) < 2e-3 and r1["eval_loss"] == pytest.approx(r2["eval_loss"], rel=1e-5)
     assert json.load(open(tmp_path / "fsdp" / "config.json"))["architectures"] == ["LlamaForCausalLM"]
 
@@ -269,3 +268,44 @@ def test_memory_plan_by_hand():
     assert f"AdamW {8 * 1_001_000 / 4 / 2**30:.3f}" in fsdp
     ddp = memory_plan([("policy", layer, True)], SimpleNamespace(world_size=4, fsdp=False))
     assert f"before activations: {16 * 1_001_000 / 2**30:.3f}" in ddp
+
+
+def test_checkpoint_round_trip_and_resume_errors(tmp_path):
+    """In one process (no process group): save_checkpoint then load_checkpoint restores the weights, the
+    AdamW moments and the RNG states exactly; an incomplete checkpoint is skipped; a run of other flags,
+    another number of ranks or no checkpoint at all is a clear error."""
+    import random
+
+    import numpy as np
+
+    from sft import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path), model, optimizer, 0, 1, 5, 1)
+    save_checkpoint(str(tmp_path / "resume" / "step_0000002"), model, optimizer,
+                    {"step": 2, "world_size": 1, "num_steps": 5, "seed": 1}, 0)
+    (tmp_path / "resume" / "step_0000004").mkdir()  # died while writing: no trainer_state.json
+    draws = (random.random(), np.random.rand(), torch.rand(1))  # what comes next after the save
+    for p in model.parameters():  # the run goes on (and the process dies)
+        p.data.add_(1.0)
+    optimizer.state[model.weight]["exp_avg"].add_(1.0)
+    path, state = load_checkpoint(str(tmp_path), model, optimizer, 0, 1, 5, 1)
+    assert path.endswith("step_0000002") and state["step"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for k, v in optimizer.state[model.weight].items():
+        assert torch.equal(v, moments[k]), k
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(1), draws[2])
+    with pytest.raises(SystemExit, match="written by 1 rank"):
+        load_checkpoint(str(tmp_path), model, optimizer, 0, 2, 5, 1)
+    with pytest.raises(SystemExit, match="a run of 5 steps with --seed 1, this one has 6"):
+        load_checkpoint(str(tmp_path), model, optimizer, 0, 1, 6, 1)
