@@ -11,7 +11,8 @@ share of the best improvement achievable at that KL:
 * vs SFT (the reference policy): R* the frontier of π*_β ∝ π_SFT exp(r/β), which is what PPO and
   DPO aim at, estimated by self-normalised importance sampling from max(--best-of-n) samples of
   the reference per prompt (biased low when few samples carry the weight: the effective sample
-  size is reported);
+  size is reported, and `optimum_vs_sft_check` measures the shortfall where the answer is exact:
+  the same estimator on as many samples of P_ref, against the exact frontier);
 each with a bootstrap standard error over prompts. Best-of-n sampling from the reference
 (Stiennon et al. 2020; Nakano et al. 2021) is the baseline, at KL log n − (n − 1)/n. Results go
 to a table on stdout and CSV/JSON/PNG under --output-dir.
@@ -20,6 +21,8 @@ to a table on stdout and CSV/JSON/PNG under --output-dir.
     python evaluate.py
     # PPO checkpoints saved with --save-every: the over-optimisation picture (Gao et al. 2022)
     python evaluate.py --policies runs/models/ppo --checkpoints-dir runs/models/ppo/checkpoints
+    # the default chain for seeds 1, 2 and 3, then mean ± sd: runs/reference/seeds.json, seeds.md, frontier_seeds.png
+    python evaluate.py --seeds 1 2 3 --output-dir runs/reference
 """
 
 import csv
@@ -82,6 +85,9 @@ class Args:
     """folder of intermediate policies (ppo.py --save-every); each is evaluated for the over-optimisation plot"""
     per_device_batch_size: int = 250
     """sequences per generation or forward pass"""
+    seeds: List[int] = field(default_factory=list)
+    """instead of evaluating: run the whole default chain (sft, reward_model, ppo, dpo, then this evaluation)
+    once per seed in runs/seeds/{seed}, and write seeds.json, seeds.md and frontier_seeds.png to --output-dir"""
 
 
 # ---- pure functions (imported by the tests) --------------------------------------------------------
@@ -179,6 +185,36 @@ def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_boo
     return point, float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
 
 
+SEED_FIELDS = ["sft_excess_nll", "sft_kl_to_p_ref", "rm_accuracy", "bayes_accuracy", "rm_gold_pearson"] + [
+    f"{m}_{k}" for m in ("ppo", "dpo") for k in ("gold_reward", "kl_to_sft", "kl_to_p_ref", "optimality_ratio_vs_sft",
+                                                 "optimality_ratio_vs_p_ref", "optimum_vs_sft_ess", "optimum_vs_sft_check",
+                                                 "optimality_ratio_vs_sft_corrected")]
+
+
+def seed_record(seed, sft, rm, ev):
+    """One seed's numbers, flat: from sft.py's and reward_model.py's training_args.json results and this
+    script's results.json (policies in the order sft, ppo, dpo)."""
+    sft_row, ppo_row, dpo_row = ev["policies"]
+    record = {"seed": seed, "sft_excess_nll": sft["excess_nll"], "sft_kl_to_p_ref": sft_row["kl_to_p_ref"],
+              "rm_accuracy": rm["accuracy"], "bayes_accuracy": rm["bayes_accuracy"], "rm_gold_pearson": rm["gold_pearson"]}
+    for m, row in (("ppo", ppo_row), ("dpo", dpo_row)):
+        for k, key in (("gold_reward", "gold_reward"), ("kl_to_sft", "kl_to_ref_policy"), ("kl_to_p_ref", "kl_to_p_ref"),
+                       ("optimality_ratio_vs_sft", "optimality_ratio_vs_sft"),
+                       ("optimality_ratio_vs_p_ref", "optimality_ratio_vs_p_ref"), ("optimum_vs_sft_ess", "optimum_vs_sft_ess"),
+                       ("optimum_vs_sft_check", "optimum_vs_sft_check")):
+            record[f"{m}_{k}"] = row[key]
+            if key + "_se" in row:
+                record[f"{m}_{k}_se"] = row[key + "_se"]
+        record[f"{m}_optimality_ratio_vs_sft_corrected"] = row["optimality_ratio_vs_sft"] * row["optimum_vs_sft_check"]
+    return record
+
+
+def mean_sd(records, key):
+    """(mean, sample standard deviation) of records[i][key] over the seeds (sd nan for one seed)."""
+    x = np.array([r[key] for r in records], float)
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+
+
 # ---- model helpers ----------------------------------------------------------------------------------
 def load_model(cls, name, tokenizer, device):
     kwargs = {"num_labels": 1} if "Sequence" in cls.__name__ else {}
@@ -244,6 +280,89 @@ def reward_scores(model, queries, responses, tokenizer, args, device):
     return torch.cat(out).numpy()
 
 
+def run_seeds(args):
+    """The default chain once per seed (CleanRL's benchmark habit), each stage a fresh process with only
+    --seed and the folders changed, then the seeds' records, mean ± sd table and frontier plot."""
+    import subprocess
+    import sys
+    import time
+
+    records, results = [], []
+    for seed in args.seeds:
+        root = os.path.join("runs", "seeds", str(seed))
+        sft, rm, ppo, dpo = (os.path.join(root, "models", s) for s in ("sft", "reward_model", "ppo", "dpo"))
+        stages = [("sft.py", "--output-dir", sft),
+                  ("reward_model.py", "--model-name", sft, "--output-dir", rm),
+                  ("ppo.py", "--model-name", sft, "--reward-model-name", rm, "--output-dir", ppo),
+                  ("dpo.py", "--model-name", sft, "--output-dir", dpo),
+                  ("evaluate.py", "--policies", sft, ppo, dpo, "--ref-policy", sft, "--reward-model-name", rm,
+                   "--output-dir", os.path.join(root, "evaluate"))]
+        seconds = {}
+        for script, *flags in stages:
+            print(f"seed {seed}: python {script} --seed {seed} {' '.join(flags)}", flush=True)
+            start = time.time()
+            subprocess.run([sys.executable, script, "--seed", str(seed), *flags], check=True)
+            seconds[script[:-3]] = round(time.time() - start, 1)
+
+        def result(folder):
+            with open(os.path.join(folder, "training_args.json")) as f:
+                return json.load(f)["result"]
+
+        with open(os.path.join(root, "evaluate", "results.json")) as f:
+            results.append(json.load(f))
+        records.append({**seed_record(seed, result(sft), result(rm), results[-1]), "seconds": seconds})
+        print(f"seed {seed}: {sum(seconds.values()):.0f} s {seconds}", flush=True)
+    write_seed_summary(records, results, args.output_dir)
+
+
+def write_seed_summary(records, results, output_dir):
+    """seeds.json (the records), seeds.md (a row per seed and the mean ± sd) and frontier_seeds.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "seeds.json"), "w") as f:
+        json.dump(records, f, indent=2)
+    keys = ["seed"] + SEED_FIELDS
+    table = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    table += "".join("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n"
+                     for r in records)
+    table += "| mean ± sd | " + " | ".join("%.3f ± %.3f" % mean_sd(records, k) for k in SEED_FIELDS) + " |\n"
+    with open(os.path.join(output_dir, "seeds.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+    # gold reward against KL for every seed: left the exact optimum relative to P_ref (the same for all
+    # seeds: the toy task's held-out prompts are fixed), right each seed's optimum relative to its SFT model
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    kls, golds = zip(*results[0]["frontier"])
+    limit = 1.1 * max(r["kl_to_p_ref"] for res in results for r in res["policies"] + res["best_of_n"][:4])  # up to n = 8
+    left.plot([k for k in kls if k <= limit], [g for k, g in zip(kls, golds) if k <= limit], "k-", label="exact optimum π*_β ∝ P_ref·exp(r/β)")
+    for i, (seed, res) in enumerate(zip([r["seed"] for r in records], results)):
+        color = f"C{i}"
+        sft_frontier = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
+        right.plot(*zip(*[(k, r) for k, r in sft_frontier if k <= limit]), "-", color=color, lw=1,
+                   label=f"seed {seed}: optimum ∝ π_SFT·exp(r/β) (importance sampling)")
+        for ax, x in ((left, "kl_to_p_ref"), (right, "kl_to_ref_policy")):
+            bon = [r for r in res["best_of_n"] if r[x] <= limit]
+            ax.plot([r[x] for r in bon], [r["gold_reward"] for r in bon], ".:", color=color, lw=0.8,
+                    label=f"seed {seed}: best-of-n" if ax is left else None)
+            for row, marker in zip(res["policies"][1:], ("*", "^")):
+                ax.errorbar(row[x], row["gold_reward"], yerr=row["gold_reward_se"], xerr=row[x + "_se"], fmt=marker,
+                            color=color, markersize=11 if marker == "*" else 8,
+                            label=f"seed {seed}: {os.path.basename(row['policy'])}")
+    for ax, x in ((left, "KL to P_ref"), (right, "KL to the seed's SFT model")):
+        ax.set_xlabel(x + " (nats per response)")
+        ax.set_ylabel("gold reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "frontier_seeds.png"))
+    print(f"wrote {output_dir}/seeds.json, seeds.md, frontier_seeds.png")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     toy = args.dataset_name == "toy"  # lengths default to the toy task's, or to the usual ones for pretrained LMs
@@ -255,6 +374,11 @@ if __name__ == "__main__":
         raise ValueError("--best-of-n takes positive integers")
     if args.response_length >= args.max_length:
         raise ValueError(f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}")
+    if args.seeds:
+        if not toy:
+            raise ValueError("--seeds runs the default chain on the toy task; drop --dataset-name")
+        run_seeds(args)
+        raise SystemExit(0)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -336,6 +460,15 @@ if __name__ == "__main__":
         ref_kl, ref_reward, ref_ess = snis_optimum(gold, ref_betas)
         ref_frontier = [(b, k, r, e) for b, k, r, e in zip(ref_betas, ref_kl.mean(0), ref_reward.mean(0), ref_ess.mean(0))]
         ref_policy_gold = gold.mean(1)  # (P,) the reference policy's own gold reward per prompt
+        # the estimator's own error, measured where the answer is exact: the same importance sampling from N
+        # samples of P_ref itself (toy_task's sampler) against the exact frontier. Its share of the exact
+        # optimum's gain at a KL is how far N samples fall short there (P_ref and the SFT model are close, so
+        # the SFT-relative estimate falls short about as much): a ratio vs SFT times this share corrects it
+        check_texts = toy_task.TASK.sample_responses(np.random.default_rng(args.seed), bon_prompts, args.response_length)
+        check_gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, check_texts)]).reshape(P, N)
+        check_kl, check_reward, _ = (x.mean(0) for x in snis_optimum(check_gold, ref_betas))
+        check = sorted((k, (r - check_reward[0]) / (frontier_reward_at(k, frontier) - ref_gold))
+                       for k, r in zip(check_kl[1:], check_reward[1:]))
 
     def add_ratios(row, gold_pp, kl_p_ref_pp, kl_ref_pp):
         """Both optimality ratios of a row, with bootstrap standard errors: against the exact optimum
@@ -350,6 +483,8 @@ if __name__ == "__main__":
         # (the ratio then overestimated); raise max(--best-of-n) for more samples
         kls, _, _, ess = map(np.array, zip(*sorted((k, b, r, e) for b, k, r, e in ref_frontier)))
         row["optimum_vs_sft_ess"] = float(np.interp(float(np.mean(kl_ref_pp)), kls, ess))
+        if row["optimality_ratio_vs_sft"] is not None:
+            row["optimum_vs_sft_check"] = float(np.interp(float(np.mean(kl_ref_pp)), *zip(*check)))
 
     def with_se(row, **per_prompt):
         """Put the mean over prompts of each per-prompt array in `row`, and its standard error as key_se."""
@@ -415,7 +550,7 @@ if __name__ == "__main__":
     all_rows = rows + bon + bon_gold + checkpoints
     columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "entropy", "win_rate", "gold_reward",
                "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio_vs_p_ref", "optimality_ratio_vs_sft",
-               "optimum_vs_sft_ess"]
+               "optimum_vs_sft_ess", "optimum_vs_sft_check"]
     columns = [c for c in columns if any(r.get(c) is not None for r in all_rows)]
 
     def cell(r, c):

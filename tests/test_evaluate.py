@@ -15,8 +15,8 @@ import torch
 import common
 import toy_task
 from conftest import markov_llama, run_script, toy_reward_model
-from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, optimality_ratio, ratio_with_se,
-                      response_logps, sample, snis_optimum, win_rate)
+from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, mean_sd, optimality_ratio, ratio_with_se,
+                      response_logps, sample, seed_record, snis_optimum, win_rate)
 
 
 def test_best_of_n_expectation_against_enumerating_subsets():
@@ -103,6 +103,27 @@ def test_ratio_standard_error_against_the_delta_method():
     assert ratio_with_se(gold, np.full(400, 5.0), 0.0, frontier_kl, frontier_r, rng) == (None, None)  # beyond the frontier
 
 
+def test_seed_records_and_their_mean_and_sd():
+    """Each seed's record takes PPO's and DPO's numbers from their own rows (KL to SFT = the KL to the reference
+    policy), and the summary is the mean and the sample standard deviation (n − 1) over the seeds."""
+    def row(name, gold, kl_ref):
+        return {"policy": name, "gold_reward": gold, "gold_reward_se": 0.1, "kl_to_ref_policy": kl_ref, "kl_to_p_ref": kl_ref + 0.3,
+                "optimality_ratio_vs_sft": gold / 2, "optimality_ratio_vs_p_ref": gold / 3, "optimum_vs_sft_ess": 20.0,
+                "optimum_vs_sft_check": 0.9}
+
+    records = []
+    for seed, g in ((1, 1.0), (2, 2.0), (3, 6.0)):
+        ev = {"policies": [row("sft", 0.0, 0.0), row("ppo", g, 0.8), row("dpo", -g, 0.5)]}
+        records.append(seed_record(seed, {"excess_nll": 0.01 * seed}, {"accuracy": 0.7, "bayes_accuracy": 0.75,
+                                                                        "gold_pearson": 0.6}, ev))
+    assert records[1]["ppo_gold_reward"] == 2.0 and records[1]["dpo_gold_reward"] == -2.0 and records[1]["ppo_gold_reward_se"] == 0.1
+    assert records[1]["ppo_kl_to_sft"] == 0.8 and records[1]["dpo_kl_to_sft"] == 0.5 and records[1]["sft_kl_to_p_ref"] == 0.3
+    assert records[2]["ppo_optimality_ratio_vs_sft"] == 3.0 and records[2]["dpo_optimality_ratio_vs_p_ref"] == -2.0
+    assert records[2]["ppo_optimality_ratio_vs_sft_corrected"] == pytest.approx(3.0 * 0.9)
+    assert mean_sd(records, "ppo_gold_reward") == pytest.approx((3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)))
+    assert mean_sd(records, "sft_excess_nll") == pytest.approx((0.02, 0.01))
+
+
 def test_win_rate_counts_ties_half():
     assert win_rate([1, 2, 3], [2, 2, 2]) == pytest.approx(0.5)
     assert win_rate([5, 5], [1, 1]) == 1.0
@@ -183,6 +204,9 @@ def test_smoke(tmp_path, markov_models):
     for row in results["policies"] + results["best_of_n"]:
         assert row["gold_reward_se"] > 0 and row["score_se"] > 0
     assert ref_row["optimality_ratio_vs_sft"] is None and pol_row["optimality_ratio_vs_sft_se"] > 0
+    # the estimator's check (the same importance sampling from 16 exact P_ref samples against the exact frontier)
+    # falls short of the exact optimum's gain, never far beyond it; none where there is no ratio
+    assert 0.5 < pol_row["optimum_vs_sft_check"] < 1.05 and "optimum_vs_sft_check" not in ref_row
     # the reference policy is P_ref here, so its importance-sampled optimum at small KL (β = 20, large
     # effective sample size) is the exact frontier's
     beta, kl, r, ess = results["frontier_vs_ref_policy"][1]

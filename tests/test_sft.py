@@ -83,7 +83,8 @@ def test_every_flag_has_help():
 
 
 def test_smoke_toy(tmp_path):
-    out = run_script(["sft.py", "--num-epochs", "0.03", "--eval-every", "10", "--output-dir", str(tmp_path)])
+    out = run_script(["sft.py", "--num-epochs", "0.03", "--batch-size", "64", "--per-device-batch-size", "64", "--eval-every", "10",
+                      "--output-dir", str(tmp_path)])
     result = json.load(open(tmp_path / "training_args.json"))["result"]
     # 23 steps from random init take the held-out loss well below uniform guessing (ln 73 = 4.29)
     assert result["eval_loss"] < 4.0 and result["excess_nll"] > 0.5
@@ -99,7 +100,7 @@ def test_a_model_that_is_p_ref_has_zero_excess(tmp_path):
     P_ref's transitions, left unchanged (learning rate 0), is exactly P_ref, so its held-out loss must
     equal the exact −log P_ref per token (tokenization, masks, shift and token counts all agree)."""
     markov_llama(str(tmp_path / "pref"))
-    run_script(["sft.py", "--model-name", str(tmp_path / "pref"), "--learning-rate", "0", "--num-epochs", "0.0013",
+    run_script(["sft.py", "--model-name", str(tmp_path / "pref"), "--learning-rate", "0", "--num-epochs", "0.0013", "--batch-size", "64", "--per-device-batch-size", "64",
                 "--num-sample-completions", "0", "--output-dir", str(tmp_path / "out")])
     result = json.load(open(tmp_path / "out" / "training_args.json"))["result"]
     assert abs(result["excess_nll"]) < 1e-4 and result["eval_loss"] > 2.4  # ~2.54 nats: a real loss, not 0
