@@ -334,14 +334,14 @@ def write_seed_summary(records, results, output_dir):
         f.write(table)
     print(table)
 
-    # gold reward against KL for every seed: left the exact optimum relative to P_ref (the same for all
-    # seeds: the toy task's held-out prompts are fixed), right each seed's optimum relative to its SFT model
+    # gold reward against KL for every seed: left the exact optimum relative to P_ref (each seed draws its
+    # own toy data, so its own held-out prompts), right each seed's optimum relative to its SFT model
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    kls, golds = zip(*results[0]["frontier"])
     limit = 1.1 * max(r["kl_to_p_ref"] for res in results for r in res["policies"] + res["best_of_n"][:4])  # up to n = 8
-    left.plot([k for k in kls if k <= limit], [g for k, g in zip(kls, golds) if k <= limit], "k-", label="exact optimum π*_β ∝ P_ref·exp(r/β)")
     for i, (seed, res) in enumerate(zip([r["seed"] for r in records], results)):
         color = f"C{i}"
+        left.plot(*zip(*[(k, g) for k, g in res["frontier"] if k <= limit]), "-", color=color, lw=1,
+                  label=f"seed {seed}: exact optimum ∝ P_ref·exp(r/β)")
         sft_frontier = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
         right.plot(*zip(*[(k, r) for k, r in sft_frontier if k <= limit]), "-", color=color, lw=1,
                    label=f"seed {seed}: optimum ∝ π_SFT·exp(r/β) (importance sampling)")
