@@ -111,6 +111,10 @@ class Args:
     """assumed probability ε that a preference label is flipped (sigmoid: cDPO; robust: the noise rate), in [0, 0.5)"""
     rpo_alpha: float = 0.0
     """weight α of the chosen responses' token-mean NLL added to the loss (RPO, Pang et al. 2024); 0 disables it"""
+    share_prompt: bool = True
+    """run each pair's prompt through the model once and both responses on its cached keys and values,
+    instead of prompt + chosen and prompt + rejected (equal log-probabilities, checked at the start;
+    off where the model's cache does not allow it, e.g. sliding windows, or with --gradient-checkpointing)"""
     precompute_ref_logps: bool = False
     """compute the reference log-probabilities once before training and free the reference model (saves memory)"""
     num_toy_samples: int = 1000
@@ -163,6 +167,28 @@ def sequence_logps(logits, labels, average=False):
     return (sums / counts.clamp(min=1) if average else sums), counts
 
 
+def token_logps(logits, targets, chunk_size=1024):
+    """log p(target) of each row: logits (R, V) in any dtype, targets (R,) -> (R,) float32.
+
+    The same number as sequence_logps's log_softmax + gather, but the log-sum-exp runs over chunks of
+    rows, each cast to float32 on its own, and with gradients each chunk is recomputed in the backward
+    pass: no float32 copy of all R × V logits is ever kept (at a 128k vocabulary one row is 0.5 MB)."""
+    def chunk_logps(x, y):  # (r, V), (r,) -> (r,)
+        x = x.float()
+        return torch.gather(x, 1, y[:, None]).squeeze(1) - x.logsumexp(-1)
+
+    out = []
+    for x, y in zip(logits.split(chunk_size), targets.split(chunk_size)):
+        grad = torch.is_grad_enabled() and x.requires_grad
+        out.append(torch.utils.checkpoint.checkpoint(chunk_logps, x, y, use_reentrant=False) if grad else chunk_logps(x, y))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def row_sums(values, mask):
+    """values (R,) listed in row-major order of mask's (N, L) True entries -> (N,) the sum of each row."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values).sum(-1)
+
+
 def collate_pairs(pairs, pad_id):
     """B pairs -> right-padded (2B, L) input_ids, attention_mask and labels (−100 on prompt and
     padding): rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected, for one forward pass."""
@@ -170,6 +196,22 @@ def collate_pairs(pairs, pad_id):
     labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for k in ("chosen", "rejected") for p in pairs]
     return {"input_ids": common.pad(seqs, pad_id), "attention_mask": common.attention_mask(seqs),
             "labels": common.pad(labels, common.IGNORE_INDEX)}
+
+
+def collate_shared_prompts(pairs, pad_id):
+    """B pairs -> the prompts once, left-padded: prompt_ids and prompt_mask (B, P), so that every prompt
+    ends at column P − 1; and the responses, right-padded and interleaved (row 2i chosen i, row 2i + 1
+    rejected i, the order of the cache after batch_repeat_interleave(2)): response_ids and
+    response_mask (2B, T). Each response token's position id continues its own prompt."""
+    prompts = [p["prompt"] for p in pairs]
+    responses = [p[k] for p in pairs for k in ("chosen", "rejected")]
+    prompt_mask = common.attention_mask(prompts, "left")  # (B, P)
+    response_mask = common.attention_mask(responses)  # (2B, T)
+    T = response_mask.shape[1]
+    return {"prompt_ids": common.pad(prompts, pad_id, "left"), "prompt_mask": prompt_mask,
+            "prompt_positions": (prompt_mask.cumsum(1) - 1).clamp(min=0),  # (B, P), 0 on the left padding
+            "response_ids": common.pad(responses, pad_id), "response_mask": response_mask,
+            "response_positions": prompt_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(T)}  # (2B, T)
 
 
 def lr_at(step, args):
@@ -181,13 +223,46 @@ def lr_at(step, args):
     return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[args.lr_schedule]
 
 
-def pair_logps(model, batch, args):
-    """(chosen logps (B,), rejected logps (B,), chosen token counts (B,)) from one concatenated pass."""
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, counts = sequence_logps(logits, batch["labels"], average=args.loss_type == "ipo")
+def pair_logps(model, batch, bf16=False, average=False):
+    """(chosen logps (B,), rejected logps (B,), chosen token counts (B,)) of a batch of collate_pairs
+    (one pass over prompt + chosen and prompt + rejected) or of collate_shared_prompts (the prompt once);
+    `average`: the token mean (IPO) instead of the sum. The LM head runs only where a response token is
+    predicted (logits_to_keep), never over the prompt or the padding."""
+    with torch.autocast(next(iter(batch.values())).device.type, dtype=torch.bfloat16, enabled=bf16):
+        if "prompt_ids" not in batch:
+            labels = batch["labels"][:, 1:]  # (2B, L-1): position t predicts token t + 1
+            keep = labels != common.IGNORE_INDEX
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=F.pad(keep, (0, 1))).logits  # (R, V), R = response tokens, row-major
+            logps = row_sums(token_logps(logits, labels[keep]), keep)  # (2B,)
+        else:
+            # a) the prompts once (B rows), keeping their keys and values; the last prompt position predicts
+            # response token 0 (left padding puts it in column P − 1 for every row)
+            out = model(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"],
+                        position_ids=batch["prompt_positions"], use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(2)  # (B, ...) -> (2B, ...): each prompt's keys/values for both responses
+            # b) both responses on top, attending to their prompt; gradients flow back through the cache
+            ids, m = batch["response_ids"], batch["response_mask"].bool()  # (2B, T)
+            keep = F.pad(m[:, 1:], (0, 1))  # response position t predicts response token t + 1
+            rest = model(input_ids=ids, position_ids=batch["response_positions"], past_key_values=cache,
+                         attention_mask=torch.cat([batch["prompt_mask"].repeat_interleave(2, 0), batch["response_mask"]], 1),
+                         logits_to_keep=keep).logits  # (R', V), the response tokens after the first
+            first = token_logps(out.logits[:, -1].repeat_interleave(2, 0), ids[:, 0])  # (2B,)
+            logps = first + row_sums(token_logps(rest, ids[:, 1:][m[:, 1:]]), m[:, 1:])  # (2B,)
+            keep = m
+    counts = keep.sum(-1)  # (2B,) response tokens per row
+    if average:
+        logps = logps / counts
+    if "prompt_ids" in batch:  # interleaved rows: chosen at even, rejected at odd
+        return logps[0::2], logps[1::2], counts[0::2]
     B = len(logps) // 2
     return logps[:B], logps[B:], counts[:B]
+
+
+def collate(pairs, pad_id, args):
+    """The batch layout pair_logps takes: the prompt once (--share-prompt) or concatenated."""
+    return collate_shared_prompts(pairs, pad_id) if args.share_prompt else collate_pairs(pairs, pad_id)
 
 
 @torch.no_grad()
@@ -200,8 +275,8 @@ def all_pair_logps(model, pairs, pad_id, args, device, rank):
     # repeats pair 0 and keeps nothing
     for i in range(0, math.ceil(len(pairs) / args.world_size), args.per_device_batch_size):
         idx = mine[i: i + args.per_device_batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in idx or [0]], pad_id).items()}
-        chosen, rejected, _ = pair_logps(model, batch, args)
+        batch = {k: v.to(device) for k, v in collate([pairs[j] for j in idx or [0]], pad_id, args).items()}
+        chosen, rejected, _ = pair_logps(model, batch, args.bf16, args.loss_type == "ipo")
         if idx:
             out[0, idx], out[1, idx] = chosen, rejected
     if args.world_size > 1:
@@ -434,7 +509,30 @@ if __name__ == "__main__":
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size {args.batch_size}")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
 
-    # 2. reference log-probabilities: once for the eval pairs; for the training pairs either all
+    # 2. the prompt once where this model allows it (its cache may be a sliding window, recurrent, ...):
+    # checked, not assumed, on a few eval pairs against the concatenated pass, in float32
+    if args.share_prompt and args.gradient_checkpointing:
+        args.share_prompt = False  # the cache is off while activations are recomputed
+        if rank == 0:
+            print("--share-prompt is off with --gradient-checkpointing: prompt and responses are concatenated")
+    if args.share_prompt:
+        probe, err, why = eval_pairs[:4], torch.full((), math.inf, device=device), ""
+        with torch.no_grad():
+            concatenated = torch.stack(pair_logps(ref_model, {k: v.to(device) for k, v in collate_pairs(probe, pad_id).items()})[:2])
+            try:
+                shared = pair_logps(ref_model, {k: v.to(device) for k, v in collate_shared_prompts(probe, pad_id).items()})
+                err = (torch.stack(shared[:2]) - concatenated).abs().max()
+            except Exception as e:  # noqa: BLE001 -- any model that cannot do it falls back, saying why
+                why = f" ({type(e).__name__}: {e})"
+        if args.world_size > 1:
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        if not err <= 1e-3:
+            args.share_prompt = False
+            if rank == 0:
+                print(f"--share-prompt is off: on {len(probe)} pairs the prompt-once pass differs from the concatenated "
+                      f"one by {err.item():.1e} nats{why}; this model's cache does not allow it (--no-share-prompt skips the check)")
+
+    # 3. reference log-probabilities: once for the eval pairs; for the training pairs either all
     # at once now (then the reference model is freed) or per batch during training
     ref_eval = all_pair_logps(ref_model, eval_pairs, pad_id, args, device, rank)  # (2, P_eval)
     ref_train = None
@@ -496,23 +594,23 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 3. one optimizer step on a global batch of pairs: each rank its slice, in micro-batches;
+        # 4. one optimizer step on a global batch of pairs: each rank its slice, in micro-batches;
         # each micro-batch's mean weighted by its share of the global batch (a mean over all pairs)
         idx_global = schedule[step]
         idx_mine = idx_global[rank * per_rank: (rank + 1) * per_rank]
         step_stats = torch.zeros(len(stat_names), device=device)
         for k in range(args.grad_accum_steps):
             idx = idx_mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size]
-            batch = {key: v.to(device) for key, v in collate_pairs([train_pairs[i] for i in idx], pad_id).items()}
+            batch = {key: v.to(device) for key, v in collate([train_pairs[i] for i in idx], pad_id, args).items()}
             if ref_train is not None:
                 ref_c, ref_r = ref_train[0, idx], ref_train[1, idx]
             else:
                 with torch.no_grad():
-                    ref_c, ref_r, _ = pair_logps(ref_model, batch, args)
+                    ref_c, ref_r, _ = pair_logps(ref_model, batch, args.bf16, args.loss_type == "ipo")
             # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, so gradients stay sharded
             sync = k == args.grad_accum_steps - 1 or args.world_size == 1 or args.fsdp
             with contextlib.nullcontext() if sync else train_model.no_sync():
-                pol_c, pol_r, n_chosen = pair_logps(train_model, batch, args)
+                pol_c, pol_r, n_chosen = pair_logps(train_model, batch, args.bf16, args.loss_type == "ipo")
                 losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
                 if args.rpo_alpha:  # RPO: NLL of the chosen response, a token mean per pair
                     chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)
@@ -530,7 +628,7 @@ if __name__ == "__main__":
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # 4. log: pair-weighted means over every step since the last log, not one micro-batch's
+        # 5. log: pair-weighted means over every step since the last log, not one micro-batch's
         log_stats += step_stats
         log_pairs += args.batch_size
         tokens_seen += sum(2 * len(train_pairs[i]["prompt"]) + len(train_pairs[i]["chosen"])
@@ -553,7 +651,7 @@ if __name__ == "__main__":
                 tqdm.write(f"step {step + 1}: eval/rewards/accuracies {final['rewards/accuracies']:.4f}, "
                            f"eval/loss {final['loss']:.4f}, eval/rewards/margins {final['rewards/margins']:.4f}")
 
-    # 5. toy task: gold reward and exact KL(π ‖ P_ref) of samples from the trained policy
+    # 6. toy task: gold reward and exact KL(π ‖ P_ref) of samples from the trained policy
     toy_eval = args.dataset_name == "toy" and args.num_toy_samples
     with gathered(model) if toy_eval else contextlib.nullcontext():  # under FSDP the full weights, for rank 0
         if toy_eval and rank == 0:
@@ -588,7 +686,7 @@ if __name__ == "__main__":
             final["toy/ref_gold_reward"], final["toy/optimum_kl"], final["toy/optimum_gold_reward"] = \
                 frontier[0][2], frontier[1][1], frontier[1][2]
 
-    # 6. save the policy and tokenizer
+    # 7. save the policy and tokenizer
     peaks = peak_memory(device, args.world_size)  # of training: loading and saving not counted
     save_model(model, tokenizer, args.output_dir, args, rank)
     if rank == 0:

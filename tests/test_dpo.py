@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import toy_task
 from conftest import assert_same_weights, result_of, run_script
-from dpo import collate_pairs, dpo_loss, sequence_logps
+from dpo import collate_pairs, collate_shared_prompts, dpo_loss, pair_logps, sequence_logps, token_logps
 
 
 def log_sigmoid(x):
@@ -85,6 +85,81 @@ def test_sequence_logps_against_a_loop():
     noisy[0, 0] += 100 * torch.randn(10)  # predicts prompt token 6 of row 0
     noisy[1, 1:] += 100 * torch.randn(L - 1, 10)  # row 1 is [4, 1]: from position 1 on they predict padding
     torch.testing.assert_close(sequence_logps(noisy, batch["labels"])[0], got)
+
+
+def tiny_gqa_llama():
+    """A random 2-layer Llama with grouped-query attention (4 heads, 2 key/value heads), float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+# prompts of 1–6 tokens (left padding in the prompt-once batch) and responses of 1–5 (right padding)
+PAIRS = [{"prompt": [5, 6, 7, 8, 9, 10], "chosen": [11, 1], "rejected": [12, 13, 14, 15, 1]},
+         {"prompt": [4], "chosen": [1], "rejected": [2, 2, 1]},
+         {"prompt": [20, 21, 22], "chosen": [23, 24, 25, 1], "rejected": [26, 1]}]
+
+
+def one_by_one(model, pairs):
+    """The simplest formulation: each sequence alone (no padding at all), the full softmax at every
+    position, summed over the response tokens. Returns (chosen (B,), rejected (B,))."""
+    out = []
+    for key in ("chosen", "rejected"):
+        rows = []
+        for p in pairs:
+            ids = torch.tensor([p["prompt"] + p[key]])
+            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)  # (L, V)
+            n = len(p["prompt"])
+            rows.append(sum(logp[n + j - 1, tok] for j, tok in enumerate(p[key])))
+        out.append(torch.stack(rows))
+    return out
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_response_only_and_prompt_once_logps_equal_the_full_softmax(average):
+    """pair_logps (LM head only at response tokens, chunked log-sum-exp), concatenated and prompt-once
+    (KV cache), equal the one-by-one full-softmax log-probabilities, values and gradients (1e-5)."""
+    model = tiny_gqa_llama()
+    want_c, want_r = one_by_one(model, PAIRS)
+    lengths = torch.tensor([[len(p[k]) for p in PAIRS] for k in ("chosen", "rejected")]).float()
+    if average:
+        want_c, want_r = want_c / lengths[0], want_r / lengths[1]
+    (want_c - 2 * want_r).sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    # the simple path of the script itself agrees too (full logits of the right-padded batch)
+    batch = collate_pairs(PAIRS, pad_id=0)
+    simple, _ = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"], average=average)
+    torch.testing.assert_close(simple, torch.cat([want_c, want_r]).detach(), atol=1e-5, rtol=1e-5)
+    for batch in (collate_pairs(PAIRS, pad_id=0), collate_shared_prompts(PAIRS, pad_id=0)):
+        model.zero_grad()
+        chosen, rejected, n_chosen = pair_logps(model, batch, average=average)
+        torch.testing.assert_close(chosen, want_c.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rejected, want_r.detach(), atol=1e-5, rtol=1e-5)
+        assert n_chosen.tolist() == [2, 1, 4]
+        (chosen - 2 * rejected).sum().backward()  # gradients flow through the shared prompt's cache
+        for p, g in zip(model.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_token_logps_in_chunks():
+    """Chunked (3 rows at a time, recomputed in backward) log-sum-exp equals log_softmax + gather, with
+    gradients; bfloat16 logits are reduced in float32."""
+    torch.manual_seed(0)
+    logits = torch.randn(10, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (10,))
+    want = logits.log_softmax(-1)[torch.arange(10), targets]
+    got = token_logps(logits, targets, chunk_size=3)
+    torch.testing.assert_close(got, want.detach())
+    w = torch.randn(10)
+    (g_want,) = torch.autograd.grad((want * w).sum(), logits)
+    (g_got,) = torch.autograd.grad((token_logps(logits, targets, chunk_size=3) * w).sum(), logits)
+    torch.testing.assert_close(g_got, g_want)
+    half = token_logps(logits.detach().bfloat16(), targets, chunk_size=4)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, logits.detach().bfloat16().float().log_softmax(-1)[torch.arange(10), targets])
 
 
 def test_smoke_toy(tmp_path):
