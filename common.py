@@ -450,3 +450,14 @@ def batch_schedule(num_examples, batch_size, num_steps, seed):
         k = step % per_epoch
         batches.append(perm[k * batch_size: (k + 1) * batch_size])
     return batches
+
+
+def group_by_length(batch, lengths, micro_batch_size, world_size):
+    """Reorder one global batch (example indices) so that each micro-batch holds examples of similar
+    length, hence less padding: sorted by length, cut into micro-batches, micro-batch j going to rank
+    j % world_size, so every rank gets a like mix of short and long ones (rank r then takes its slice
+    [r · B / world_size, (r + 1) · B / world_size) as before). The batch's examples, and so its loss, a
+    mean over all of them, are unchanged; only the order of summation differs."""
+    order = sorted(batch, key=lambda i: lengths[i])
+    micro = [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return [i for rank in range(world_size) for mb in micro[rank::world_size] for i in mb]

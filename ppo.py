@@ -84,7 +84,7 @@ class Args:
     batch_size: int = 256
     """prompts per rollout batch (episodes per PPO iteration), summed over all ranks"""
     per_device_batch_size: int = 64
-    """sequences per forward/backward pass on one device (generation and scoring use the same chunks)"""
+    """sequences per forward/backward pass on one device in the PPO update"""
     num_epochs: Optional[float] = None
     """passes over the training prompts (fractions allowed): iterations = num_epochs × prompts // batch_size;
     default 0.1 on the toy task (19 iterations), 1 otherwise"""
@@ -152,6 +152,12 @@ class Args:
     required otherwise when --ptx-coef > 0"""
     save_every: int = 0
     """iterations between saved intermediate policies in {output_dir}/checkpoints (0: final only)"""
+    generation_batch_size: Optional[int] = None
+    """prompts per generate call in the rollout, on one device (default: --per-device-batch-size); samples are
+    seeded per such chunk of the global batch, so this, not the number of ranks, decides them"""
+    rollout_forward_batch_size: Optional[int] = None
+    """sequences per no-gradient forward pass of the policy, reference, value and reward models scoring a rollout,
+    on one device (default: --per-device-batch-size); larger is faster where memory allows"""
     num_eval_prompts: int = 1000
     """held-out prompts answered at each evaluation (the first of the eval split)"""
     num_sample_completions: int = 4
@@ -277,14 +283,41 @@ def adaptive_kl_coef(kl_coef, kl, target_kl, horizon, num_episodes):
     return kl_coef * (1 + error * num_episodes / horizon)
 
 
-def logprobs_and_entropy(logits, tokens, temperature, pad_id):
-    """logits (B, T, V) predicting tokens (B, T) -> (log-probabilities (B, T), entropies (B, T)) of the
-    sampling distribution: softmax(logits / temperature) with PAD excluded (generation suppresses it)."""
-    logits = logits.float() / temperature
-    logits[..., pad_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
-    logp = logits.log_softmax(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
+def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
+    """logits (R, V) predicting tokens (R,) -> (log-probabilities (R,), entropies (R,)), float32, of the
+    sampling distribution: softmax(logits / temperature) with PAD excluded (generation suppresses it).
+    Rows go in chunks, each cast to float32 on its own and, with gradients, recomputed in the backward
+    pass, so no float32 copy of all R × V logits is kept; the entropy carries a gradient only with
+    `entropy_grad` (an entropy bonus), else it is a logged statistic computed without one."""
+    def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
+        x = x.float() / temperature
+        x[:, pad_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
+        logp = x.log_softmax(-1)
+        return torch.gather(logp, 1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+    def chunk_logp(x, y):
+        x = x.float() / temperature
+        x[:, pad_id] = -1e9
+        return torch.gather(x, 1, y[:, None]).squeeze(1) - x.logsumexp(-1)
+
+    logps, entropies = [], []
+    for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if grad and entropy_grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False)
+        else:
+            lp = torch.utils.checkpoint.checkpoint(chunk_logp, x, y, use_reentrant=False) if grad else chunk_logp(x, y)
+            with torch.no_grad():
+                ent = chunk(x, y)[1]
+        logps.append(lp)
+        entropies.append(ent)
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(logps), torch.cat(entropies)) if logps else (empty, empty)
+
+
+def sft_loss(logits, targets):
+    """Token-mean next-token NLL of PPO-ptx: logits (R, V) at the labelled positions, targets (R,)."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 # ---- small model helpers ---------------------------------------------------------------------------
@@ -306,25 +339,36 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, ptx_batch=None):
-        """(policy logits (B, L, V), values (B, L), policy logits of the PPO-ptx batch or None); one
-        forward call, so that DDP sees every use of the weights before the backward pass."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, ptx_batch=None):
+        """(policy logits (R, V) at the True positions of logits_to_keep (B, L), values (B, L), policy logits
+        at the labelled positions of the PPO-ptx batch or None); one forward call, so that DDP sees every use
+        of the weights before the backward pass. The LM head runs only where a logit is needed."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             logits_to_keep=logits_to_keep).logits
         values = token_scores(self.value_model, input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_batch is not None:
-            ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]).logits
+            keep = F.pad(ptx_batch["labels"][:, 1:] != common.IGNORE_INDEX, (0, 1))  # position t predicts token t + 1
+            ptx_logits = self.policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
+                                     logits_to_keep=keep).logits
         return logits, values, ptx_logits
 
 
 def model_inputs(query_ids, query_mask, responses, mask):
     """Forward-pass inputs for left-padded prompts (B, Lq) followed by right-padded responses (B, T):
-    input_ids, attention_mask and position_ids, all (B, Lq + T). Positions count from each row's first
-    real token, as generate numbers them; rollout and update both build their inputs here, so that
-    they compute the same log-probabilities. Position Lq − 1 + t then predicts response token t."""
+    input_ids, attention_mask, position_ids and logits_to_keep, all (B, Lq + T). Positions count from
+    each row's first real token, as generate numbers them; rollout and update both build their inputs
+    here, so that they compute the same log-probabilities. Position Lq − 1 + t predicts response token
+    t: logits are kept there for the valid t only, in row-major order, i.e. the order of responses[mask]."""
     seq_mask = torch.cat([query_mask.bool(), mask], 1).long()
     return {"input_ids": torch.cat([query_ids, responses], 1), "attention_mask": seq_mask,
-            "position_ids": (seq_mask.cumsum(1) - 1).clamp(min=0)}
+            "position_ids": (seq_mask.cumsum(1) - 1).clamp(min=0),
+            "logits_to_keep": F.pad(mask.bool(), (query_ids.shape[1] - 1, 1))}
+
+
+def scatter(values, mask):
+    """values (R,) in row-major order of mask's (B, T) True entries -> (B, T), 0 where mask is False."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def lr_at(step, args):
@@ -338,9 +382,10 @@ def lr_at(step, args):
 
 @torch.no_grad()
 def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sample_seed=None):
-    """Steps 1–2 for a list of prompt id lists: sample responses, then, from full forward passes in
-    chunks of per_device_batch_size, the log-probabilities under π and π_ref, the values, the
-    entropies and the reward model's scores. Returns a dict of (B, ...) tensors; queries are
+    """Steps 1–2 for a list of prompt id lists: sample responses (generate calls of generation_batch_size
+    prompts), then, from forward passes over prompt + response in chunks of rollout_forward_batch_size,
+    the log-probabilities under π and π_ref, the values, the entropies and the reward model's scores,
+    all without gradients. Returns a dict of (B, ...) tensors, 0 after each response's end; queries are
     left-padded to a common width Lq, responses (B, T) right-padded after their end token.
     With `sample_seed`, generation chunk j samples with the random state seeded to sample_seed + j
     inside torch.random.fork_rng (the outer random state is left as it was): a chunk's samples then
@@ -354,12 +399,14 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
     gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
                                   temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
                                   suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=stop_ids)
+    gen_size = args.generation_batch_size or args.per_device_batch_size
+    fwd_size = args.rollout_forward_batch_size or args.per_device_batch_size
     batch = common.collate_prompts(queries, pad_id)
     Lq = batch["input_ids"].shape[1]
     chunks = []
     with gathered(policy):  # under FSDP: the policy's full weights for the whole generation, no collective per token
-        for j, i in enumerate(range(0, len(queries), args.per_device_batch_size)):
-            ids = batch["input_ids"][i: i + args.per_device_batch_size].to(device)
+        for j, i in enumerate(range(0, len(queries), gen_size)):
+            ids = batch["input_ids"][i: i + gen_size].to(device)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sample_seed is not None):
                 if sample_seed is not None:
                     torch.manual_seed(sample_seed + j)
@@ -373,28 +420,24 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
     query_ids, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
     last = mask.sum(1) - 1  # (B,) index of the last valid response token
-    for i in range(0, len(queries), args.per_device_batch_size):
-        s = slice(i, i + args.per_device_batch_size)
+    for i in range(0, len(queries), fwd_size):
+        s = slice(i, i + fwd_size)
         fwd = model_inputs(query_ids[s], query_mask[s], responses[s], mask[s])  # (b, Lq + T) each
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits, values, _ = agent(**fwd)
+            logits, values, _ = agent(**fwd)  # logits (R, V) at the positions predicting valid response tokens
             ref_logits = ref_model(**fwd).logits
+            fwd.pop("logits_to_keep")
             scores = token_scores(reward_model, **fwd)  # (b, Lq + T)
-        # position Lq − 1 + t predicts response token t: logits[:, Lq-1:-1] is (b, T, V)
-        logprobs, entropy = logprobs_and_entropy(logits[:, Lq - 1: -1], responses[s], args.temperature, pad_id)
-        out["logprobs"].append(logprobs)
-        out["entropy"].append(entropy)
-        out["ref_logprobs"].append(logprobs_and_entropy(ref_logits[:, Lq - 1: -1], responses[s], args.temperature, pad_id)[0])
+        tokens = responses[s][mask[s]]  # (R,)
+        logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
+        out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
+        out["entropy"].append(scatter(entropy, mask[s]))
+        out["ref_logprobs"].append(scatter(logprobs_and_entropy(ref_logits, tokens, args.temperature, pad_id)[0], mask[s]))
         out["values"].append(values[:, Lq - 1: -1])  # V(state before response token t), (b, T)
         out["scores"].append(scores[torch.arange(len(scores)), Lq + last[s]])  # at the last real token, (b,)
     out = {k: torch.cat(v) for k, v in out.items()}
     out.update(queries=query_ids, query_mask=query_mask, responses=responses, mask=mask, has_eos=has_eos)
     return out
-
-
-def sft_loss(logits, labels):
-    """Token-mean next-token NLL over labelled positions (labels −100 elsewhere); logits (B, L, V)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=common.IGNORE_INDEX)
 
 
 # ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
@@ -568,6 +611,10 @@ if __name__ == "__main__":
     if args.batch_size % (args.num_minibatches * args.per_device_batch_size * args.world_size):
         raise ValueError(f"--batch-size {args.batch_size} must split into --num-minibatches {args.num_minibatches} "
                          f"x --per-device-batch-size {args.per_device_batch_size} x {args.world_size} ranks")
+    args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
+    if args.batch_size % (args.generation_batch_size * args.world_size):
+        raise ValueError(f"--batch-size {args.batch_size} must split into generate calls of --generation-batch-size "
+                         f"{args.generation_batch_size} x {args.world_size} ranks (samples are seeded per call)")
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
     if args.response_length >= args.max_length:
@@ -743,7 +790,7 @@ if __name__ == "__main__":
         idx = schedule[iteration][rank * per_rank: (rank + 1) * per_rank]
         agent.eval()
         # sampling seeded per chunk of the global batch: the same responses however it is split over ranks
-        chunks_per_rank = per_rank // args.per_device_batch_size
+        chunks_per_rank = per_rank // args.generation_batch_size
         r = rollout(agent, ref_model, reward_model, [train_prompts[i] for i in idx], tokenizer, args, device,
                     sample_seed=hash((args.seed, iteration)) % 2 ** 62 + rank * chunks_per_rank)
         agent.train()
@@ -788,8 +835,10 @@ if __name__ == "__main__":
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                             logits, values, ptx_logits = train_agent(
                                 **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m), ptx_batch=ptx)
-                        # the same slicing, temperature and PAD handling as in the rollout
-                        logprobs, entropy = logprobs_and_entropy(logits[:, Lq - 1: -1], r["responses"][i], args.temperature, pad_id)
+                        # the same positions, temperature and PAD handling as in the rollout
+                        logprobs, entropy = logprobs_and_entropy(logits, r["responses"][i][m], args.temperature, pad_id,
+                                                                 entropy_grad=args.ent_coef > 0)
+                        logprobs, entropy = scatter(logprobs, m), scatter(entropy, m)  # (b, T)
                         values = values[:, Lq - 1: -1]  # (b, T)
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, r["logprobs"][i], advantages[i], m, args.cliprange)
                         vf_loss, vf_stats = ppo_value_loss(values, r["values"][i], returns[i], m, args.cliprange_value)
@@ -800,7 +849,8 @@ if __name__ == "__main__":
                         loss = loss * m.sum() / mb_tokens * args.world_size
                         ptx_loss, n_ptx = torch.zeros((), device=device), 0
                         if ptx:
-                            ptx_loss, n_ptx = sft_loss(ptx_logits, ptx["labels"]), (ptx["labels"][:, 1:] != common.IGNORE_INDEX).sum()
+                            targets = ptx["labels"][:, 1:][ptx["labels"][:, 1:] != common.IGNORE_INDEX]  # (R',)
+                            ptx_loss, n_ptx = sft_loss(ptx_logits, targets), len(targets)
                         (loss + args.ptx_coef * ptx_loss * n_ptx / max(ptx_tokens, 1) * args.world_size).backward()
                     if iteration == 0 and ppo_epoch == 0 and mb == 0 and k == 0:
                         # built-in invariant: nothing has changed yet, so π = π_old exactly

@@ -429,6 +429,8 @@ if __name__ == "__main__":
     if args.num_steps < 1:
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size {args.batch_size}")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]  # less padding
+    schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
 
     # TRY NOT TO MODIFY: logging set-up
     writer = None

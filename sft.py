@@ -123,12 +123,42 @@ def sft_loss(logits, labels):
     logits: (B, L, V) float, position t predicting token t + 1; labels: (B, L) long, aligned with
     the input ids (Hugging Face convention: the shift happens here), IGNORE_INDEX (-100) where there
     is no loss. Returns a scalar: sum of -log p(label) over labelled positions / their number
-    (a token-level mean, so long completions weigh more than short ones)."""
+    (a token-level mean, so long completions weigh more than short ones). This is the plain formulation
+    over full logits; training computes the same number, leaner, as labelled_nll (tested equal)."""
     logits = logits[:, :-1, :].float()  # (B, L-1, V): predictions for tokens 1..L-1
     labels = labels[:, 1:]  # (B, L-1)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=common.IGNORE_INDEX, reduction="sum")
     return nll / (labels != common.IGNORE_INDEX).sum().clamp(min=1)
+
+
+def token_logps(logits, targets, chunk_size=1024):
+    """log p(target) of each row: logits (R, V) in any dtype, targets (R,) -> (R,) float32.
+
+    The same number as sft_loss's cross-entropy, but the log-sum-exp runs over chunks of rows, each cast
+    to float32 on its own, and with gradients each chunk is recomputed in the backward pass: no float32
+    copy of all R × V logits is ever kept (at a 128k vocabulary one row is 0.5 MB)."""
+    def chunk_logps(x, y):  # (r, V), (r,) -> (r,)
+        x = x.float()
+        return torch.gather(x, 1, y[:, None]).squeeze(1) - x.logsumexp(-1)
+
+    out = []
+    for x, y in zip(logits.split(chunk_size), targets.split(chunk_size)):
+        grad = torch.is_grad_enabled() and x.requires_grad
+        out.append(torch.utils.checkpoint.checkpoint(chunk_logps, x, y, use_reentrant=False) if grad else chunk_logps(x, y))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def labelled_nll(model, batch, bf16=False):
+    """(Σ −log p(label) over the labelled tokens of a collate_sft batch, their number): sft_loss's
+    numerator and denominator, with the LM head applied only at the positions that predict a label
+    (logits_to_keep), never over the prompt or the padding."""
+    labels = batch["labels"][:, 1:]  # (B, L-1): position t predicts token t + 1
+    keep = labels != common.IGNORE_INDEX
+    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=F.pad(keep, (0, 1))).logits  # (R, V), R = labelled tokens
+    return -token_logps(logits, labels[keep]).sum(), keep.sum()
 
 
 def lr_at(step, args):
@@ -153,11 +183,9 @@ def evaluate(model, examples, pad_id, args, device, rank):
         idx = mine[i: i + args.per_device_batch_size]
         batch = common.collate_sft([examples[j] for j in idx or [0]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = (batch["labels"][:, 1:] != common.IGNORE_INDEX).sum() * bool(idx)
-        total += sft_loss(logits, batch["labels"]).double() * n
-        count += n
+        nll, n = labelled_nll(model, batch, args.bf16)
+        total += nll.double() * bool(idx)
+        count += n * bool(idx)
     if args.world_size > 1:
         dist.all_reduce(total), dist.all_reduce(count)
     model.train()
@@ -391,6 +419,8 @@ if __name__ == "__main__":
     if args.num_steps < 1:
         raise ValueError(f"{len(train_examples)} training examples make no step of --batch-size {args.batch_size}")
     schedule = common.batch_schedule(len(train_examples), args.batch_size, args.num_steps, args.seed)
+    lengths = [len(e["input_ids"]) for e in train_examples]  # micro-batches of like lengths: less padding
+    schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
 
     # TRY NOT TO MODIFY: logging set-up
     writer = None
@@ -451,16 +481,13 @@ if __name__ == "__main__":
         for k in range(args.grad_accum_steps):
             micro = common.collate_sft(mine[k * args.per_device_batch_size: (k + 1) * args.per_device_batch_size], pad_id)
             micro = {key: v.to(device) for key, v in micro.items()}
-            n_tokens = (micro["labels"][:, 1:] != common.IGNORE_INDEX).sum()
             # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, so gradients stay sharded
             sync = k == args.grad_accum_steps - 1 or args.world_size == 1 or args.fsdp
             with contextlib.nullcontext() if sync else train_model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    logits = train_model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
-                loss = sft_loss(logits, micro["labels"])
+                nll, _ = labelled_nll(train_model, micro, args.bf16)  # sft_loss × the micro-batch's labelled tokens
                 # DDP averages gradients over ranks, hence the world_size factor
-                (loss * n_tokens / global_tokens * args.world_size).backward()
-            step_loss += loss.detach() * n_tokens
+                (nll / global_tokens * args.world_size).backward()
+            step_loss += nll.detach()
         if args.world_size > 1:
             dist.all_reduce(step_loss)
         # the global gradient norm (clipped if --max-grad-norm > 0); checked on every rank before the update

@@ -265,3 +265,15 @@ def test_batch_schedule():
     assert common.batch_schedule(10, 4, 5, seed=0)[3].tolist() == batches[3].tolist()
     with pytest.raises(ValueError, match="larger than the dataset"):
         common.batch_schedule(3, 4, 1, 0)
+
+
+def test_group_by_length_keeps_the_batch_and_balances_ranks():
+    lengths = [7, 1, 5, 3, 8, 2, 6, 4]  # example i has length lengths[i]
+    batch = [0, 1, 2, 3, 4, 5, 6, 7]
+    # 2 ranks x 2 micro-batches of 2: sorted by length 1,2 | 3,4 | 5,6 | 7,8; micro-batches 0 and 2 to rank 0
+    got = common.group_by_length(batch, lengths, micro_batch_size=2, world_size=2)
+    assert [lengths[i] for i in got] == [1, 2, 5, 6, 3, 4, 7, 8]
+    assert sorted(got) == batch
+    # one rank: just sorted; micro-batches as large as the batch: the same examples
+    assert [lengths[i] for i in common.group_by_length(batch, lengths, 4, 1)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(common.group_by_length([3, 5, 0], lengths, 3, 1)) == [0, 3, 5]

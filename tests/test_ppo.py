@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import common
 from conftest import ROOT, assert_same_weights, run_script, toy_reward_model, write_jsonl
 import toy_task
-from ppo import (Args, PolicyAndValue, adaptive_kl_coef, compute_gae, kl_shaped_rewards, masked_whiten,
+from ppo import (Args, PolicyAndValue, adaptive_kl_coef, compute_gae, kl_shaped_rewards, logprobs_and_entropy, masked_whiten,
                  ppo_policy_loss, ppo_value_loss, rollout, truncate_after_eos)
 from reward_model import rewards_at_eos
 
@@ -324,3 +324,23 @@ def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
     assert "first minibatch: ratio 1.000000" in out
     result = json.load(open(out_dir / "training_args.json"))["result"]
     assert math.isfinite(result["loss/policy"]) and 1 <= result["charts/response_length"] <= 8
+
+
+def test_chunked_logprobs_and_entropy_equal_the_full_softmax():
+    """In chunks of 3 rows, recomputed in backward: log π and entropy of softmax(logits / T) with PAD (id 0)
+    excluded equal the plain formulas, gradients included; the entropy has a gradient only when asked."""
+    torch.manual_seed(0)
+    logits = torch.randn(10, 7, requires_grad=True)
+    tokens = torch.randint(1, 7, (10,))
+    plain = (logits / 0.7).masked_fill(torch.arange(7) == 0, -float("inf")).log_softmax(-1)  # (10, 7)
+    want_lp = plain[torch.arange(10), tokens]
+    want_ent = -(plain.exp() * plain.nan_to_num(neginf=0.0)).sum(-1)
+    lp, ent = logprobs_and_entropy(logits, tokens, 0.7, pad_id=0, chunk_size=3)
+    torch.testing.assert_close(lp, want_lp.detach())
+    torch.testing.assert_close(ent, want_ent.detach())
+    assert lp.requires_grad and not ent.requires_grad
+    w = torch.randn(10)
+    (g_want,) = torch.autograd.grad((want_lp * w + want_ent).sum(), logits)
+    lp, ent = logprobs_and_entropy(logits, tokens, 0.7, pad_id=0, entropy_grad=True, chunk_size=3)
+    (g_got,) = torch.autograd.grad((lp * w + ent).sum(), logits)
+    torch.testing.assert_close(g_got, g_want)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import toy_task
 from conftest import ROOT, markov_llama, result_of, run_script
-from sft import sft_loss
+import common
+from sft import labelled_nll, sft_loss
 
 
 def test_uniform_logits_give_log_vocab():
@@ -310,3 +311,27 @@ def test_checkpoint_round_trip_and_resume_errors(tmp_path):
         load_checkpoint(str(tmp_path), model, optimizer, 0, 2, 5, 1)
     with pytest.raises(SystemExit, match="a run of 5 steps with --seed 1, this one has 6"):
         load_checkpoint(str(tmp_path), model, optimizer, 0, 1, 6, 1)
+
+
+def test_labelled_nll_equals_the_full_softmax_loss():
+    """labelled_nll (LM head only at labelled positions, chunked log-sum-exp) over a right-padded batch
+    with masked prompts equals sft_loss on the full logits, value and gradient (1e-5)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    examples = [{"input_ids": [3, 4, 5, 6, 1], "labels": [-100, -100, 5, 6, 1]},
+                {"input_ids": [7, 8, 1], "labels": [-100, 8, 1]},
+                {"input_ids": [9, 10, 11, 12, 13, 14, 1], "labels": [-100, -100, -100, -100, 13, 14, 1]}]
+    batch = common.collate_sft(examples, pad_id=0)
+    want = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    nll, n = labelled_nll(model, batch)
+    assert n.item() == 3 + 2 + 3
+    torch.testing.assert_close(nll / n, want.detach(), atol=1e-5, rtol=1e-5)
+    (nll / n).backward()
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
