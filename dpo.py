@@ -5,7 +5,8 @@ Rafailov et al. 2023: the KL-regularised RLHF objective max E[r] − β KL(π �
 r̂(x,y) = β log π(y|x)/π_ref(y|x) + const, and the Bradley–Terry likelihood of the preferences
 can be maximised over π directly (their eq. 7): loss = −log σ(r̂(x,y_c) − r̂(x,y_r)). The policy
 starts from the SFT model; a frozen copy of it is the reference π_ref. Sequence log-probabilities
-sum over the response tokens and their end token only.
+sum over the response tokens and their end token only; the shared prompt runs through each model
+once, and both responses on its cached keys and values.
 
     # default: from runs/models/sft (run `python sft.py` first) on the toy task's pairs, CPU
     python dpo.py

@@ -289,24 +289,24 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
     Rows go in chunks, each cast to float32 on its own and, with gradients, recomputed in the backward
     pass, so no float32 copy of all R × V logits is kept; the entropy carries a gradient only with
     `entropy_grad` (an entropy bonus), else it is a logged statistic computed without one."""
-    def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
+    def chunk(x, y, entropy=True):  # (r, V), (r,) -> (r,), (r,) or None
         x = x.float() / temperature
         x[:, pad_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
-        logp = x.log_softmax(-1)
-        return torch.gather(logp, 1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
-
-    def chunk_logp(x, y):
-        x = x.float() / temperature
-        x[:, pad_id] = -1e9
-        return torch.gather(x, 1, y[:, None]).squeeze(1) - x.logsumexp(-1)
+        lse = x.logsumexp(-1)
+        lp = torch.gather(x, 1, y[:, None]).squeeze(1) - lse
+        if not entropy:
+            return lp, None
+        logp = x - lse[:, None]  # (r, V)
+        return lp, -(logp.exp() * logp).sum(-1)
 
     logps, entropies = [], []
     for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
-        grad = torch.is_grad_enabled() and x.requires_grad
-        if grad and entropy_grad:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            lp, ent = chunk(x, y)
+        elif entropy_grad:
             lp, ent = torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False)
         else:
-            lp = torch.utils.checkpoint.checkpoint(chunk_logp, x, y, use_reentrant=False) if grad else chunk_logp(x, y)
+            lp, _ = torch.utils.checkpoint.checkpoint(chunk, x, y, False, use_reentrant=False)
             with torch.no_grad():
                 ent = chunk(x, y)[1]
         logps.append(lp)

@@ -8,7 +8,6 @@ import os
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"], os.environ["WANDB_DISABLED"] = "1", "true"
-import torch  # noqa: E402,F401
 from datasets import load_dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
