@@ -559,7 +559,8 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         print(f"run {run_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, "
-              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}")
+              f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}, "
+              f"{'each prompt run once for both responses' if args.share_prompt else 'prompt and response concatenated'}")
         print(plan)
 
     def metrics_of(losses, rc, rr, pc, pr):
