@@ -16,6 +16,7 @@ once, and both responses on its cached keys and values.
 """
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -485,6 +486,9 @@ if __name__ == "__main__":
     models = []
     for trained in (True, False):  # policy, then reference: loaded on the CPU, then onto the device one at a time
         m = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+        if "logits_to_keep" not in inspect.signature(m.forward).parameters:
+            raise SystemExit(f"{args.model_name}: its forward takes no logits_to_keep, which this script uses to compute "
+                             "logits only where a token is predicted; use a transformers causal LM class that has it (transformers >= 5)")
         common.resize_embeddings(m, tokenizer)
         if not trained:
             m.requires_grad_(False).eval()

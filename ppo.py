@@ -18,6 +18,7 @@ of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each it
 """
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -663,6 +664,9 @@ if __name__ == "__main__":
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):  # else ratio ≠ 1 at the start
                 setattr(config, key, 0.0)
         model = cls.from_pretrained(name, config=config, dtype=torch.float32)
+        if cls is AutoModelForCausalLM and "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            raise SystemExit(f"{name}: its forward takes no logits_to_keep, which this script uses to compute "
+                             "logits only where a token is predicted; use a transformers causal LM class that has it (transformers >= 5)")
         common.resize_embeddings(model, tokenizer)
         if not trained:
             model.requires_grad_(False).eval()

@@ -16,6 +16,7 @@ large batch. The model and tokenizer are saved where reward_model.py, ppo.py and
 """
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -400,6 +401,9 @@ if __name__ == "__main__":
     tokenizer = common.load_tokenizer(args.model_name)
     pad_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=torch.float32)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise SystemExit(f"{args.model_name}: its forward takes no logits_to_keep, which this script uses to compute "
+                         "logits only where a token is predicted; use a transformers causal LM class that has it (transformers >= 5)")
     common.resize_embeddings(model, tokenizer)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -336,3 +336,19 @@ def test_labelled_nll_equals_the_full_softmax_loss():
     (nll / n).backward()
     for p, g in zip(model.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_without_logits_to_keep_is_a_clear_error(tmp_path):
+    """A causal LM whose forward cannot compute logits at chosen positions only (TrOCR's decoder) stops at
+    load time with a message naming the model, not with a TypeError in the first step."""
+    from transformers import AutoTokenizer, TrOCRConfig, TrOCRForCausalLM
+
+    base = toy_task.save_base_model(str(tmp_path / "base"))
+    tok = AutoTokenizer.from_pretrained(base)
+    TrOCRForCausalLM(TrOCRConfig(vocab_size=len(tok), d_model=16, decoder_layers=1, decoder_attention_heads=2,
+                                 decoder_ffn_dim=32, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "trocr")
+    tok.save_pretrained(tmp_path / "trocr")
+    proc = subprocess.run([sys.executable, "sft.py", "--model-name", str(tmp_path / "trocr"), "--num-epochs", "0.01",
+                           "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode != 0 and "its forward takes no logits_to_keep" in proc.stderr, proc.stderr[-2000:]
