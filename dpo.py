@@ -236,7 +236,7 @@ def pair_logps(model, batch, bf16=False, average=False):
             keep = labels != common.IGNORE_INDEX
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            logits_to_keep=F.pad(keep, (0, 1))).logits  # (R, V), R = response tokens, row-major
-            logps = row_sums(token_logps(logits, labels[keep]), keep)  # (2B,)
+            logps, counts = row_sums(token_logps(logits, labels[keep]), keep), keep.sum(-1)  # (2B,), (2B,)
         else:
             # a) the prompts once (B rows), keeping their keys and values; the last prompt position predicts
             # response token 0 (left padding puts it in column P − 1 for every row)
@@ -252,8 +252,7 @@ def pair_logps(model, batch, bf16=False, average=False):
                          logits_to_keep=keep).logits  # (R', V), the response tokens after the first
             first = token_logps(out.logits[:, -1].repeat_interleave(2, 0), ids[:, 0])  # (2B,)
             logps = first + row_sums(token_logps(rest, ids[:, 1:][m[:, 1:]]), m[:, 1:])  # (2B,)
-            keep = m
-    counts = keep.sum(-1)  # (2B,) response tokens per row
+            counts = m.sum(-1)  # (2B,) response tokens per row
     if average:
         logps = logps / counts
     if "prompt_ids" in batch:  # interleaved rows: chosen at even, rejected at odd
