@@ -82,8 +82,9 @@ class Args:
     histories); pairs whose responses alone do not fit are dropped; all counted and reported"""
     batch_size: int = 64
     """preference pairs per optimizer step, summed over all ranks and micro-batches"""
-    per_device_batch_size: int = 64
-    """pairs per forward/backward pass on one device (each pair is two sequences)"""
+    per_device_batch_size: Optional[int] = None
+    """pairs per forward/backward pass on one device (the rest of --batch-size is gradient accumulation);
+    default --batch-size / the number of ranks"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
     learning_rate: Optional[float] = None
@@ -213,7 +214,9 @@ def collate_shared_prompts(pairs, pad_id):
     return {"prompt_ids": common.pad(prompts, pad_id, "left"), "prompt_mask": prompt_mask,
             "prompt_positions": (prompt_mask.cumsum(1) - 1).clamp(min=0),  # (B, P), 0 on the left padding
             "response_ids": common.pad(responses, pad_id), "response_mask": response_mask,
-            "response_positions": prompt_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(T)}  # (2B, T)
+            # (2B, T): each response continues its prompt; 0 on the padding, as on the prompt's (a padding slot's
+            # position must stay in range for learned positions and must not move a dynamic RoPE's scaling)
+            "response_positions": (prompt_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(T)) * response_mask}
 
 
 def lr_at(step, args):
@@ -269,6 +272,7 @@ def collate(pairs, pad_id, args):
 @torch.no_grad()
 def all_pair_logps(model, pairs, pad_id, args, device, rank):
     """(chosen, rejected) logps (P,) of every pair; each rank computes a share, summed across ranks."""
+    was_training = model.training
     model.eval()
     out = torch.zeros(2, len(pairs), device=device)
     mine = list(range(rank, len(pairs), args.world_size))
@@ -282,7 +286,7 @@ def all_pair_logps(model, pairs, pad_id, args, device, rank):
             out[0, idx], out[1, idx] = chosen, rejected
     if args.world_size > 1:
         dist.all_reduce(out)
-    model.train()
+    model.train(was_training)  # the frozen reference stays in eval mode
     return out
 
 
@@ -446,12 +450,15 @@ if __name__ == "__main__":
     args.beta = args.beta if args.beta is not None else 1.0 if toy else 0.05
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     if args.batch_size % (args.per_device_batch_size * args.world_size):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
                          f"{args.per_device_batch_size} x {args.world_size} ranks")
     args.grad_accum_steps = args.batch_size // (args.per_device_batch_size * args.world_size)
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError("--label-smoothing is a flip probability in [0, 0.5)")
+    if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"--label-smoothing applies to --loss-type sigmoid (cDPO) or robust, not {args.loss_type}")
     if args.fsdp and "LOCAL_RANK" not in os.environ:
         raise SystemExit("--fsdp runs under torchrun, e.g. `torchrun --nproc_per_node 8 dpo.py --fsdp`")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -566,19 +573,22 @@ if __name__ == "__main__":
               f"{'each prompt run once for both responses' if args.share_prompt else 'prompt and response concatenated'}")
         print(plan)
 
-    def metrics_of(losses, rc, rr, pc, pr):
+    def metrics_of(losses, rc, rr, pc, pr, nll):
         """The logged statistics of a set of pairs, as sums over pairs (divided later by the count)."""
         return torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
-                            pc.sum(), pr.sum()])
+                            pc.sum(), pr.sum(), nll.sum()])
 
+    # loss: the preference loss alone; nll/chosen: the chosen responses' token-mean NLL (what RPO adds, × α)
     stat_names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                  "logps/chosen", "logps/rejected"]
+                  "logps/chosen", "logps/rejected", "nll/chosen"]
+    eval_chosen_tokens = torch.tensor([len(p["chosen"]) for p in eval_pairs], device=device)
 
     def evaluate():
         pol = all_pair_logps(model, eval_pairs, pad_id, args, device, rank)
         losses, rc, rr = dpo_loss(pol[0], pol[1], ref_eval[0], ref_eval[1], args.beta, args.loss_type,
                                   args.label_smoothing)
-        return dict(zip(stat_names, (metrics_of(losses, rc, rr, pol[0], pol[1]) / len(eval_pairs)).tolist()))
+        nll = -(pol[0] if args.loss_type == "ipo" else pol[0] / eval_chosen_tokens)
+        return dict(zip(stat_names, (metrics_of(losses, rc, rr, pol[0], pol[1], nll) / len(eval_pairs)).tolist()))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -593,9 +603,10 @@ if __name__ == "__main__":
     peak_memory(device, args.world_size, reset=True)
     per_rank = args.batch_size // args.world_size
     log_stats, log_pairs, tokens_seen, start = torch.zeros(len(stat_names), device=device), 0, 0, time.time()
-    initial = evaluate()
-    if rank == 0:
-        print(f"at initialisation (policy = reference): eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f} for sigmoid)")
+    if first_step == 0:
+        initial = evaluate()
+        if rank == 0:
+            print(f"at initialisation (policy = reference): eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f} for sigmoid)")
     for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         lr = args.learning_rate * lr_at(step, args)
         for group in optimizer.param_groups:
@@ -619,12 +630,10 @@ if __name__ == "__main__":
             with contextlib.nullcontext() if sync else train_model.no_sync():
                 pol_c, pol_r, n_chosen = pair_logps(train_model, batch, args.bf16, args.loss_type == "ipo")
                 losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
-                if args.rpo_alpha:  # RPO: NLL of the chosen response, a token mean per pair
-                    chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)
-                    losses = losses + args.rpo_alpha * chosen_nll
-                # DDP averages gradients over ranks, hence the world_size factor
-                (losses.sum() / args.batch_size * args.world_size).backward()
-            step_stats += metrics_of(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach())
+                chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)  # token mean per pair
+                # RPO adds α × the chosen NLL; DDP averages gradients over ranks, hence the world_size factor
+                ((losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size * args.world_size).backward()
+            step_stats += metrics_of(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
         if args.world_size > 1:
             dist.all_reduce(step_stats)
         # the global gradient norm (clipped if --max-grad-norm > 0); checked on every rank before the update

@@ -202,16 +202,18 @@ def seed_record(seed, sft, rm, ev):
                        ("optimality_ratio_vs_sft", "optimality_ratio_vs_sft"),
                        ("optimality_ratio_vs_p_ref", "optimality_ratio_vs_p_ref"), ("optimum_vs_sft_ess", "optimum_vs_sft_ess"),
                        ("optimum_vs_sft_check", "optimum_vs_sft_check")):
-            record[f"{m}_{k}"] = row[key]
+            record[f"{m}_{k}"] = row.get(key)  # None where not reported (a ratio at KL < --min-kl-for-ratio)
             if key + "_se" in row:
                 record[f"{m}_{k}_se"] = row[key + "_se"]
-        record[f"{m}_optimality_ratio_vs_sft_corrected"] = row["optimality_ratio_vs_sft"] * row["optimum_vs_sft_check"]
+        ratio, check = row.get("optimality_ratio_vs_sft"), row.get("optimum_vs_sft_check")
+        record[f"{m}_optimality_ratio_vs_sft_corrected"] = None if ratio is None or check is None else ratio * check
     return record
 
 
 def mean_sd(records, key):
-    """(mean, sample standard deviation) of records[i][key] over the seeds (sd nan for one seed)."""
-    x = np.array([r[key] for r in records], float)
+    """(mean, sample standard deviation) of records[i][key] over the seeds (sd nan for one seed; nan where
+    a seed has no value)."""
+    x = np.array([math.nan if r[key] is None else r[key] for r in records], float)
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
 

@@ -84,8 +84,8 @@ class Args:
     (long chat histories); counted and reported"""
     batch_size: int = 256
     """prompts per rollout batch (episodes per PPO iteration), summed over all ranks"""
-    per_device_batch_size: int = 64
-    """sequences per forward/backward pass on one device in the PPO update"""
+    per_device_batch_size: Optional[int] = None
+    """sequences per forward/backward pass on one device in the PPO update; default a minibatch / the number of ranks"""
     num_epochs: Optional[float] = None
     """passes over the training prompts (fractions allowed): iterations = num_epochs × prompts // batch_size;
     default 0.1 on the toy task (19 iterations), 1 otherwise"""
@@ -609,6 +609,7 @@ if __name__ == "__main__":
         args.ptx_dataset_name = "toy"
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // (args.num_minibatches * args.world_size))
     if args.batch_size % (args.num_minibatches * args.per_device_batch_size * args.world_size):
         raise ValueError(f"--batch-size {args.batch_size} must split into --num-minibatches {args.num_minibatches} "
                          f"x --per-device-batch-size {args.per_device_batch_size} x {args.world_size} ranks")

@@ -82,8 +82,9 @@ class Args:
     histories); pairs whose responses alone do not fit are dropped; all counted and reported"""
     batch_size: int = 64
     """preference pairs per optimizer step, summed over all ranks and micro-batches"""
-    per_device_batch_size: int = 64
-    """pairs per forward/backward pass on one device (each pair is two sequences)"""
+    per_device_batch_size: Optional[int] = None
+    """pairs per forward/backward pass on one device (the rest of --batch-size is gradient accumulation);
+    default --batch-size / the number of ranks"""
     num_epochs: float = 1.0
     """passes over the training split (fractions allowed)"""
     learning_rate: Optional[float] = None
@@ -371,6 +372,7 @@ if __name__ == "__main__":
         args.reference_dataset_name = "toy"
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     if args.batch_size % (args.per_device_batch_size * args.world_size):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
                          f"{args.per_device_batch_size} x {args.world_size} ranks")
@@ -522,15 +524,14 @@ if __name__ == "__main__":
                 tqdm.write(f"step {step + 1}: eval/accuracy {metrics['accuracy']:.4f}, eval/loss {metrics['loss']:.4f}")
 
     # 4. normalise: the mean reward of the reference responses becomes the stored bias, so that
-    # they score 0 on average (Stiennon et al. 2020; Huang et al. 2024 detail 11). A reference cut
-    # at --max-length lost its end token: the reward there would be read mid-response, so it is skipped
+    # they score 0 on average (Stiennon et al. 2020; Huang et al. 2024 detail 11). A reference over
+    # --max-length would be read mid-response (or, in a chat, after a user turn), so it is skipped
     if args.reference_dataset_name is not None:
         ref_ds, _ = common.load_splits(args.reference_dataset_name, "sft", seed=args.seed)
         ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
-        ref_examples, _ = common.tokenize_sft(tokenizer, ref_ds, args.max_length)
-        stops = common.stop_token_ids(tokenizer, model)
-        ref_seqs = [e["input_ids"] for e in ref_examples if e["input_ids"][-1] in stops]
-        what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({len(ref_ds) - len(ref_seqs)} cut or dropped: skipped)"
+        ref_examples, _ = common.tokenize_sft(tokenizer, ref_ds, max_length=10**9)  # whole: none cut
+        ref_seqs = [e["input_ids"] for e in ref_examples if len(e["input_ids"]) <= args.max_length]
+        what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({len(ref_ds) - len(ref_seqs)} too long or dropped: skipped)"
     else:
         ref_seqs = [p["prompt"] + p["chosen"] for p in train_pairs[: args.num_reference_examples]]
         what = f"the chosen responses of {len(ref_seqs)} training pairs (pass --reference-dataset-name for SFT demonstrations)"

@@ -83,8 +83,9 @@ class Args:
     oldest tokens after the BOS (long chat histories); both counted and reported"""
     batch_size: int = 128
     """examples per optimizer step, summed over all ranks and micro-batches"""
-    per_device_batch_size: int = 128
-    """examples per forward/backward pass on one device; the rest of batch_size is gradient accumulation"""
+    per_device_batch_size: Optional[int] = None
+    """examples per forward/backward pass on one device (the rest of --batch-size is gradient accumulation);
+    default --batch-size / the number of ranks"""
     num_epochs: Optional[float] = None
     """passes over the training split (fractions allowed); default 2 on the toy task, 1 otherwise"""
     learning_rate: Optional[float] = None
@@ -194,14 +195,17 @@ def evaluate(model, examples, pad_id, args, device, rank):
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts, args, device):
+def sample_completions(model, tokenizer, prompts, args, device, seed):
     """Sample completions (temperature 1, no top-k/top-p) for a few prompts, as text; generation stops
-    at any end token (the EOS, the chat template's end-of-turn, the model's declared stop ids)."""
+    at any end token (the EOS, the chat template's end-of-turn, the model's declared stop ids). Seeded
+    apart from the training's random state, which a resumed run must find as it was (dropout)."""
     model.eval()
     batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
-    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                         synced_gpus=False,  # only rank 0 samples (under FSDP with the weights gathered)
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=common.stop_token_ids(tokenizer, model))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             synced_gpus=False,  # only rank 0 samples (under FSDP with the weights gathered)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=common.stop_token_ids(tokenizer, model))
     model.train()
     return [(tokenizer.decode(p), tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True))
             for p, o in zip(prompts, out)]
@@ -367,6 +371,7 @@ if __name__ == "__main__":
     args.num_epochs = args.num_epochs if args.num_epochs is not None else 2.0 if args.dataset_name == "toy" else 1.0
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     if args.batch_size % (args.per_device_batch_size * args.world_size):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --per-device-batch-size "
                          f"{args.per_device_batch_size} x {args.world_size} ranks")
@@ -405,6 +410,7 @@ if __name__ == "__main__":
         raise SystemExit(f"{args.model_name}: its forward takes no logits_to_keep, which this script uses to compute "
                          "logits only where a token is predicted; use a transformers causal LM class that has it (transformers >= 5)")
     common.resize_embeddings(model, tokenizer)
+    model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -449,7 +455,9 @@ if __name__ == "__main__":
     if args.dataset_name == "toy":  # exact -log P_ref of the same held-out tokens, to measure the excess
         import toy_task
 
-        assert eval_stats["truncated"] == eval_stats["dropped"] == 0
+        if eval_stats["truncated"] or eval_stats["dropped"]:
+            raise ValueError(f"--max-length {args.max_length} cuts toy examples, whose exact excess over P_ref needs them "
+                             f"whole: use at least {6 + toy_task.MAX_RESPONSE_TOKENS} (6 prompt words + the longest response)")
         toy_ref_nll = -sum(toy_task.ref_logprob(p, c, max_response_tokens=None)
                            for p, c in zip(eval_ds["prompt"], eval_ds["completion"]))
         toy_ref_nll /= sum(len(c.split()) + 1 for c in eval_ds["completion"])  # words + EOS
@@ -527,7 +535,7 @@ if __name__ == "__main__":
             if sample_prompts:
                 with gathered(model):  # under FSDP every rank gathers the weights, rank 0 samples
                     if writer:
-                        samples = sample_completions(model, tokenizer, sample_prompts, args, device)
+                        samples = sample_completions(model, tokenizer, sample_prompts, args, device, args.seed + step)
                         writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), global_step)
 
     # 4. save model, tokenizer and the arguments for the next stages

@@ -3,13 +3,18 @@ and the script through its command line."""
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import toy_task
-from conftest import assert_same_weights, result_of, run_script
+from conftest import ROOT, assert_same_weights, result_of, run_script, toy_data_file
 from dpo import collate_pairs, collate_shared_prompts, dpo_loss, pair_logps, sequence_logps, token_logps
 
 
@@ -215,3 +220,55 @@ def test_chatml_conversations(tmp_path, chat_models, chat_data):
                       "--beta", "0.5", "--max-length", "64", "--output-dir", str(tmp_path / "dpo")])
     assert "eval/loss 0.6931" in out
     assert json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]["rewards/margins"] > 0
+
+
+def tensorboard_scalars(exp_name):
+    """{tag: [values]} of the one TensorBoard run logged under runs/{exp_name}__*."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (folder,) = glob.glob(os.path.join(ROOT, "runs", f"{exp_name}__*"))
+    acc = EventAccumulator(folder)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_rpo_logged_apart_and_no_initialisation_claim_on_resume(tmp_path):
+    """With learning rate 0 the policy stays the reference, so the preference loss is ln 2 at every step:
+    train/loss must be exactly that, RPO's NLL logged apart (train/nll/chosen); the reference model runs in
+    eval mode. A resumed run does not claim to be at initialisation."""
+    base = toy_task.save_base_model(str(tmp_path / "base"))
+    data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 48)
+    exp = f"test_rpo_{os.getpid()}_{int(time.time())}"
+    flags = ["dpo.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--learning-rate", "0",
+             "--rpo-alpha", "1.0", "--checkpoint-every", "2", "--num-toy-samples", "0", "--exp-name", exp]
+    run_script(flags + ["--output-dir", str(tmp_path / "dpo")])
+    logged = tensorboard_scalars(exp)
+    assert logged["train/loss"] == pytest.approx([math.log(2)] * len(logged["train/loss"]), abs=1e-6)
+    assert min(logged["train/nll/chosen"]) > 1.0  # a random model's NLL per token: far from 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "dpo" / "resume" / "step_0000002", resumed / "resume" / "step_0000002")
+    out = run_script(flags + ["--resume", "--exp-name", exp + "_resumed", "--output-dir", str(resumed)])
+    assert "resumed from" in out and "at initialisation" not in out
+
+
+def test_reference_model_stays_in_eval_mode():
+    """all_pair_logps runs the model in eval mode and gives it back in the mode it had: a frozen reference
+    (dropout, MoE router jitter) must never be put in train mode."""
+    from types import SimpleNamespace
+
+    from dpo import all_pair_logps
+
+    model = tiny_gqa_llama()
+    args = SimpleNamespace(world_size=1, per_device_batch_size=2, share_prompt=True, bf16=False, loss_type="sigmoid")
+    for mode in (False, True):
+        model.train(mode)
+        all_pair_logps(model, PAIRS, 0, args, torch.device("cpu"), 0)
+        assert model.training is mode
+
+
+def test_label_smoothing_only_where_it_applies():
+    proc = subprocess.run([sys.executable, "dpo.py", "--loss-type", "ipo", "--label-smoothing", "0.1"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--label-smoothing applies to --loss-type sigmoid (cDPO) or robust" in proc.stderr

@@ -122,6 +122,15 @@ def test_seed_records_and_their_mean_and_sd():
     assert records[2]["ppo_optimality_ratio_vs_sft_corrected"] == pytest.approx(3.0 * 0.9)
     assert mean_sd(records, "ppo_gold_reward") == pytest.approx((3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)))
     assert mean_sd(records, "sft_excess_nll") == pytest.approx((0.02, 0.01))
+    # a policy closer to SFT than --min-kl-for-ratio has no ratio and no check (evaluate leaves them out): the
+    # record holds None there, the mean over seeds is nan, the rest is unaffected
+    near = row("dpo", 0.01, 0.01)
+    for k in ("optimality_ratio_vs_sft", "optimality_ratio_vs_p_ref", "optimum_vs_sft_check"):
+        del near[k]
+    records.append(seed_record(4, {"excess_nll": 0.04}, {"accuracy": 0.7, "bayes_accuracy": 0.75, "gold_pearson": 0.6},
+                               {"policies": [row("sft", 0.0, 0.0), row("ppo", 1.0, 0.8), near]}))
+    assert records[3]["dpo_optimality_ratio_vs_sft"] is None and records[3]["dpo_optimality_ratio_vs_sft_corrected"] is None
+    assert math.isnan(mean_sd(records, "dpo_optimality_ratio_vs_sft")[0]) and records[3]["dpo_gold_reward"] == 0.01
 
 
 def test_win_rate_counts_ties_half():

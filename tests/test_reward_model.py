@@ -13,7 +13,7 @@ import torch
 
 import common
 import toy_task
-from conftest import ROOT, assert_same_weights, result_of, run_script, toy_data_file, toy_reward_model
+from conftest import ROOT, assert_same_weights, result_of, run_script, toy_data_file, toy_reward_model, write_jsonl
 from reward_model import collate_pairs, ranks, reward_loss, rewards_at_eos
 
 
@@ -121,12 +121,31 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
 
 def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
     """Conversational pairs with a Llama-3-style template; off the toy task the rewards are normalised on the
-    training pairs' chosen responses, and the script says so."""
-    out = run_script(["reward_model.py", "--model-name", chat_models["llama3"], "--dataset-name", chat_data["preference"],
+    training pairs' chosen responses, and the script says so. With --reference-dataset-name, a reference
+    conversation over --max-length is skipped, also where the cut falls right after a user turn's <|eot_id|>
+    (which ends a turn like the assistant's, so a cut there looks finished)."""
+    model = chat_models["llama3"]
+    out = run_script(["reward_model.py", "--model-name", model, "--dataset-name", chat_data["preference"],
                       "--batch-size", "8", "--per-device-batch-size", "4", "--num-epochs", "2", "--learning-rate", "1e-3",
                       "--max-length", "64", "--output-dir", str(tmp_path / "rm")])
     assert "reward normalisation: mean reward of the chosen responses of" in out
     assert math.isfinite(json.load(open(tmp_path / "rm" / "training_args.json"))["result"]["reward_bias"])
+
+    tok = common.load_tokenizer(model)
+    long = [{"role": "user", "content": "Name a colour number one. " * 8}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "And another one?"}, {"role": "assistant", "content": "green " * 30}]
+    short = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "blue"}]
+    ids = tok(tok.apply_chat_template(long, tokenize=False), add_special_tokens=False)["input_ids"]
+    eots = [i for i, x in enumerate(ids) if x == tok.convert_tokens_to_ids("<|eot_id|>")]
+    max_length = eots[2] + 1  # --max-length would cut the long conversation right after its second user turn
+    (tmp_path / "refs").mkdir()
+    write_jsonl(tmp_path / "refs" / "train.jsonl", [{"messages": long}] * 3 + [{"messages": short}] * 5)
+    write_jsonl(tmp_path / "refs" / "test.jsonl", [{"messages": short}])
+    out = run_script(["reward_model.py", "--model-name", model, "--dataset-name", chat_data["preference"],
+                      "--reference-dataset-name", str(tmp_path / "refs"), "--batch-size", "8", "--per-device-batch-size", "8", "--num-epochs", "1",
+                      "--max-length", str(max_length), "--output-dir", str(tmp_path / "rm_refs")])
+    assert "train pairs:" not in out  # every training pair fits: only the references are cut
+    assert "mean reward of 5 responses of" in out
 
 
 def test_hub_format_fixture(tmp_path, hub_model, chat_jsonl):

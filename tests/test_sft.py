@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy_task
-from conftest import ROOT, markov_llama, result_of, run_script
+from conftest import ROOT, markov_llama, result_of, run_script, toy_data_file
 import common
 from sft import labelled_nll, sft_loss
 
@@ -352,3 +352,33 @@ def test_a_model_without_logits_to_keep_is_a_clear_error(tmp_path):
                            "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode != 0 and "its forward takes no logits_to_keep" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_is_bit_identical_with_dropout_and_samples(tmp_path):
+    """GPT-2 with dropout, a checkpoint at a step that also samples completions: the samples draw from
+    their own seeded random state, so the resumed run's dropout masks are those of the straight run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = toy_task.save_base_model(str(tmp_path / "base"))
+    tok = common.load_tokenizer(base)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
+                               embd_pdrop=0.1, attn_pdrop=0.1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               bos_token_id=None)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    data = toy_data_file(tmp_path / "data.jsonl", "sft", 48)
+    flags = ["sft.py", "--model-name", str(tmp_path / "gpt2"), "--dataset-name", data, "--batch-size", "8",
+             "--learning-rate", "3e-3", "--eval-every", "2", "--num-sample-completions", "2"]
+    run_script(flags + ["--checkpoint-every", "2", "--output-dir", str(tmp_path / "straight")])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "resume" / "step_0000002", resumed / "resume" / "step_0000002")
+    run_script(flags + ["--resume", "--output-dir", str(resumed)])
+    straight, again = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for k in straight:
+        assert torch.equal(straight[k], again[k]), k
+
+
+def test_toy_max_length_too_short_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "sft.py", "--max-length", "3", "--output-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--max-length 3 cuts toy examples" in proc.stderr and "use at least 30" in proc.stderr
