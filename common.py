@@ -16,6 +16,7 @@ its own script. The conventions every script relies on:
 """
 
 import os
+import re
 
 import numpy as np
 import torch
@@ -54,13 +55,17 @@ def load_splits(name, kind, train_split="train", eval_split="test", seed=0, eval
         return (toy_task.make_dataset(kind, "train", seed=seed), toy_task.make_dataset(kind, "eval", seed=seed))
     import datasets
 
-    if os.path.isfile(name):
-        ext = os.path.splitext(name)[1].lower()
-        if ext not in DATA_FILE_TYPES:
-            raise ValueError(f"{name}: unknown data file type {ext!r}; use one of {sorted(DATA_FILE_TYPES)}")
-        dd = datasets.load_dataset(DATA_FILE_TYPES[ext], data_files={train_split: name})
-    else:  # a local folder (split names taken from file names, as on the Hub) or a Hub id
-        dd = datasets.load_dataset(name)
+    ext = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and ext not in DATA_FILE_TYPES:
+        raise ValueError(f"{name}: unknown data file type {ext!r}; use one of {sorted(DATA_FILE_TYPES)}")
+    try:  # a file; or a local folder (split names taken from file names, as on the Hub) or a Hub id
+        dd = (datasets.load_dataset(DATA_FILE_TYPES[ext], data_files={train_split: name}) if os.path.isfile(name)
+              else datasets.load_dataset(name))
+    except (StopIteration, ValueError) as e:  # what datasets raises on a 0-byte file, on one without rows
+        if isinstance(e, ValueError) and "corresponds to no data" not in str(e):
+            raise
+        raise ValueError(f"{name} is empty (or holds an empty data file): no rows to train on; "
+                         f"fill it or pass another --dataset-name") from None
     if train_split not in dd:
         raise ValueError(f"dataset {name!r} has splits {list(dd)}, no {train_split!r}; pass --dataset-train-split")
     train = dd[train_split]
@@ -77,14 +82,33 @@ def load_splits(name, kind, train_split="train", eval_split="test", seed=0, eval
     return train, evals
 
 
-def load_tokenizer(name):
-    """AutoTokenizer with an EOS and a PAD distinct from every end token. A tokenizer without PAD
+def check_model_path(name, hint=""):
+    """End the run in one line if `name` can hold no model: not a folder and not a Hub id ("name" or
+    "org/name"), or a folder without save_pretrained's config and tokenizer files. `hint` is appended."""
+    if not os.path.isdir(name):
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+            raise SystemExit(f"no model at {name}" + hint)
+    elif not os.path.isfile(os.path.join(name, "config.json")) or not any(
+            os.path.isfile(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise SystemExit(f"{name} holds no Hugging Face model and tokenizer (config.json, tokenizer.json or "
+                         f"tokenizer_config.json); pass the folder that save_pretrained wrote" + hint)
+
+
+def load_tokenizer(name, hint=""):
+    """The tokenizer of `name` ("toy": toy_task's; else a folder save_pretrained wrote or a Hub id, see
+    `check_model_path`), with an EOS and a PAD distinct from every end token. A tokenizer without PAD
     (GPT-2, Pythia) or whose PAD is its EOS or its chat template's end-of-turn (many chat models)
     gets a new PAD token; call `resize_embeddings` on every model used with it. PAD's embedding is
     never trained on or predicted (labels -100)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    if name == "toy":
+        import toy_task
+
+        tok = toy_task.make_tokenizer()
+    else:
+        check_model_path(name, hint)
+        tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name!r} has no EOS token, so completions cannot be ended; "
                          f"set one (tokenizer.eos_token = ...) and save_pretrained it, then pass that folder")
@@ -145,6 +169,26 @@ def stop_token_ids(tokenizer, model=None):
     if tokenizer.pad_token_id in ids:
         raise ValueError(f"PAD (id {tokenizer.pad_token_id}) is also an end token; load the tokenizer with common.load_tokenizer")
     return ids
+
+
+def generate(model, input_ids, attention_mask, tokenizer, max_new_tokens, temperature=1.0, synced_gpus=False):
+    """New ids (B, <= max_new_tokens) sampled from exactly softmax(logits / temperature) with PAD excluded,
+    stopping at any end token (`stop_token_ids`): the distribution whose log-probabilities PPO trains on and
+    evaluate.py measures. transformers 5 fills every setting a GenerationConfig leaves unset from the
+    checkpoint's own generation_config (no_repeat_ngram_size, min_p, bad_words_ids, ...), so a blank one
+    stands in for it during the call."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              suppress_tokens=[pad], pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer, model))
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             synced_gpus=synced_gpus)
+    finally:
+        model.generation_config = own
+    return out[:, input_ids.shape[1]:]
 
 
 # ---- rendering and tokenizing examples ----------------------------------------------------------
@@ -227,7 +271,8 @@ def encode_dataset(tokenizer, ds, kind):
     prompt and split at the boundary, so that the ids are exactly those of the whole text:
     * conversations: prompt + response rendered by the chat template as one conversation; the
       prompt is the template's rendering up to the generation prompt, the response runs to the
-      template's end-of-turn (trailing template formatting dropped). No EOS is appended.
+      template's end-of-turn (trailing template formatting dropped): all the model generates after
+      the generation prompt, a Qwen3 think block included. No EOS is appended.
     * plain text: prompt + response tokenized as one string (append it as is: a leading space, as
       TL;DR's completions have, is the data's job), then one EOS. SentencePiece tokenizers then
       give no spurious "▁" to the response, and merges across the boundary are the model's own.
@@ -276,14 +321,36 @@ def _keep_end(ids, n, bos):
     return ids[len(ids) - n:]
 
 
+def _generation_spans(tokenizer, convs, eot):
+    """Per conversation, the [start, end) of each span the chat template marks with {% generation %}
+    in its rendering, extended by the end-of-turn token right after it where the markers leave it out."""
+    out = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    spans = []
+    for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
+        ends = [j + 1 for j in range(len(mask)) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
+        starts = [j for j in range(len(mask)) if mask[j] and (j == 0 or not mask[j - 1])]
+        spans.append([(s, e + (e < len(ids) and ids[e] == eot)) for s, e in zip(starts, ends)])
+    return spans
+
+
+def _shows(tokenizer, span, message):
+    """True if the ids `span` hold the message's text (templates may trim it): a located turn is that turn."""
+    text = message.get("content")
+    return not isinstance(text, str) or text.strip() in tokenizer.decode(span, clean_up_tokenization_spaces=False)
+
+
 def _sft_conversations(tokenizer, rows):
-    """([(input ids, labels)], prompt_not_prefix count) of conversational SFT rows, each rendered whole by
-    the chat template. Loss on every assistant turn of the conversation (`messages` rows) or of the
-    completion (prompt/completion rows): its content and the end-of-turn token, found as the ids
-    between the template's renderings of the conversation up to that turn's generation prompt and
-    through that turn. System, user and tool turns never carry loss. The sequence ends with the last
-    assistant turn's end-of-turn token."""
-    eot, plans, texts = end_of_turn_id(tokenizer), [], []
+    """(examples [(input ids, labels)], stats) of conversational SFT rows. The ids are the chat template's
+    rendering of the whole conversation; labels cover every assistant turn (of a `messages` row; of the
+    completion in a prompt/completion row) as it appears in that rendering, with its end-of-turn:
+    * a template with {% generation %} markers: the spans they mark (when one per assistant turn);
+    * otherwise: from where the rendering up to the turn's generation prompt stops being a prefix, to
+      the first end-of-turn. So a last turn the template renders differently (Qwen3's empty think
+      block) is labelled as it is rendered: what the model generates after the generation prompt.
+    A turn not found there (no end-of-turn, or a span without its text) carries no loss and is counted
+    (`unlocated_turns`); a conversation left with none is dropped (`dropped`). System, user and tool
+    turns never carry loss. The sequence ends with the last labelled end-of-turn."""
+    eot, convs, turns = end_of_turn_id(tokenizer), [], []
     for r in rows:
         if "messages" in r and "prompt" not in r:
             msgs, first = list(r["messages"]), 0
@@ -291,23 +358,42 @@ def _sft_conversations(tokenizer, rows):
             msgs, first = list(r["prompt"]) + _as_messages(r["completion"]), len(r["prompt"])
         if not msgs or msgs[-1].get("role") != "assistant":
             raise ValueError(f"an SFT conversation must end with an assistant turn, got {msgs!r}")
-        turns = [k for k in range(first, len(msgs)) if msgs[k].get("role") == "assistant"]
-        plans.append((len(texts), turns))
-        texts.append(_render(tokenizer, msgs, False))
-        for k in turns:
-            texts += [_render(tokenizer, msgs[:k], True), _render(tokenizer, msgs[: k + 1], False)]
-    ids = _ids(tokenizer, texts, True)
-    out, not_prefix = [], 0
-    for i, (at, turns) in enumerate(plans):
-        full, labels, end = ids[at], [IGNORE_INDEX] * len(ids[at]), 0
-        for j, k in enumerate(turns):
-            before, through = ids[at + 1 + 2 * j], ids[at + 2 + 2 * j]
-            s, e = _common_prefix(before, full), _common_prefix(through, full)
-            not_prefix += s < len(before) or e < len(through)
-            end = len(_through_last(full[:e], eot, s, f"example {i}, turn {k}"))
-            labels[s:end] = full[s:end]
-        out.append((full[:end], labels[:end]))
-    return out, not_prefix
+        convs.append(msgs)
+        turns.append([k for k in range(first, len(msgs)) if msgs[k].get("role") == "assistant"])
+    fulls = _ids(tokenizer, [_render(tokenizer, m, False) for m in convs], True)
+    befores = iter(_ids(tokenizer, [_render(tokenizer, m[:k], True) for m, ks in zip(convs, turns) for k in ks], True))
+    marked = re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.get_chat_template())
+    marks = _generation_spans(tokenizer, convs, eot) if marked else [[]] * len(convs)
+    out, stats = [], {"unlocated_turns": 0, "prompt_not_prefix": 0}
+    for msgs, ks, full, spans in zip(convs, turns, fulls, marks):
+        assistant = [k for k, m in enumerate(msgs) if m.get("role") == "assistant"]
+        spans = dict(zip(assistant, spans)) if len(spans) == len(assistant) else {}
+        labels, end, not_prefix = [IGNORE_INDEX] * len(full), 0, False
+        for k in ks:
+            before = next(befores)
+            if k in spans:
+                s, e = spans[k]
+            else:
+                s = _common_prefix(before, full)
+                not_prefix |= s < len(before)
+                e = next((j + 1 for j in range(s, len(full)) if full[j] == eot), None)
+            if e is None or s < end or not _shows(tokenizer, full[s:e], msgs[k]):
+                stats["unlocated_turns"] += 1
+                continue
+            labels[s:e], end = full[s:e], e
+        stats["prompt_not_prefix"] += not_prefix
+        out.append((full[:end], labels[:end]))  # empty if no turn was found: tokenize_sft drops it
+    return out, stats
+
+
+def _empty_prompts(prompts):
+    """How many prompts have no token (an empty prompt, a tokenizer that adds no BOS): nothing predicts
+    their response's first token, so they are dropped. Raises if that leaves nothing."""
+    n = sum(not p for p in prompts)
+    if prompts and n == len(prompts):
+        raise ValueError("every prompt tokenizes to no token, so nothing predicts a response's first token; "
+                         "give each example a prompt, or use a tokenizer that adds a BOS")
+    return n
 
 
 def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mode="keep_start"):
@@ -316,15 +402,16 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mo
     `train_on_prompt` every token), -100 elsewhere. An example over `max_length` tokens is cut:
     keep_start drops its end (the completion loses its end token: the model is not taught to stop
     there), keep_end drops its oldest tokens after the BOS (long chat histories). An example left
-    with no labelled token is dropped. Both counted."""
+    with no labelled token, or whose prompt has no token (see `_empty_prompts`), is dropped. All counted."""
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"truncation_mode for SFT is keep_start or keep_end, not {truncation_mode!r}")
     if len(ds) and is_conversational(ds[0]):
-        examples, not_prefix = _sft_conversations(tokenizer, ds.to_list())
+        examples, stats = _sft_conversations(tokenizer, ds.to_list())
     else:
         prompts, (completions,), enc = encode_dataset(tokenizer, ds, "sft")
-        examples, not_prefix = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions)], enc["prompt_not_prefix"]
-    out, truncated, dropped, bos = [], 0, 0, tokenizer.bos_token_id
+        examples = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions) if p]
+        stats = {"dropped_empty_prompt": _empty_prompts(prompts), "prompt_not_prefix": enc["prompt_not_prefix"]}
+    out, stats, bos = [], {"truncated": 0, "dropped": 0, **stats, "total": len(ds)}, tokenizer.bos_token_id
     for ids, labels in examples:
         if train_on_prompt:
             labels = list(ids)
@@ -335,13 +422,15 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mo
             head = int(bos is not None and ids[0] == bos)
             ids, labels = ids[:head] + ids[len(ids) - max_length + head:], labels[:head] + labels[len(labels) - max_length + head:]
         if all(x == IGNORE_INDEX for x in labels[1:]):  # the first token is never predicted
-            dropped += 1
+            stats["dropped"] += 1
             continue
-        truncated += cut
+        stats["truncated"] += cut
         out.append({"input_ids": ids, "labels": labels})
     if not out:
-        raise ValueError(f"no example has a completion token within max_length={max_length} tokens; raise --max-length")
-    return out, {"truncated": truncated, "dropped": dropped, "prompt_not_prefix": not_prefix, "total": len(ds)}
+        unlocated = stats.get("unlocated_turns")
+        raise ValueError(f"no example has a completion token within max_length={max_length} tokens; raise --max-length"
+                         + (f" ({unlocated} assistant turns were not found in the chat template's rendering: check it)" if unlocated else ""))
+    return out, stats
 
 
 def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
@@ -349,12 +438,14 @@ def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
     ends with its end token (see `encode_dataset`). A pair whose prompt + longer response exceeds
     `max_length` is dropped, or with truncation_mode="keep_end" its prompt loses its oldest tokens
     (after the BOS) to fit; a pair whose responses alone do not fit is dropped either way. Pairs
-    whose chosen equals rejected (no preference to learn) are dropped. All counted."""
+    whose chosen equals rejected (no preference to learn), or whose prompt has no token, are dropped.
+    All counted."""
     if truncation_mode not in ("drop", "keep_end"):
         raise ValueError(f"truncation_mode for preference pairs is drop or keep_end, not {truncation_mode!r}")
     out, too_long, ties, cut = [], 0, 0, 0
     prompts, (chosen, rejected), enc = encode_dataset(tokenizer, ds, "preference")
-    for p, c, r in zip(prompts, chosen, rejected):
+    empty = _empty_prompts(prompts)
+    for p, c, r in ((p, c, r) for p, c, r in zip(prompts, chosen, rejected) if p):
         room = max_length - max(len(c), len(r))  # tokens left for the prompt
         if c == r:
             ties += 1
@@ -366,7 +457,7 @@ def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
     if not out:
         raise ValueError(f"no usable pair: {too_long} over max_length={max_length} tokens, {ties} with "
                          f"chosen == rejected; raise --max-length, try --truncation-mode keep_end, or check the data")
-    return out, {"dropped_too_long": too_long, "dropped_ties": ties, "truncated_prompt": cut,
+    return out, {"dropped_too_long": too_long, "dropped_ties": ties, "dropped_empty_prompt": empty, "truncated_prompt": cut,
                  "prompt_not_prefix": enc["prompt_not_prefix"], "total": len(ds)}
 
 
@@ -377,25 +468,29 @@ def tokenize_prompts(tokenizer, ds, max_prompt_length, truncation_mode="drop"):
     if truncation_mode not in ("drop", "keep_end"):
         raise ValueError(f"truncation_mode for prompts is drop or keep_end, not {truncation_mode!r}")
     prompts, _, _ = encode_dataset(tokenizer, ds, "prompt")
-    out, too_long, cut = [], 0, 0
-    for p in prompts:
-        if not p or (len(p) > max_prompt_length and truncation_mode == "drop"):
+    out, too_long, cut, empty = [], 0, 0, _empty_prompts(prompts)
+    for p in (p for p in prompts if p):
+        if len(p) > max_prompt_length and truncation_mode == "drop":
             too_long += 1
             continue
         cut += len(p) > max_prompt_length
         out.append(_keep_end(p, max_prompt_length, tokenizer.bos_token_id))
     if not out:
-        raise ValueError(f"every prompt is empty or over max_prompt_length={max_prompt_length} tokens")
-    return out, {"dropped_too_long": too_long, "truncated_prompt": cut, "total": len(ds)}
+        raise ValueError(f"every prompt is over max_prompt_length={max_prompt_length} tokens; "
+                         "raise --max-length or try --truncation-mode keep_end")
+    return out, {"dropped_too_long": too_long, "dropped_empty_prompt": empty, "truncated_prompt": cut, "total": len(ds)}
 
 
 def report(what, stats):
     """Print how many examples were cut or dropped, if any: truncation is never silent. Also warn
     when prompts were not a token prefix of prompt + response (the split then sits at their longest
     common prefix: the first response token may carry a piece of the prompt's last word)."""
-    lost = {k: v for k, v in stats.items() if k not in ("total", "prompt_not_prefix") and v}
+    lost = {k: v for k, v in stats.items() if k not in ("total", "prompt_not_prefix", "unlocated_turns") and v}
     if lost:
         print(f"{what}: of {stats['total']} examples, " + ", ".join(f"{k} {v}" for k, v in lost.items()))
+    if stats.get("unlocated_turns"):
+        print(f"warning: {what}: {stats['unlocated_turns']} assistant turns were not found in the chat template's rendering "
+              "of their conversation and carry no loss; check tokenizer.chat_template")
     if stats.get("prompt_not_prefix"):
         print(f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are not "
               "a prefix of prompt + response's (a token merges across the boundary); split at the common prefix")

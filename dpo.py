@@ -115,9 +115,8 @@ class Args:
     rpo_alpha: float = 0.0
     """weight α of the chosen responses' token-mean NLL added to the loss (RPO, Pang et al. 2024); 0 disables it"""
     share_prompt: bool = True
-    """run each pair's prompt through the model once and both responses on its cached keys and values,
-    instead of prompt + chosen and prompt + rejected (equal log-probabilities, checked at the start;
-    off where the model's cache does not allow it, e.g. sliding windows, or with --gradient-checkpointing)"""
+    """run each prompt once and both responses on its cached keys and values instead of prompt + chosen and
+    prompt + rejected (equal log-probabilities; off with --gradient-checkpointing and dynamic RoPE past its range)"""
     precompute_ref_logps: bool = False
     """compute the reference log-probabilities once before training and free the reference model (saves memory)"""
     num_toy_samples: int = 1000
@@ -262,6 +261,18 @@ def pair_logps(model, batch, bf16=False, average=False):
         return logps[0::2], logps[1::2], counts[0::2]
     B = len(logps) // 2
     return logps[:B], logps[B:], counts[:B]
+
+
+def prompt_sharing_off(config, args):
+    """Why the prompt-once pass would not equal the concatenated one for this model, or None."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if args.gradient_checkpointing:
+        return "--gradient-checkpointing recomputes activations without a cache"
+    if rope.get("rope_type") in ("dynamic", "longrope") and args.max_length > rope.get(
+            "original_max_position_embeddings", config.max_position_embeddings):
+        # the frequencies follow the longest position in each call, so a prompt run alone is scaled otherwise
+        return f"its {rope['rope_type']} RoPE rescales past {config.max_position_embeddings} positions"
+    return None
 
 
 def collate(pairs, pad_id, args):
@@ -481,13 +492,11 @@ if __name__ == "__main__":
     from transformers import AutoConfig, AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    if args.model_name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(args.model_name):
-        raise SystemExit(f"no model at {args.model_name}: run `python sft.py` first, or pass --model-name")
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = common.load_tokenizer(args.model_name, hint=": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
     config = AutoConfig.from_pretrained(args.model_name)
     for key, value in config.to_dict().items():  # dropout off: it would make π/π_ref ≠ 1 at the start
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+        if any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")) and isinstance(value, float):
             setattr(config, key, 0.0)
     models = []
     for trained in (True, False):  # policy, then reference: loaded on the CPU, then onto the device one at a time
@@ -522,28 +531,13 @@ if __name__ == "__main__":
     lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]  # less padding
     schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
 
-    # 2. the prompt once where this model allows it (its cache may be a sliding window, recurrent, ...):
-    # checked, not assumed, on a few eval pairs against the concatenated pass, in float32
-    if args.share_prompt and args.gradient_checkpointing:
-        args.share_prompt = False  # the cache is off while activations are recomputed
+    # 2. the prompt once, unless a stated rule says it would change the log-probabilities (tests/test_families.py
+    # proves them equal for every family it covers, sliding windows included)
+    why_not = prompt_sharing_off(config, args)
+    if args.share_prompt and why_not:
+        args.share_prompt = False
         if rank == 0:
-            print("--share-prompt is off with --gradient-checkpointing: prompt and responses are concatenated")
-    if args.share_prompt:
-        probe, err, why = eval_pairs[:4], torch.full((), math.inf, device=device), ""
-        with torch.no_grad():
-            concatenated = torch.stack(pair_logps(ref_model, {k: v.to(device) for k, v in collate_pairs(probe, pad_id).items()})[:2])
-            try:
-                shared = pair_logps(ref_model, {k: v.to(device) for k, v in collate_shared_prompts(probe, pad_id).items()})
-                err = (torch.stack(shared[:2]) - concatenated).abs().max()
-            except Exception as e:  # noqa: BLE001 -- any model that cannot do it falls back, saying why
-                why = f" ({type(e).__name__}: {e})"
-        if args.world_size > 1:
-            dist.all_reduce(err, op=dist.ReduceOp.MAX)
-        if not err <= 1e-3:
-            args.share_prompt = False
-            if rank == 0:
-                print(f"--share-prompt is off: on {len(probe)} pairs the prompt-once pass differs from the concatenated "
-                      f"one by {err.item():.1e} nats{why}; this model's cache does not allow it (--no-share-prompt skips the check)")
+            print(f"--share-prompt is off: {why_not}; prompt and responses are concatenated")
 
     # 3. reference log-probabilities: once for the eval pairs; for the training pairs either all
     # at once now (then the reference model is freed) or per batch during training
@@ -680,11 +674,10 @@ if __name__ == "__main__":
             with torch.no_grad():
                 for i in range(0, len(ids), 250):
                     batch = {k: v.to(device) for k, v in common.collate_prompts(ids[i: i + 250], pad_id).items()}
-                    out = model.generate(**batch, max_new_tokens=toy_task.MAX_RESPONSE_TOKENS, do_sample=True,
-                                         temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id, synced_gpus=False,
-                                         eos_token_id=tokenizer.eos_token_id)
+                    out = common.generate(model, batch["input_ids"], batch["attention_mask"], tokenizer,
+                                          toy_task.MAX_RESPONSE_TOKENS)
                     seqs, labels, responses = [], [], []
-                    for p, gen in zip(ids[i: i + 250], out[:, batch["input_ids"].shape[1]:].tolist()):
+                    for p, gen in zip(ids[i: i + 250], out.tolist()):
                         eos = tokenizer.eos_token_id  # keep up to the first EOS; without one it was cut at the cap
                         resp = gen[: gen.index(eos) + 1] if eos in gen else gen
                         seqs.append(p + resp)

@@ -229,17 +229,13 @@ def load_model(cls, name, tokenizer, device):
 def sample(model, queries, tokenizer, args, device):
     """One response per prompt id list, cut after its first end token (the EOS, the chat template's
     end-of-turn or a stop id the model declares); a response without one reached the cap."""
-    from transformers import GenerationConfig
-
     pad_id, stops = tokenizer.pad_token_id, common.stop_token_ids(tokenizer, model)
-    gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
-                                  temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=stops)
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
         batch = {k: v.to(device) for k, v in common.collate_prompts(queries[i: i + args.per_device_batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            gen = model.generate(**batch, generation_config=gen_config)[:, batch["input_ids"].shape[1]:]
+            gen = common.generate(model, batch["input_ids"], batch["attention_mask"], tokenizer, args.response_length,
+                                  args.temperature)
         out += [g[: min(g.index(s) for s in stops if s in g) + 1] if set(g) & set(stops) else g for g in gen.tolist()]
     return out
 
@@ -395,14 +391,11 @@ if __name__ == "__main__":
     transformers.utils.logging.disable_progress_bar()
     if toy:
         import toy_task
-    for name in [args.ref_policy, args.reward_model_name] + args.policies + ([args.judge] if args.judge else []):
-        script = os.path.basename(name.rstrip(os.sep)) + ".py"
-        if name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(name):
-            raise SystemExit(f"no model at {name}: run `python {script if os.path.isfile(script) else 'its training script'}` "
-                             "first, or pass another folder")
-    tokenizer = common.load_tokenizer(args.ref_policy)
+    tokenizer = common.load_tokenizer(args.ref_policy, ": run `python sft.py` first, or pass --ref-policy")
     for name in [args.reward_model_name] + args.policies + ([args.judge] if args.judge else []):
-        if common.load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
+        script = os.path.basename(name.rstrip(os.sep)) + ".py"
+        hint = f": run `python {script if os.path.isfile(script) else 'its training script'}` first, or pass another folder"
+        if common.load_tokenizer(name, hint).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{name} has another tokenizer than the reference {args.ref_policy}; token-level KLs and "
                              "scores need one vocabulary (train every stage from the same SFT model)")
     ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)

@@ -391,15 +391,8 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
     With `sample_seed`, generation chunk j samples with the random state seeded to sample_seed + j
     inside torch.random.fork_rng (the outer random state is left as it was): a chunk's samples then
     depend on its prompts and its seed only, not on how the global batch is split over ranks."""
-    from transformers import GenerationConfig
-
     pad_id, policy = tokenizer.pad_token_id, agent.policy
     stop_ids = common.stop_token_ids(tokenizer, policy)  # EOS, the template's end-of-turn, declared stop ids
-    # every sampling setting explicit: a model's own generation_config (top_p, repetition penalty,
-    # min length) would make samples differ from the distribution whose log-probabilities we train on
-    gen_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=0, do_sample=True,
-                                  temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  suppress_tokens=[pad_id], pad_token_id=pad_id, eos_token_id=stop_ids)
     gen_size = args.generation_batch_size or args.per_device_batch_size
     fwd_size = args.rollout_forward_batch_size or args.per_device_batch_size
     batch = common.collate_prompts(queries, pad_id)
@@ -412,9 +405,9 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, sa
                 if sample_seed is not None:
                     torch.manual_seed(sample_seed + j)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    out = policy.generate(input_ids=ids, attention_mask=batch["attention_mask"][i: i + len(ids)].to(device),
-                                          generation_config=gen_config, synced_gpus=False)
-            chunks.append(out[:, Lq:])  # (b, ≤ response_length): generation stops once every row has an end token
+                    out = common.generate(policy, ids, batch["attention_mask"][i: i + len(ids)].to(device), tokenizer,
+                                          args.response_length, args.temperature)
+            chunks.append(out)  # (b, ≤ response_length): generation stops once every row has an end token
     T = max(c.shape[1] for c in chunks)
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
     responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
@@ -646,14 +639,10 @@ if __name__ == "__main__":
 
     transformers.utils.logging.disable_progress_bar()
     args.value_model_name = args.value_model_name or args.reward_model_name
-    for name, script in ((args.model_name, "sft.py"), (args.reward_model_name, "reward_model.py"),
-                         (args.value_model_name, "reward_model.py")):
-        if name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(name):
-            raise SystemExit(f"no model at {name}: run `python {script}` first, or pass the folder")
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = common.load_tokenizer(args.model_name, hint=": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
     for name in {args.reward_model_name, args.value_model_name}:
-        if common.load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
+        if common.load_tokenizer(name, ": run `python reward_model.py` first, or pass the folder").get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{name} has another tokenizer than {args.model_name}; PPO hands the policy's token ids "
                              "to the reward and value models, so train the reward model from the SFT model")
 
@@ -662,7 +651,7 @@ if __name__ == "__main__":
         since at 7B each would be 28 GB whole on every rank), one model at a time."""
         config = AutoConfig.from_pretrained(name, **kwargs)
         for key, value in config.to_dict().items():  # dropout off in all four models (Huang et al. 2024):
-            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):  # else ratio ≠ 1 at the start
+            if any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")) and isinstance(value, float):  # else ratio ≠ 1 at the start
                 setattr(config, key, 0.0)
         model = cls.from_pretrained(name, config=config, dtype=torch.float32)
         if cls is AutoModelForCausalLM and "logits_to_keep" not in inspect.signature(model.forward).parameters:

@@ -399,13 +399,11 @@ if __name__ == "__main__":
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     transformers.utils.logging.disable_progress_bar()
-    if args.model_name.startswith(("runs" + os.sep, "." + os.sep, os.sep)) and not os.path.isdir(args.model_name):
-        raise SystemExit(f"no model at {args.model_name}: run `python sft.py` first, or pass --model-name")
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = common.load_tokenizer(args.model_name, hint=": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
     config = AutoConfig.from_pretrained(args.model_name, num_labels=1)
     for key, value in config.to_dict().items():  # dropout off: it makes rewards noisy (Huang et al. 2024)
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+        if any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")) and isinstance(value, float):
             setattr(config, key, 0.0)
     config.reward_bias = 0.0
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name, config=config, dtype=torch.float32)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -203,12 +202,9 @@ def sample_completions(model, tokenizer, prompts, args, device, seed):
     batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             synced_gpus=False,  # only rank 0 samples (under FSDP with the weights gathered)
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=common.stop_token_ids(tokenizer, model))
+        out = common.generate(model, batch["input_ids"], batch["attention_mask"], tokenizer, args.max_new_tokens)
     model.train()
-    return [(tokenizer.decode(p), tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True))
-            for p, o in zip(prompts, out)]
+    return [(tokenizer.decode(p), tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, out)]
 
 
 # ---- distributed plumbing: FSDP2 sharding, saving, resumable checkpoints (the same in every script) ----
@@ -399,13 +395,14 @@ if __name__ == "__main__":
 
     transformers.utils.logging.disable_progress_bar()
 
-    if args.model_name == "toy":  # the toy task's tokenizer and a random-init tiny Llama, saved like a Hub model
-        import toy_task
-
-        args.model_name = toy_task.save_base_model(tempfile.mkdtemp(prefix="toy_base_"), seed=args.seed)
     tokenizer = common.load_tokenizer(args.model_name)
     pad_id = tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=torch.float32)
+    if args.model_name == "toy":  # the toy task's tiny Llama from scratch, in memory (the same on every rank)
+        import toy_task
+
+        model = toy_task.make_base_model(args.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=torch.float32)
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise SystemExit(f"{args.model_name}: its forward takes no logits_to_keep, which this script uses to compute "
                          "logits only where a token is predicted; use a transformers causal LM class that has it (transformers >= 5)")

@@ -314,27 +314,33 @@ MODEL_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
 """a ~0.9M-parameter Llama: big enough to learn the chain, small enough to train on a CPU in minutes"""
 
 
-def save_base_model(path, seed=0):
-    """Write a word-level tokenizer (PAD and EOS distinct) and a randomly initialised tiny Llama to
-    `path` with `save_pretrained`, so that training loads it like any Hub model. Returns `path`."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def make_tokenizer():
+    """The toy task's word-level tokenizer: one token per word, PAD and EOS distinct, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate([PAD, EOS, UNK] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate([PAD, EOS, UNK] + WORDS)}, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with single spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
-    config = LlamaConfig(vocab_size=len(vocab), pad_token_id=vocab[PAD], eos_token_id=vocab[EOS],
-                         bos_token_id=None, **MODEL_CONFIG)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def make_base_model(seed=0):
+    """A randomly initialised (torch seed `seed`) tiny Llama over `make_tokenizer`'s vocabulary, whose
+    config and generation config declare its PAD (id 0) and EOS (id 1), and no BOS."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = vocab[PAD]
-    model.generation_config.eos_token_id = vocab[EOS]
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1, bos_token_id=None, **MODEL_CONFIG))
+
+
+def save_base_model(path, seed=0):
+    """Write `make_tokenizer()` and `make_base_model(seed)` to `path` with `save_pretrained`, so that
+    training loads them like any Hub model. Returns `path`."""
     os.makedirs(path, exist_ok=True)
-    tokenizer.save_pretrained(path)
-    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    make_base_model(seed).save_pretrained(path)
     return path
 
 

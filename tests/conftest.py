@@ -36,6 +36,26 @@ FAMILIES = {
                  "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
 }
 
+# Templates that only the fast tokenization tests use (the script tests and `chat_models` run over FAMILIES).
+# Qwen3 writes an empty think block before the content of the assistant turns after the last user message:
+# the last turn renders differently from the same turn followed by more. TRL's training templates mark the
+# assistant spans with {% generation %}: here around the content (the Qwen3 one) or the content and <|im_end|>.
+_LAST_USER = ("{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}")
+_QWEN3_TURN = ("<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+               "<think>\n\n</think>\n\n{% endif %}")
+_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+ALL_FAMILIES = dict(FAMILIES, **{
+    "qwen3": dict(FAMILIES["chatml"], think="<think>\n\n</think>\n\n", template=_LAST_USER + "{% for m in messages %}"
+                  + _QWEN3_TURN + "{{ m['content'] }}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT),
+    "qwen3_generation": dict(FAMILIES["chatml"], think="<think>\n\n</think>\n\n", template=_LAST_USER + "{% for m in messages %}"
+                             + _QWEN3_TURN + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                             "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT),
+    "chatml_generation": dict(FAMILIES["chatml"], template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                              "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+                              "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}" + _GENERATION_PROMPT),
+})
+
 
 def make_chat_tokenizer(family="chatml", pad_token=None):
     """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) trained on the fly, with the family's BOS (added
@@ -44,7 +64,7 @@ def make_chat_tokenizer(family="chatml", pad_token=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    f = FAMILIES[family]
+    f = ALL_FAMILIES[family]
     specials = [f["bos"], f["eos"], f["end_of_turn"]] + f["extra"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,7 +103,7 @@ def save_chat_model(path, family):
     """A local folder like a Hub chat model of `family`; Llama-3 and Gemma declare [EOS, end-of-turn] as stop ids."""
     tok = make_chat_tokenizer(family)
     tok.save_pretrained(path)
-    make_llama(len(tok), path, eos_token_id=[1, 2] if FAMILIES[family].get("stop_ids_declared") else 1)
+    make_llama(len(tok), path, eos_token_id=[1, 2] if ALL_FAMILIES[family].get("stop_ids_declared") else 1)
     return path
 
 

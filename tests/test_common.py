@@ -9,14 +9,12 @@ import torch
 
 import common
 import toy_task
-from conftest import CONVERSATIONS, FAMILIES, make_bpe_tokenizer, make_chat_tokenizer, make_llama
+from conftest import ALL_FAMILIES, CONVERSATIONS, FAMILIES, make_bpe_tokenizer, make_chat_tokenizer, make_llama, save_chat_model
 
 
 @pytest.fixture(scope="module")
-def toy_tok(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("toy_base"))
-    toy_task.save_base_model(path)
-    return common.load_tokenizer(path)
+def toy_tok():
+    return common.load_tokenizer("toy")  # one token per word, no BOS
 
 
 def word_ids(tok, text):
@@ -30,7 +28,7 @@ def test_sft_mask_covers_completion_and_one_eos(toy_tok):
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the acting was wonderful") + [eos]
     assert examples[0]["labels"] == [-100, -100, -100] + word_ids(toy_tok, "wonderful") + [eos]
     assert examples[1]["labels"] == [-100, -100, eos]  # the empty response is just its EOS
-    assert stats == {"truncated": 0, "dropped": 0, "prompt_not_prefix": 0, "total": 2}
+    assert stats == {"truncated": 0, "dropped": 0, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 2}
     with_prompt, _ = common.tokenize_sft(toy_tok, ds, max_length=64, train_on_prompt=True)
     assert with_prompt[0]["labels"] == with_prompt[0]["input_ids"]
     # a completion that already ends with the EOS text still gets exactly one EOS
@@ -43,7 +41,7 @@ def test_truncation_is_counted(toy_tok):
                                      "completion": [" was dull and the cast weak", "", " film"]})
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5)
     # 2 + 6 + 1 = 9 tokens -> completion cut to 3 tokens, no EOS; 5-word prompt leaves no room -> dropped
-    assert stats == {"truncated": 1, "dropped": 1, "prompt_not_prefix": 0, "total": 3}
+    assert stats == {"truncated": 1, "dropped": 1, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 3}
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the plot was dull and")
     assert examples[0]["labels"] == [-100, -100] + word_ids(toy_tok, "was dull and")
     assert examples[1]["input_ids"] == word_ids(toy_tok, "a film") + [toy_tok.eos_token_id]
@@ -51,7 +49,7 @@ def test_truncation_is_counted(toy_tok):
         common.tokenize_sft(toy_tok, ds.select([1]), max_length=5)
     # keep_end: the oldest prompt tokens go instead, the completion and its EOS stay (no BOS in this tokenizer)
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5, truncation_mode="keep_end")
-    assert stats == {"truncated": 2, "dropped": 0, "prompt_not_prefix": 0, "total": 3}
+    assert stats == {"truncated": 2, "dropped": 0, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 3}
     assert examples[0]["input_ids"] == word_ids(toy_tok, "and the cast weak") + [toy_tok.eos_token_id]
     assert examples[1]["input_ids"] == word_ids(toy_tok, "plot was very dull") + [toy_tok.eos_token_id]  # 6 tokens -> 5
     assert examples[1]["labels"] == [-100, -100, -100, -100, toy_tok.eos_token_id]
@@ -72,9 +70,9 @@ def test_padding_left_and_right():
 def test_tokenizer_without_pad_gets_one(tmp_path):
     tok = make_bpe_tokenizer(pad_token=None)
     tok.save_pretrained(tmp_path)
+    model = make_llama(len(tok), str(tmp_path))
     loaded = common.load_tokenizer(str(tmp_path))
     assert loaded.pad_token == common.ADDED_PAD_TOKEN and loaded.pad_token_id not in (None, loaded.eos_token_id)
-    model = make_llama(len(tok))
     twin = copy.deepcopy(model)  # a reference model loaded beside the policy, or the same model on another rank
     torch.manual_seed(1)
     common.resize_embeddings(model, loaded)
@@ -93,6 +91,7 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
     tok = make_bpe_tokenizer(pad_token="</s>")
     assert tok.pad_token_id == tok.eos_token_id
     tok.save_pretrained(tmp_path)
+    make_llama(len(tok), str(tmp_path))
     loaded = common.load_tokenizer(str(tmp_path))
     assert loaded.pad_token_id != loaded.eos_token_id
     ds = datasets.Dataset.from_dict({"prompt": ["Name a colour.", "Name"], "completion": [" red", " a deep shade of purple"]})
@@ -108,6 +107,7 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
     # a PAD that is the template's end-of-turn (not the EOS) would mask the real end of every reply too
     tok = make_bpe_tokenizer(pad_token="<|im_end|>")
     tok.save_pretrained(tmp_path / "eot_pad")
+    make_llama(len(tok), str(tmp_path / "eot_pad"))
     loaded = common.load_tokenizer(str(tmp_path / "eot_pad"))
     assert loaded.pad_token == common.ADDED_PAD_TOKEN and common.end_of_turn_id(loaded) == tok.convert_tokens_to_ids("<|im_end|>")
 
@@ -123,12 +123,16 @@ def labelled_runs(labels):
     return runs
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
 def test_conversations_are_the_templates_own_ids(family):
     """The ids are apply_chat_template's ids of the whole conversation (up to the last end-of-turn);
-    labels cover exactly each assistant reply and its end-of-turn, never a user turn; no EOS is added."""
+    labels cover exactly each assistant reply as rendered there (Qwen3: the last one after its empty
+    think block, unless the {% generation %} markers leave the block out) and its end-of-turn, never a
+    user turn; no EOS is added."""
     tok = make_chat_tokenizer(family)
-    eot = tok.convert_tokens_to_ids(FAMILIES[family]["end_of_turn"])
+    eot_text = ALL_FAMILIES[family]["end_of_turn"]
+    think = "" if "{% generation %}" in ALL_FAMILIES[family]["template"] else ALL_FAMILIES[family].get("think", "")
+    eot = tok.convert_tokens_to_ids(eot_text)
     assert eot != tok.eos_token_id and common.end_of_turn_id(tok) == eot
     convs = CONVERSATIONS[:4]
     examples, stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": c} for c in convs]), 200)
@@ -139,21 +143,21 @@ def test_conversations_are_the_templates_own_ids(family):
         assert ids == whole[: len(ids)] and ids[-1] == eot
         assert tok.decode(whole[len(ids):]).strip() == ""  # only the template's trailing newline is left out
         assert tok.eos_token_id not in ids
-        replies = [m["content"] + FAMILIES[family]["end_of_turn"] for m in conv if m["role"] == "assistant"]
+        replies = [conv[1]["content"] + eot_text, think + conv[3]["content"] + eot_text]
         assert [tok.decode(run) for run in labelled_runs(ex["labels"])] == replies
     # prompt/completion rows: only the completion's turn is taught, even with an assistant turn in the prompt
     pc = datasets.Dataset.from_list([{"prompt": c[:3], "completion": [c[3]]} for c in convs])
     for conv, ex in zip(convs, common.tokenize_sft(tok, pc, 200)[0]):
         assert ex["input_ids"] == examples[convs.index(conv)]["input_ids"]
-        assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [conv[3]["content"] + FAMILIES[family]["end_of_turn"]]
+        assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [think + conv[3]["content"] + eot_text]
     # --train-on-prompt keeps its meaning: every token
     assert common.tokenize_sft(tok, pc, 200, train_on_prompt=True)[0][0]["labels"] == examples[0]["input_ids"]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
 def test_pairs_and_prompts_are_rendered_the_same_way(family):
     tok = make_chat_tokenizer(family)
-    eot_text = FAMILIES[family]["end_of_turn"]
+    eot_text, think = ALL_FAMILIES[family]["end_of_turn"], ALL_FAMILIES[family].get("think", "")
     conv = CONVERSATIONS[5]
     rows = [{"prompt": conv[:3], "chosen": [conv[3]], "rejected": [{"role": "assistant", "content": "blue"}]},
             {"prompt": conv[:3], "chosen": conv[3]["content"], "rejected": "blue"}]  # responses as strings
@@ -164,22 +168,85 @@ def test_pairs_and_prompts_are_rendered_the_same_way(family):
         for key, msgs in (("chosen", conv[:4]), ("rejected", conv[:3] + rows[0]["rejected"])):
             whole = tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
             assert pair["prompt"] + pair[key] == whole[: len(pair["prompt"]) + len(pair[key])]
-        assert tok.decode(pair["chosen"]) == conv[3]["content"] + eot_text and tok.decode(pair["rejected"]) == "blue" + eot_text
+        # a response is what the model generates after the generation prompt: Qwen3's think block included
+        assert tok.decode(pair["chosen"]) == think + conv[3]["content"] + eot_text
+        assert tok.decode(pair["rejected"]) == think + "blue" + eot_text
     # prompt-only data (PPO): the conversation up to the generation prompt, a trailing assistant turn dropped
     for row in ({"messages": conv[:4]}, {"prompt": conv[:3]}):
         assert common.tokenize_prompts(tok, datasets.Dataset.from_list([row]), 200)[0] == [prompt]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(ALL_FAMILIES))
 def test_stop_ids_keep_every_declared_end_token(family, tmp_path):
-    make_chat_tokenizer(family).save_pretrained(tmp_path)
-    tok = common.load_tokenizer(str(tmp_path))  # PAD added where missing
+    tok = common.load_tokenizer(save_chat_model(str(tmp_path), family))  # PAD added where missing
     eos, eot = tok.eos_token_id, common.end_of_turn_id(tok)
     assert common.stop_token_ids(tok) == [eos, eot]
     model = make_llama(len(tok) + 5, eos_token_id=[7, eos])  # a model declaring another stop id too
     common.resize_embeddings(model, tok)
     assert sorted(model.generation_config.eos_token_id) == sorted({7, eos, eot})  # the list was kept, extended
     assert tok.pad_token_id not in model.generation_config.eos_token_id
+
+
+def test_unlocatable_turns_are_counted_not_raised(capsys):
+    """A template whose rendering of a conversation's start depends on its length: a system line for
+    more than 2 messages. The rendering up to a turn's generation prompt is then no prefix of the whole
+    where one has the line and the other not; that turn is found nowhere, counted, and carries no loss."""
+    tok = make_chat_tokenizer("chatml")
+    tok.chat_template = "{% if messages|length > 2 %}<|im_start|>system\nlong<|im_end|>\n{% endif %}" + FAMILIES["chatml"]["template"]
+    four, two = CONVERSATIONS[0], CONVERSATIONS[1][:2]  # the first turn of `four` (1 message before it) is not found
+    three = [{"role": "system", "content": "Be brief."}] + two  # its one turn (2 messages before it) is not found
+    examples, stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": c} for c in (four, three, two)]), 200)
+    assert stats == {"truncated": 0, "dropped": 1, "unlocated_turns": 2, "prompt_not_prefix": 2, "total": 3}
+    assert [[tok.decode(r) for r in labelled_runs(ex["labels"])] for ex in examples] == [
+        [four[3]["content"] + "<|im_end|>"], [two[1]["content"] + "<|im_end|>"]]
+    assert examples[0]["input_ids"] == tok.apply_chat_template(four, tokenize=True)["input_ids"][:-1]  # all but the last "\n"
+    common.report("train data", stats)
+    assert "2 assistant turns were not found" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="chat template"):
+        common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": three}]), 200)
+    # replies rendered with a ">" only in conversations of more than 3 messages: the rendering up to the second
+    # turn diverges at the first reply, whose span (holding the same text) must not be taken for the second's
+    tok.chat_template = FAMILIES["chatml"]["template"].replace("{{ m['content'] }}", "{{ '>' if messages|length > 3 and "
+                                                               "m['role'] == 'assistant' else '' }}{{ m['content'] }}")
+    yes = [{"role": "user", "content": "Red?"}, {"role": "assistant", "content": "yes"}] * 2
+    [ex], stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": yes}]), 200)
+    assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [">yes<|im_end|>"] and stats["unlocated_turns"] == 1
+
+
+def test_generation_markers_are_used():
+    """Where the template marks assistant spans with {% generation %}, those are the labels (with the
+    end-of-turn once, whether the markers hold it or not), even where locating the turn would differ:
+    the Qwen3 variant marks the reply without its think block."""
+    conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]
+    for family, labelled in (("qwen3_generation", "red<|im_end|>"), ("chatml_generation", "red<|im_end|>"),
+                             ("qwen3", "<think>\n\n</think>\n\nred<|im_end|>")):  # unmarked: the think block too
+        tok = make_chat_tokenizer(family)
+        [ex], _ = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": conv}]), 200)
+        assert ex["input_ids"] == tok.apply_chat_template(conv, tokenize=True)["input_ids"][:-1]  # all but the last "\n"
+        assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [labelled]
+
+
+def test_empty_prompts_are_dropped(toy_tok):
+    """Without a BOS an empty prompt has no token, so nothing predicts the response's first token: dropped
+    and counted everywhere; with a BOS the prompt is that BOS and stays."""
+    pairs = datasets.Dataset.from_dict({"prompt": ["", "the plot"], "chosen": [" was great"] * 2, "rejected": [" was dull"] * 2})
+    out, stats = common.tokenize_preferences(toy_tok, pairs, 64)
+    assert [p["prompt"] for p in out] == [word_ids(toy_tok, "the plot")] and stats["dropped_empty_prompt"] == 1
+    sft = datasets.Dataset.from_dict({"prompt": ["", "a"], "completion": [" film"] * 2})
+    out, stats = common.tokenize_sft(toy_tok, sft, 64)
+    assert [e["input_ids"] for e in out] == [word_ids(toy_tok, "a film") + [toy_tok.eos_token_id]]
+    assert stats["dropped_empty_prompt"] == 1
+    out, stats = common.tokenize_prompts(toy_tok, datasets.Dataset.from_dict({"prompt": ["", "a"]}), 64)
+    assert out == [word_ids(toy_tok, "a")] and stats["dropped_empty_prompt"] == 1 and stats["dropped_too_long"] == 0
+    for tokenize, ds in ((common.tokenize_preferences, pairs.select([0])), (common.tokenize_sft, sft.select([0]))):
+        with pytest.raises(ValueError, match="give each example a prompt, or use a tokenizer that adds a BOS"):
+            tokenize(toy_tok, ds, 64)
+    bos_tok = make_bpe_tokenizer()
+    [pair], stats = common.tokenize_preferences(bos_tok, datasets.Dataset.from_dict(
+        {"prompt": [""], "chosen": [" red"], "rejected": [" blue"]}), 64)
+    assert pair["prompt"] == [0] and stats["dropped_empty_prompt"] == 0  # BOS is id 0
+    [ex], stats = common.tokenize_sft(bos_tok, datasets.Dataset.from_dict({"prompt": [""], "completion": [" red"]}), 64)
+    assert ex["input_ids"][0] == 0 and ex["labels"][0] == -100 and stats["dropped_empty_prompt"] == 0
 
 
 def test_plain_text_is_tokenized_as_one_string():
@@ -246,12 +313,42 @@ def test_local_files_and_splits(tmp_path):
     assert len(train) == 30 and evals["prompt"] == [f"p{i}" for i in range(30, 40)]
 
 
+@pytest.mark.parametrize("content", ["", "\n\n", "[]"])
+def test_empty_data_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / ("data.json" if content == "[]" else "data.jsonl")
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path} is empty.*--dataset-name"):
+        common.load_splits(str(path), "sft")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.jsonl").write_text(content)
+    with pytest.raises(ValueError, match="folder is empty.*--dataset-name"):
+        common.load_splits(str(tmp_path / "folder"), "sft")
+
+
+def test_model_paths_that_hold_no_model_fail_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hint = ": run `python sft.py` first, or pass --model-name"
+    for name in ("/nonexistent/model", "runs/models/sft", "./model", "~/model"):  # none can be a Hub id
+        with pytest.raises(SystemExit, match=f"^no model at {name}: run"):
+            common.load_tokenizer(name, hint)
+    for name in ("gpt2", "Qwen/Qwen3-0.6B"):  # Hub ids pass the check
+        common.check_model_path(name)
+    (tmp_path / "empty").mkdir()
+    make_bpe_tokenizer().save_pretrained(tmp_path / "tokenizer_only")
+    make_llama(10, str(tmp_path / "model_only"))
+    for name in ("empty", "tokenizer_only", "model_only"):
+        with pytest.raises(SystemExit, match=f"^{name} holds no Hugging Face model and tokenizer.*save_pretrained wrote"):
+            common.load_tokenizer(name)
+    # the folder save_chat_model writes, as save_pretrained does, loads
+    assert common.load_tokenizer(save_chat_model(str(tmp_path / "model"), "chatml")).eos_token == "</s>"
+
 def test_preferences_drop_ties_and_long_pairs(toy_tok):
     ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the plot", "a"],
                                      "chosen": [" was great", " was dull", " film was very very great"],
                                      "rejected": [" was dull", " was dull", " film"]})
     pairs, stats = common.tokenize_preferences(toy_tok, ds, max_length=5)
-    assert stats == {"dropped_too_long": 1, "dropped_ties": 1, "truncated_prompt": 0, "prompt_not_prefix": 0, "total": 3}
+    assert stats == {"dropped_too_long": 1, "dropped_ties": 1, "dropped_empty_prompt": 0, "truncated_prompt": 0,
+                     "prompt_not_prefix": 0, "total": 3}
     assert pairs[0]["chosen"] == word_ids(toy_tok, "was great") + [toy_tok.eos_token_id]
 
 
@@ -277,3 +374,27 @@ def test_group_by_length_keeps_the_batch_and_balances_ranks():
     # one rank: just sorted; micro-batches as large as the batch: the same examples
     assert [lengths[i] for i in common.group_by_length(batch, lengths, 4, 1)] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert sorted(common.group_by_length([3, 5, 0], lengths, 3, 1)) == [0, 3, 5]
+
+
+def test_sampling_ignores_the_checkpoints_generation_config():
+    """common.generate samples softmax(logits / T) itself, whatever the checkpoint's generation_config asks
+    (transformers 5 fills every unset field from it): the same seed gives the same samples as a model with a
+    blank config, while plain generate with the polluted config would sample otherwise; the model keeps its
+    own config."""
+    tok, model = common.load_tokenizer("toy"), toy_task.make_base_model(0).eval()
+    batch = common.collate_prompts(common.encode_prompts(tok, ["the plot", "a film was", "the cast"] * 4, False), tok.pad_token_id)
+
+    def draw(fn):
+        torch.manual_seed(0)
+        return fn(model, batch["input_ids"], batch["attention_mask"], tok, 24, 0.7)
+
+    clean = draw(common.generate)
+    assert (clean == tok.eos_token_id).any()  # some rows stop early: the comparison covers stopping too
+    polluted = dict(no_repeat_ngram_size=1, min_p=0.2, typical_p=0.5, bad_words_ids=[[5]], min_length=20, top_k=5,
+                    repetition_penalty=2.0, epsilon_cutoff=0.01)
+    model.generation_config.update(**polluted)
+    assert torch.equal(draw(common.generate), clean)
+    assert model.generation_config.no_repeat_ngram_size == 1  # given back
+    plain = draw(lambda m, ids, mask, t, n, temp: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=True,
+                                                              temperature=temp, pad_token_id=t.pad_token_id)[:, ids.shape[1]:])
+    assert plain.shape != clean.shape or not torch.equal(plain, clean)

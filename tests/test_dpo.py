@@ -173,6 +173,7 @@ def test_smoke_toy(tmp_path):
     out = run_script(["dpo.py", "--model-name", base, "--num-epochs", "0.02", "--eval-every", "5",
                       "--num-toy-samples", "100", "--output-dir", str(tmp_path / "dpo")])
     assert "eval/loss 0.6931" in out  # ln 2 at initialisation
+    assert "each prompt run once for both responses" in out  # the prompt-once path, not a silent fallback
     result = json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]
     for k in ["loss", "rewards/accuracies", "toy/gold_reward", "toy/kl_to_ref", "toy/optimum_gold_reward"]:
         assert math.isfinite(result[k])
@@ -199,9 +200,10 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, c
     base = chat_models["chatml"]
     flags = ["dpo.py", "--model-name", base, "--dataset-name", chat_data["preference"], "--batch-size", "8",
              "--eval-every", "100", "--max-length", "64", "--beta", "1", "--learning-rate", "1e-3", "--rpo-alpha", "0.5"]
-    run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
-    run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2)
-    run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    outs = [run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")]),
+            run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2),
+            run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)]
+    assert all("each prompt run once for both responses" in out for out in outs)
     for run in ("two", "fsdp"):
         assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
         r1, r2 = result_of(tmp_path / "one"), result_of(tmp_path / run)

@@ -51,23 +51,27 @@ def toy_rm(toy_base):
 
 
 def test_reward_is_read_at_eos_whatever_the_padding(toy_rm):
+    """rewards_at_eos of a right-padded batch equals, per row, the head applied by hand to the backbone's
+    hidden state at the sequence's last token (its EOS), the sequence run alone, minus config.reward_bias;
+    reading the padded rows at their last slot instead would give other numbers."""
     model, tok = toy_rm
     pairs, _ = common.tokenize_preferences(tok, datasets.Dataset.from_dict({
         "prompt": ["the plot", "a film was very", "the cast"],
         "chosen": [" was dull", "", " and the acting felt wonderful but the music bland"],
         "rejected": [" was great", " dull", " felt"]}), max_length=64)
     batch = collate_pairs(pairs, tok.pad_token_id)  # (6, L): ragged, right-padded
+    seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    assert all(s[-1] == tok.eos_token_id for s in seqs)  # the last real token is the EOS (even for "")
+    model.config.reward_bias = 0.25
     with torch.no_grad():
         batched = rewards_at_eos(model, **batch)
-        seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
-        alone = [rewards_at_eos(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in seqs]
-        # alone, the head output at the last position: compute it from the backbone by hand
-        by_hand = [model.score(model.model(input_ids=torch.tensor([s])).last_hidden_state[0, -1]).item() for s in seqs]
-    assert all(s[-1] == tok.eos_token_id for s in seqs)  # the last real token is the EOS (even for "")
-    torch.testing.assert_close(batched, torch.tensor(alone), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.tensor(alone), torch.tensor(by_hand), atol=1e-5, rtol=1e-5)
-    # and the rows padded most would give other numbers if read at the last slot instead
-    assert batch["attention_mask"].sum(1).min() < batch["input_ids"].shape[1]
+        by_hand = [model.score(model.model(input_ids=torch.tensor([s])).last_hidden_state[0, -1]).item() - 0.25 for s in seqs]
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        last_slot = model.score(hidden[:, -1]).squeeze(-1) - 0.25
+    model.config.reward_bias = 0.0
+    torch.testing.assert_close(batched, torch.tensor(by_hand), atol=1e-5, rtol=1e-5)
+    padded = batch["attention_mask"].sum(1) < batch["input_ids"].shape[1]
+    assert padded.any() and ((last_slot - batched).abs()[padded] > 1e-3).all()
 
 
 def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):

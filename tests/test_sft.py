@@ -148,20 +148,17 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
     batch of 8, with DDP and with FSDP: the loss is a token-level mean over the global batch, however it
     is split. The FSDP run, stopped after step 2 (its later checkpoint removed) and resumed, ends with
     bit-identical weights."""
-    base = str(tmp_path / "base")
-    toy_task.save_base_model(base)
-    data = tmp_path / "data.jsonl"
-    ds = toy_task.make_dataset("sft", "train", num_examples=48)
-    data.write_text("".join(json.dumps(r) + "\n" for r in ds.to_list()))
-    flags = ["sft.py", "--model-name", base, "--dataset-name", str(data), "--batch-size", "8", "--num-epochs", "1",
+    data = toy_data_file(tmp_path / "data.jsonl", "sft", 48)
+    # the default model: the toy Llama from scratch, built in memory by every rank (no --per-device-batch-size:
+    # by default batch / ranks)
+    flags = ["sft.py", "--dataset-name", data, "--batch-size", "8", "--num-epochs", "1",
              "--eval-every", "3", "--warmup-ratio", "0", "--learning-rate", "3e-3", "--num-sample-completions", "2"]
-    run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")])
-    run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "two")], torchrun=2)
-    out = run_script(flags + ["--per-device-batch-size", "4", "--fsdp", "--checkpoint-every", "2",
-                              "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
-    assert "memory per rank (FSDP over 2 rank(s))" in out
+    run_script(flags + ["--output-dir", str(tmp_path / "one")])
+    run_script(flags + ["--output-dir", str(tmp_path / "two")], torchrun=2)
+    out = run_script(flags + ["--fsdp", "--checkpoint-every", "2", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
+    assert "memory per rank (FSDP over 2 rank(s))" in out and "1 micro-batch(es) of 4" in out
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
-    start = load_file(os.path.join(base, "model.safetensors"))
+    start = toy_task.make_base_model(seed=1).state_dict()
     for run in ("two", "fsdp"):
         other = load_file(str(tmp_path / run / "model.safetensors"))
         assert sorted(other) == sorted(one)  # the tied head saved once, as save_pretrained does
@@ -175,7 +172,7 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
     # resume: a copy of the run's output with only the step-2 checkpoint, as if it had died before step 4
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp" / "resume" / "step_0000002", resumed / "resume" / "step_0000002")
-    out = run_script(flags + ["--per-device-batch-size", "4", "--fsdp", "--resume", "--output-dir", str(resumed)], torchrun=2)
+    out = run_script(flags + ["--fsdp", "--resume", "--output-dir", str(resumed)], torchrun=2)
     assert f"resumed from {resumed / 'resume' / 'step_0000002'} at step 2" in out
     straight, again = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for k in straight:

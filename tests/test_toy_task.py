@@ -156,3 +156,22 @@ def test_saved_base_model_loads_like_a_hub_model(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == 8 and tok.unk_token_id not in ids and tok.decode(ids) == text
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
+
+
+def test_in_memory_base_model_and_tokenizer_are_the_saved_ones(tmp_path):
+    """What sft.py builds in memory for --model-name toy is what save_base_model writes for that seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import common
+
+    toy_task.save_base_model(str(tmp_path), seed=3)
+    saved, model = AutoModelForCausalLM.from_pretrained(str(tmp_path)), toy_task.make_base_model(3)
+    a, b = saved.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(toy_task.make_base_model(4).lm_head.weight, b["lm_head.weight"])  # the seed matters
+    disk, toy = common.load_tokenizer(str(tmp_path)), common.load_tokenizer("toy")
+    assert toy.get_vocab() == disk.get_vocab() and len(toy) == len(toy_task.WORDS) + 3
+    assert (toy.pad_token_id, toy.eos_token_id, toy.bos_token_id) == (disk.pad_token_id, disk.eos_token_id, None) == (0, 1, None)
+    for m in (saved, model):
+        assert (m.generation_config.pad_token_id, m.generation_config.eos_token_id) == (0, 1)

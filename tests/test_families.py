@@ -1,0 +1,419 @@
+"""A model-family matrix: the scripts' log-probabilities, rewards and values against independent
+computations (each sequence alone in a batch of one, without padding, mask or position ids, through the
+plain full softmax), for a tiny random float32 model of each family people post-train, built offline
+from its transformers config class.
+
+Per family: SFT's response-only NLL (sft.labelled_nll); DPO's prompt-once and concatenated log-probabilities
+(dpo.pair_logps), values and gradients; the reward read at the end token (reward_model.rewards_at_eos,
+ppo.token_scores); a PPO rollout whose rows equal their sequences alone and whose first update
+recomputation has ratio 1. Sliding windows are shorter than the sequences, so that they bind (tested), and
+weights are drawn 10× wider than the families' default (initializer_range 0.2): at 0.02 attention is so
+flat that a wrong position changes a sequence's log-probability by ~1e-4, below float32 noise on a sum."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import common
+import dpo
+import ppo
+import reward_model
+import sft
+
+V, PAD, EOS = 75, 0, 1  # the toy tokenizer (common.load_tokenizer of toy_task.save_base_model): size, PAD, EOS
+WINDOW = 8  # every sliding window: shorter than the test sequences (up to 48 tokens)
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, attention_dropout=0.0)
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+# family -> (config class, keyword arguments); all also get the vocabulary, PAD, EOS and initializer_range 0.2
+FAMILIES = {
+    "gpt2": ("GPT2Config", dict(n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0, summary_first_dropout=0.0)),  # learned absolute positions
+    "pythia": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=128, use_parallel_residual=True, hidden_dropout=0.0,
+                                     attention_dropout=0.0, classifier_dropout=0.0,
+                                     rope_parameters=dict(_ROPE, partial_rotary_factor=0.25))),  # partial rotary
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, layerdrop=0.0)),  # learned, offset 2
+    "llama": ("LlamaConfig", _SMALL),
+    # dynamic NTK RoPE: real positions stay within max_position_embeddings (48 tokens at most); a padding slot
+    # numbered on from its prompt would not, and would rescale the frequencies of the whole batch
+    "llama-dynamic-rope": ("LlamaConfig", dict(_SMALL, max_position_embeddings=48,
+                                               rope_parameters=dict(_ROPE, rope_type="dynamic", factor=2.0))),
+    "mistral": ("MistralConfig", dict(_SMALL, sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", _SMALL),
+    "qwen3": ("Qwen3Config", dict(_SMALL, head_dim=8)),  # q/k norm
+    "gemma2": ("Gemma2Config", dict(_SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW,  # eager attention,
+                                    layer_types=["sliding_attention", "full_attention"])),  # soft-capped scores and logits
+    "gemma3": ("Gemma3TextConfig", dict(_SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW,
+                                        final_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, sliding_window=WINDOW)),  # Phi-3-mini: 2047 of 4096
+    "phi2": ("PhiConfig", dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.5))),
+    "stablelm": ("StableLmConfig", dict(_SMALL, hidden_dropout=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.25))),
+    "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                                    hidden_dropout=0.0, attention_dropout=0.0)),  # multi-query, parallel attention, RoPE
+    "olmo2": ("Olmo2Config", _SMALL),  # q/k norm over all heads, norms after the blocks
+    "granite": ("GraniteConfig", dict(_SMALL, embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.2)),
+    "cohere": ("CohereConfig", dict(_SMALL, use_qk_norm=True, logit_scale=0.5)),
+    "smollm3": ("SmolLM3Config", dict(_SMALL, no_rope_layer_interval=2)),  # every second layer without RoPE
+    "mixtral": ("MixtralConfig", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(_SMALL, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                         num_experts=4, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+                                    input_jitter_noise=0.0)),  # Phi-3.5-MoE (whose router_jitter_noise is 0.01)
+}
+NO_SEQUENCE_CLASSIFICATION = {  # no reward or value model of these families (their PPO test uses Llama's)
+    "granite": "transformers 5 has no GraniteForSequenceClassification",
+    "cohere": "transformers 5 has no CohereForSequenceClassification",
+}
+NO_PROMPT_SHARING = {}  # family -> why DPO's prompt-once pass cannot equal the concatenated one (none found)
+STOCHASTIC_KEYS_NOT_NAMED_DROPOUT = {}  # family -> float config keys that make the train-mode forward random
+# and that the scripts' rule misses (none since it also zeroes OPT's layerdrop and MoE routers' jitter)
+WINDOWED = [f for f, (_, kw) in FAMILIES.items() if kw.get("sliding_window")]
+FAMILY_IDS = list(FAMILIES)
+
+
+def make_config(family, **overrides):
+    cls, kwargs = FAMILIES[family]
+    init = {"init_std": 0.2} if cls == "OPTConfig" else {"initializer_range": 0.2}
+    kwargs = {**kwargs, **init, **overrides}
+    return getattr(transformers, cls)(vocab_size=V, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, **kwargs)
+
+
+def make_model(config, kind="lm", seed=0):
+    """A random float32 model in eval mode: the causal LM ("lm") or the one-output sequence classifier ("rm")."""
+    torch.manual_seed(seed)
+    if kind == "lm":
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    assert model.dtype == torch.float32
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def build(family, kind="lm", seed=0):
+    """make_model of the family's config, built once for the whole module."""
+    return make_model(make_config(family), kind, seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(toy_base):
+    tokenizer = common.load_tokenizer(toy_base)
+    assert len(tokenizer) == V and tokenizer.pad_token_id == PAD and tokenizer.eos_token_id == EOS
+    return tokenizer
+
+
+def grads(model, scalar):
+    """d scalar / d every parameter, without touching .grad."""
+    return torch.autograd.grad(scalar, list(model.parameters()), materialize_grads=True)
+
+
+def assert_close(got, want, what, atol=1e-5, rtol=1e-5):
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_close_sums(got, want, what):
+    """Sums of ~50 log-probabilities (about −200): float32 noise is ~3e-5 absolute, whereas a wrong position
+    moves them by 0.1 or more in every family here."""
+    assert_close(got, want, what, atol=1e-4, rtol=0)
+
+
+def assert_grads_close(model, got, want, what):
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        assert_close(g, w, f"{what}: gradient of {name}", atol=1e-5, rtol=1e-4)
+
+
+def alone_logps(model, ids, temperature=1.0, no_pad=False):
+    """log p(ids[t + 1] | ids[: t + 1]) for every t < len(ids) − 1, from the sequence alone (a batch of one,
+    no padding, no attention mask, default positions) and the full softmax over the vocabulary; `no_pad`
+    excludes PAD from it (as PPO's sampling does). Returns (len(ids) − 1,)."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float() / temperature
+    if no_pad:
+        logits[:, PAD] = -float("inf")
+    return logits.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def head_and_backbone(rm):
+    """The scalar head and the backbone of a sequence classifier, the head found by structure (the one child
+    module that is not the base model), not by the name the scripts use."""
+    heads = [m for m in rm.children() if m is not rm.base_model]
+    assert len(heads) == 1 and isinstance(heads[0], torch.nn.Linear) and heads[0].out_features == 1, heads
+    return heads[0], rm.base_model
+
+
+def alone_head(rm, ids, positions):
+    """The head on the backbone's hidden states of `ids` alone, at `positions` (a slice or an index)."""
+    head, backbone = head_and_backbone(rm)
+    return head(backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, positions])[..., 0]
+
+
+def words(rng, n):
+    return rng.integers(3, V, n).tolist()  # never PAD, EOS or UNK
+
+
+_rng = np.random.default_rng(0)
+# SFT: prompts (masked) and completions of different lengths, so rows are padded by different amounts
+SFT_EXAMPLES = [dict(input_ids=p + c, labels=[common.IGNORE_INDEX] * len(p) + c)
+                for p, c in ((words(_rng, 20), words(_rng, 9) + [EOS]), (words(_rng, 2), words(_rng, 24) + [EOS]),
+                             (words(_rng, 9), [EOS]))]
+# DPO: a long prompt with short responses beside a short prompt with long ones (the bug report's case: at
+# GPT-2's 64 positions, padding slots numbered on from a 44-token prompt run past them), a one-token
+# response, a one-token prompt: prompts left-padded and responses right-padded in the prompt-once batch
+PAIRS = [dict(prompt=words(_rng, 44), chosen=words(_rng, 3) + [EOS], rejected=words(_rng, 2) + [EOS]),
+         dict(prompt=words(_rng, 3), chosen=words(_rng, 43) + [EOS], rejected=words(_rng, 19) + [EOS]),
+         dict(prompt=words(_rng, 12), chosen=[EOS], rejected=words(_rng, 8) + [EOS]),
+         dict(prompt=words(_rng, 1), chosen=words(_rng, 1) + [EOS], rejected=words(_rng, 5) + [EOS])]
+assert max(len(p["prompt"]) + len(p[k]) for p in PAIRS for k in ("chosen", "rejected")) == 48
+# reward: sequences ending with EOS (one is EOS alone)
+RM_SEQS = [words(_rng, 29) + [EOS], words(_rng, 4) + [EOS], [EOS], words(_rng, 17) + [EOS]]
+# PPO: prompts of different lengths, left-padded
+QUERIES = [words(_rng, n) for n in (1, 4, 9, 15, 22, 3)]
+
+
+# ---- 1. SFT: response-only log-probabilities ---------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_sft_labelled_nll_equals_the_full_softmax(family):
+    model = build(family)
+    batch = common.collate_sft(SFT_EXAMPLES, PAD)  # right-padded, prompts masked
+    nll, count = sft.labelled_nll(model, batch)
+    want, want_count = 0.0, 0
+    for e in SFT_EXAMPLES:
+        labelled = torch.tensor(e["labels"][1:]) != common.IGNORE_INDEX
+        want = want - alone_logps(model, e["input_ids"])[labelled].sum()
+        want_count += int(labelled.sum())
+    assert count.item() == want_count
+    assert_close_sums(nll, want, f"{family}: labelled_nll")
+    assert_grads_close(model, grads(model, nll), grads(model, want), f"{family}: labelled_nll")
+
+
+# ---- 2. DPO: the prompt once, concatenated, one by one -----------------------------------------------
+def one_by_one(model, pairs):
+    """(chosen (B,), rejected (B,)): each prompt + response alone, its response tokens' log-probabilities summed."""
+    return [torch.stack([alone_logps(model, p["prompt"] + p[k])[len(p["prompt"]) - 1:].sum() for p in pairs])
+            for k in ("chosen", "rejected")]
+
+
+def weighted(chosen, rejected):
+    """A scalar of all 2B log-probabilities, each with its own weight, whose gradients are compared."""
+    both = torch.cat([chosen, rejected])
+    return (torch.linspace(0.5, 1.5, len(both)) * both).sum()
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_dpo_prompt_once_and_concatenated_equal_one_by_one(family):
+    model = build(family)
+    want = one_by_one(model, PAIRS)
+    want_grads = grads(model, weighted(*want))
+    counts = [len(p["chosen"]) for p in PAIRS]
+    shared_batch = dpo.collate_shared_prompts(PAIRS, PAD)
+    assert (shared_batch["prompt_mask"] == 0).any() and (shared_batch["response_mask"] == 0).any()
+    for layout, batch in (("concatenated", dpo.collate_pairs(PAIRS, PAD)), ("prompt-once", shared_batch)):
+        if layout == "prompt-once" and family in NO_PROMPT_SHARING:  # the list must stay honest: it really differs
+            try:
+                got = dpo.pair_logps(model, batch)
+            except Exception:  # noqa: BLE001
+                continue
+            assert (torch.cat(got[:2]) - torch.cat(want)).abs().max() > 1e-3, \
+                f"{family} is in NO_PROMPT_SHARING ({NO_PROMPT_SHARING[family]}), yet its prompt-once pass is right"
+            continue
+        chosen, rejected, n = dpo.pair_logps(model, batch)
+        assert n.tolist() == counts
+        assert_close_sums(chosen, want[0], f"{family}: {layout} chosen")
+        assert_close_sums(rejected, want[1], f"{family}: {layout} rejected")
+        assert_grads_close(model, grads(model, weighted(chosen, rejected)), want_grads, f"{family}: {layout}")
+
+
+def test_dynamic_rope_past_its_range_depends_on_the_batch():
+    """Not a property of the scripts but of dynamic NTK RoPE (transformers' dynamic_rope_update): once a batch's
+    largest position id reaches max_position_embeddings, the frequencies of *every* row are rescaled for that
+    batch's longest sequence, and kept (max_seq_len_cached) until a batch shorter than max_position_embeddings
+    comes. A row's log-probability then depends on its batch-mates and on earlier calls: the concatenated batch
+    differs from each sequence alone, and a fresh model's prompt-once pass (prompt scaled for 44 positions,
+    responses for 48) from a fresh model's concatenated pass. Within range (llama-dynamic-rope above) all agree."""
+    config = make_config("llama-dynamic-rope", max_position_embeddings=32)  # real sequences of up to 48 tokens
+    with torch.no_grad():
+        alone = torch.cat(one_by_one(make_model(config), PAIRS))
+        concat = torch.cat(dpo.pair_logps(make_model(config), dpo.collate_pairs(PAIRS, PAD))[:2])
+        shared = torch.cat(dpo.pair_logps(make_model(config), dpo.collate_shared_prompts(PAIRS, PAD))[:2])
+    assert (concat - alone).abs().max() > 1e-2
+    assert (shared - concat).abs().max() > 1e-2
+    # so dpo.py turns prompt sharing off by its stated rule past the range, and only there
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(gradient_checkpointing=False, max_length=48)
+    assert "dynamic RoPE rescales past 32 positions" in dpo.prompt_sharing_off(config, args)
+    assert dpo.prompt_sharing_off(make_config("llama-dynamic-rope"), args) is None  # 48 positions: within range
+    assert dpo.prompt_sharing_off(make_config("mistral"), args) is None
+    args.gradient_checkpointing = True
+    assert "--gradient-checkpointing" in dpo.prompt_sharing_off(make_config("llama"), args)
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_the_sliding_window_binds(family):
+    """The windowed families' test sequences are longer than their window: the same weights with a window
+    wider than every sequence give other log-probabilities (and the same ones within the window)."""
+    seq = PAIRS[1]["prompt"] + PAIRS[1]["chosen"]  # 47 tokens
+    wide = make_model(make_config(family, sliding_window=1000))
+    with torch.no_grad():
+        narrow_logps, wide_logps = alone_logps(build(family), seq), alone_logps(wide, seq)
+    assert_close(narrow_logps[: WINDOW - 1], wide_logps[: WINDOW - 1], f"{family}: within the window")
+    assert (narrow_logps - wide_logps).abs().max() > 1e-2
+
+
+# ---- 3. the reward read at the end token -------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_reward_is_read_at_the_end_token(family):
+    if family in NO_SEQUENCE_CLASSIFICATION:
+        pytest.skip(NO_SEQUENCE_CLASSIFICATION[family])
+    rm = build(family, "rm", seed=1)
+    assert rm.config.pad_token_id == PAD
+    with torch.no_grad():
+        want = torch.stack([alone_head(rm, s, -1) for s in RM_SEQS])  # the head at the EOS of each sequence alone
+        ids, mask = common.pad(RM_SEQS, PAD), common.attention_mask(RM_SEQS)
+        assert (mask == 0).any()
+        assert_close(reward_model.rewards_at_eos(rm, ids, mask), want, f"{family}: rewards_at_eos")
+        for side in ("right", "left"):  # PPO scores left-padded prompts + right-padded responses
+            ids, mask = common.pad(RM_SEQS, PAD, side), common.attention_mask(RM_SEQS, side)
+            scores = ppo.token_scores(rm, ids, mask, (mask.cumsum(1) - 1).clamp(min=0))  # (B, L)
+            last = mask.sum(1) - 1 if side == "right" else torch.full((len(RM_SEQS),), mask.shape[1] - 1)
+            assert_close(scores[torch.arange(len(RM_SEQS)), last], want, f"{family}: token_scores, {side} padding")
+
+
+# ---- 4. PPO: the rollout against sequences alone; ratio 1 at the first update ------------------------
+def set_eos_rate(model, p=0.15, temperature=0.7):
+    """Make the model give EOS probability `p` at every position when sampled at `temperature` with PAD
+    suppressed (its EOS logit set from the others, in a forward hook that every pass of the model goes
+    through: batched or alone, in generate or not), so that responses end at different lengths in every family."""
+    def hook(module, inputs, out):
+        x = out.logits  # (..., V)
+        eos = temperature * (torch.logsumexp(x[..., EOS + 1:] / temperature, -1) + math.log(p / (1 - p)))
+        out.logits = torch.cat([x[..., :EOS], eos[..., None], x[..., EOS + 1:]], -1)
+        return out
+
+    model.register_forward_hook(hook)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def ppo_models(family):
+    """(policy, reference, reward model, value model), each with its own seed; a family without a sequence
+    classifier gets Llama's reward and value models (same tokenizer)."""
+    rm_family = "llama" if family in NO_SEQUENCE_CLASSIFICATION else family
+    return (set_eos_rate(build(family, seed=10)), set_eos_rate(build(family, seed=11)),
+            build(rm_family, "rm", seed=12), build(rm_family, "rm", seed=13))
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok):
+    policy, ref, rm, value = ppo_models(family)
+    agent = ppo.PolicyAndValue(policy, value)
+    args = ppo.Args(per_device_batch_size=len(QUERIES), response_length=12, temperature=0.7)
+    torch.manual_seed(0)
+    r = ppo.rollout(agent, ref, rm, QUERIES, tok, args, torch.device("cpu"))
+    mask, Lq = r["mask"], r["queries"].shape[1]
+    assert (r["query_mask"] == 0).any() and (~mask).any()  # left-padded prompts; right-padded responses
+    with torch.no_grad():  # every row against its sequence alone
+        for b, q in enumerate(QUERIES):
+            resp = r["responses"][b][mask[b]].tolist()
+            n, seq = len(resp), q + resp
+            assert PAD not in resp
+            for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
+                want = alone_logps(model, seq, args.temperature, no_pad=True)[len(q) - 1:]
+                assert_close(r[key][b, :n], want, f"{family}: rollout {key}, row {b}")
+            assert_close(r["scores"][b], alone_head(rm, seq, -1), f"{family}: rollout score, row {b}")
+            assert_close(r["values"][b, :n], alone_head(value, seq, slice(len(q) - 1, -1)), f"{family}: rollout values, row {b}")
+    # the update's recomputation, as ppo.py's update does it: train mode, with gradients
+    agent.train()
+    try:
+        logits, values, _ = agent(**ppo.model_inputs(r["queries"], r["query_mask"], r["responses"], mask))
+        logprobs, _ = ppo.logprobs_and_entropy(logits, r["responses"][mask], args.temperature, PAD)
+    finally:
+        agent.eval()
+    assert logprobs.requires_grad
+    ratio = (ppo.scatter(logprobs, mask) - r["logprobs"]).exp()[mask]
+    assert (ratio - 1).abs().max() < 1e-5, f"{family}: first minibatch ratio {ratio.tolist()}"
+    assert_close(values.detach()[:, Lq - 1: -1][mask], r["values"][mask], f"{family}: the update's values")
+
+
+# ---- 5. dropout-like config keys -----------------------------------------------------------------------
+def scripts_dropout_rule(key, value):
+    """The rule sft.py, reward_model.py, ppo.py and dpo.py apply at load time: such keys are set to 0."""
+    return any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")) and isinstance(value, float)
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_train_mode_equals_eval_mode_once_dropout_keys_are_zeroed(family):
+    """PPO's ratio 1 at the first minibatch (rollout in eval mode, update in train mode) and DPO's π = π_ref at
+    the first step need a train-mode forward equal to the eval-mode one. Every float config key named like a
+    source of noise (drop, noise, jitter) is set to 0.5, then the scripts' rule zeroes what it matches: two
+    train-mode passes and an eval-mode one must then agree, except in the families of
+    STOCHASTIC_KEYS_NOT_NAMED_DROPOUT, which must disagree (the list stays honest) and agree once those keys
+    are zeroed too."""
+    config = make_config(family)
+    noisy = [k for k, v in config.to_dict().items() if isinstance(v, float) and any(s in k for s in ("drop", "noise", "jitter"))]
+    for k in noisy:
+        setattr(config, k, 0.5)
+    for k, v in config.to_dict().items():
+        if scripts_dropout_rule(k, v):
+            setattr(config, k, 0.0)
+    missed = STOCHASTIC_KEYS_NOT_NAMED_DROPOUT.get(family)
+    assert set(missed or ()) <= set(noisy)
+    ids = torch.tensor([PAIRS[1]["prompt"] + PAIRS[1]["chosen"]])
+
+    def spread():
+        """The largest difference between two train-mode passes and an eval-mode one."""
+        model = make_model(config).train()
+        with torch.no_grad():
+            a, b, c = model(input_ids=ids).logits, model(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+        return max((a - b).abs().max(), (a - c).abs().max()).item()
+
+    if missed:
+        assert spread() > 1e-3, f"{family}: {missed} at 0.5 no longer make the train-mode forward random"
+        for k in missed:
+            setattr(config, k, 0.0)
+    assert spread() == 0, f"{family}: train mode differs from eval mode after zeroing {[k for k in noisy if getattr(config, k) == 0]}"
+
+
+# ---- 5. every script through its command line on GPT-2 (learned positions, dropout in its config) ----------
+def test_every_script_runs_on_gpt2(tmp_path, toy_base):
+    """One step of each script on GPT-2 from sft.py onwards: the reward model, PPO (first minibatch ratio 1,
+    though GPT-2's config asks for dropout 0.1) and DPO, which runs each prompt once and takes the same
+    step as with --no-share-prompt."""
+    from conftest import assert_same_weights, run_script, toy_data_file
+
+    base = str(tmp_path / "gpt2")
+    make_model(transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD,
+                                       eos_token_id=EOS, bos_token_id=None)).save_pretrained(base)
+    common.load_tokenizer(toy_base).save_pretrained(base)
+    data = {k: toy_data_file(tmp_path / f"{k}.jsonl", k, 48) for k in ("sft", "preference", "prompt")}
+    sft_dir, rm_dir = str(tmp_path / "sft"), str(tmp_path / "rm")
+    short = ["--batch-size", "8", "--num-epochs", "0.2", "--max-length", "64"]  # GPT-2's 64 positions
+    run_script(["sft.py", "--model-name", base, "--dataset-name", data["sft"], "--num-sample-completions", "1",
+                "--output-dir", sft_dir] + short)
+    run_script(["reward_model.py", "--model-name", sft_dir, "--dataset-name", data["preference"], "--output-dir", rm_dir] + short)
+    out = run_script(["ppo.py", "--model-name", sft_dir, "--reward-model-name", rm_dir, "--dataset-name", data["prompt"],
+                      "--num-minibatches", "1", "--response-length", "24", "--num-eval-prompts", "2",
+                      "--output-dir", str(tmp_path / "ppo")] + short)
+    assert "first minibatch: ratio 1.000000" in out
+    dpo_flags = ["dpo.py", "--model-name", sft_dir, "--dataset-name", data["preference"], "--learning-rate", "1e-3"] + short
+    assert "each prompt run once" in run_script(dpo_flags + ["--output-dir", str(tmp_path / "shared")])
+    run_script(dpo_flags + ["--no-share-prompt", "--output-dir", str(tmp_path / "concatenated")])
+    assert_same_weights(str(tmp_path / "shared"), str(tmp_path / "concatenated"), sft_dir)
