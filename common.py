@@ -15,6 +15,7 @@ its own script. The conventions every script relies on:
 * nothing is cut silently: over-long examples are dropped or truncated, counted and reported.
 """
 
+import inspect
 import os
 import re
 
@@ -40,44 +41,47 @@ def check_columns(ds, kind, name):
         if all(c in ds.column_names for c in cols):
             return cols
     expected = " or ".join("(" + ", ".join(c) + ")" for c in COLUMNS[kind])
-    raise ValueError(f"dataset {name!r} has columns {ds.column_names}, but {kind} data needs {expected}; "
-                     f"rename the columns (Dataset.rename_column) or pass another --dataset-name")
+    raise ValueError(
+        f"dataset {name!r} has columns {ds.column_names}, but {kind} data needs {expected}; "
+        f"rename the columns (Dataset.rename_column) or pass another --dataset-name"
+    )
 
 
-def load_splits(name, kind, train_split="train", eval_split="test", seed=0, eval_fraction=0.05):
-    """(train, eval) `datasets.Dataset`s of `kind` ("sft", "preference" or "prompt") from:
-    "toy" (the embedded task, see toy_task.py), a local .json/.jsonl/.parquet/.csv file or a folder
-    of them, or a Hugging Face Hub id. Without an `eval_split`, a seeded `eval_fraction` of the
-    training split is held out (and said so)."""
+def load_splits(name, kind, train_split="train", eval_split="test", seed=0, flag="--dataset-name"):
+    """(train, eval) `datasets.Dataset`s of `kind` ("sft", "preference" or "prompt") from: "toy" (the embedded
+    task, see toy_task.py), a local .json/.jsonl/.parquet/.csv file or a folder of them, or a Hub id. Without an
+    `eval_split`, a seeded 5% of the training split is held out (and said so). `flag` names the data in errors."""
     if name == "toy":
         import toy_task
 
-        return (toy_task.make_dataset(kind, "train", seed=seed), toy_task.make_dataset(kind, "eval", seed=seed))
+        return toy_task.make_dataset(kind, "train", seed=seed), toy_task.make_dataset(kind, "eval", seed=seed)
     import datasets
 
     ext = os.path.splitext(name)[1].lower()
     if os.path.isfile(name) and ext not in DATA_FILE_TYPES:
-        raise ValueError(f"{name}: unknown data file type {ext!r}; use one of {sorted(DATA_FILE_TYPES)}")
+        raise ValueError(f"{flag} {name}: unknown data file type {ext!r}; use one of {sorted(DATA_FILE_TYPES)}")
+    empty = ValueError(f"{flag} {name} holds no rows (an empty data file); fill it or pass other data")
+    if os.path.isfile(name) and os.path.getsize(name) == 0:
+        raise empty
     try:  # a file; or a local folder (split names taken from file names, as on the Hub) or a Hub id
-        dd = (datasets.load_dataset(DATA_FILE_TYPES[ext], data_files={train_split: name}) if os.path.isfile(name)
-              else datasets.load_dataset(name))
-    except (StopIteration, ValueError) as e:  # what datasets raises on a 0-byte file, on one without rows
-        if isinstance(e, ValueError) and "corresponds to no data" not in str(e):
-            raise
-        raise ValueError(f"{name} is empty (or holds an empty data file): no rows to train on; "
-                         f"fill it or pass another --dataset-name") from None
+        files = {"data_files": {train_split: name}} if os.path.isfile(name) else {}
+        dd = datasets.load_dataset(DATA_FILE_TYPES[ext] if files else name, **files)
+    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # what empty files give
+        raise ValueError(f"{flag} {name} holds no rows that can be read ({type(e).__name__}: {e})") from None
     if train_split not in dd:
-        raise ValueError(f"dataset {name!r} has splits {list(dd)}, no {train_split!r}; pass --dataset-train-split")
+        raise ValueError(f"{flag} {name} has splits {list(dd)}, no {train_split!r}; pass --dataset-train-split")
     train = dd[train_split]
+    if len(train) == 0:
+        raise empty
     check_columns(train, kind, name)
     if eval_split in dd:
         evals = dd[eval_split]
     else:
         if len(train) < 2:
-            raise ValueError(f"dataset {name!r} has {len(train)} example(s) and no {eval_split!r} split to evaluate on")
-        parts = train.train_test_split(test_size=max(1, round(eval_fraction * len(train))), seed=seed)
+            raise ValueError(f"{flag} {name} has {len(train)} example(s) and no {eval_split!r} split to evaluate on")
+        parts = train.train_test_split(test_size=max(1, round(0.05 * len(train))), seed=seed)
         train, evals = parts["train"], parts["test"]
-        print(f"dataset {name!r} has no split {eval_split!r}: holding out {len(evals)} training examples for eval")
+        print(f"{flag} {name} has no split {eval_split!r}: holding out {len(evals)} training examples for eval")
     check_columns(evals, kind, name)
     return train, evals
 
@@ -89,16 +93,19 @@ def check_model_path(name, hint=""):
         if name.startswith(("/", ".", "~")) or name.count("/") > 1:
             raise SystemExit(f"no model at {name}" + hint)
     elif not os.path.isfile(os.path.join(name, "config.json")) or not any(
-            os.path.isfile(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise SystemExit(f"{name} holds no Hugging Face model and tokenizer (config.json, tokenizer.json or "
-                         f"tokenizer_config.json); pass the folder that save_pretrained wrote" + hint)
+        os.path.isfile(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise SystemExit(
+            f"{name} holds no Hugging Face model and tokenizer (config.json, tokenizer.json or "
+            f"tokenizer_config.json); pass the folder that save_pretrained wrote" + hint
+        )
 
 
 def load_tokenizer(name, hint=""):
     """The tokenizer of `name` ("toy": toy_task's; else a folder save_pretrained wrote or a Hub id, see
     `check_model_path`), with an EOS and a PAD distinct from every end token. A tokenizer without PAD
     (GPT-2, Pythia) or whose PAD is its EOS or its chat template's end-of-turn (many chat models)
-    gets a new PAD token; call `resize_embeddings` on every model used with it. PAD's embedding is
+    gets a new PAD token; call `fit_model` on every model used with it. PAD's embedding is
     never trained on or predicted (labels -100)."""
     from transformers import AutoTokenizer
 
@@ -110,18 +117,38 @@ def load_tokenizer(name, hint=""):
         check_model_path(name, hint)
         tok = AutoTokenizer.from_pretrained(name)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name!r} has no EOS token, so completions cannot be ended; "
-                         f"set one (tokenizer.eos_token = ...) and save_pretrained it, then pass that folder")
+        raise ValueError(
+            f"tokenizer of {name!r} has no EOS token, so completions cannot be ended; "
+            f"set one (tokenizer.eos_token = ...) and save_pretrained it, then pass that folder"
+        )
     if tok.pad_token_id is None or tok.pad_token_id in (tok.eos_token_id, end_of_turn_id(tok)):
         tok.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
     assert tok.pad_token_id not in (tok.eos_token_id, end_of_turn_id(tok))
     return tok
 
 
-def resize_embeddings(model, tokenizer):
-    """Make room for a PAD token `load_tokenizer` added, and record PAD and every end token in the
-    model's configs. A generation config that declares several end ids (Llama-3.1, Gemma) keeps
-    all of them: the tokenizer's EOS and the template's end-of-turn are added, nothing replaced."""
+def without_dropout(config):
+    """`config` with every dropout-like probability set to 0 (dropout, pdrop, OPT's layerdrop, MoE router jitter):
+    a frozen reference, a reward model and PPO's policy must compute the same in train mode as in eval mode."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")):
+            setattr(config, key, 0.0)
+    return config
+
+
+def fit_model(model, tokenizer, max_length=None):
+    """Fit a loaded model to the tokenizer: room for a PAD token `load_tokenizer` added, PAD and every end
+    token recorded in its configs (a generation config that declares several end ids, as Llama-3.1 and
+    Gemma do, keeps them all). Stops early if `max_length` exceeds its positions, or if a causal LM cannot
+    compute logits at chosen positions only."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_length and positions and max_length > positions:
+        raise SystemExit(f"--max-length {max_length} exceeds the {positions} positions of this model; lower it")
+    if model.can_generate() and "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise SystemExit(
+            f"{type(model).__name__}'s forward takes no logits_to_keep, which the scripts use to compute "
+            "logits only where a token is predicted; use a causal LM class that has it (transformers 5)"
+        )
     old_rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old_rows:
         # new rows = the mean of the old ones, not a random draw (transformers' default): then every rank
@@ -147,15 +174,19 @@ def end_of_turn_id(tokenizer):
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE_REPLY"}]
     text = tokenizer.apply_chat_template(probe, tokenize=False)
     if "PROBE_REPLY" not in text:
-        raise ValueError("the chat template does not render an assistant reply's content; check tokenizer.chat_template")
+        raise ValueError(
+            "the chat template does not render an assistant reply's content; check tokenizer.chat_template"
+        )
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = tokenizer(text[text.rindex("PROBE_REPLY") + len("PROBE_REPLY"):], add_special_tokens=False)["input_ids"]
+    after = tokenizer(text[text.rindex("PROBE_REPLY") + len("PROBE_REPLY") :], add_special_tokens=False)["input_ids"]
     for i in after:
         if i in special:
             return i
-    raise ValueError(f"the chat template ends an assistant reply with {text[text.rindex('PROBE_REPLY') + 11:]!r}, "
-                     "which holds no special token: a model could not learn where its reply ends. Use a template "
-                     "that closes each turn with a special token (such as the tokenizer's EOS)")
+    raise ValueError(
+        f"the chat template ends an assistant reply with {text[text.rindex('PROBE_REPLY') + 11 :]!r}, "
+        "which holds no special token: a model could not learn where its reply ends. Use a template "
+        "that closes each turn with a special token (such as the tokenizer's EOS)"
+    )
 
 
 def stop_token_ids(tokenizer, model=None):
@@ -167,7 +198,9 @@ def stop_token_ids(tokenizer, model=None):
     ids += declared if isinstance(declared, (list, tuple)) else [declared]
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     if tokenizer.pad_token_id in ids:
-        raise ValueError(f"PAD (id {tokenizer.pad_token_id}) is also an end token; load the tokenizer with common.load_tokenizer")
+        raise ValueError(
+            f"PAD (id {tokenizer.pad_token_id}) is also an end token; load the tokenizer with common.load_tokenizer"
+        )
     return ids
 
 
@@ -180,15 +213,24 @@ def generate(model, input_ids, attention_mask, tokenizer, max_new_tokens, temper
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              suppress_tokens=[pad], pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer, model))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        suppress_tokens=[pad],
+        pad_token_id=pad,
+        eos_token_id=stop_token_ids(tokenizer, model),
+    )
     own, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             synced_gpus=synced_gpus)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
+        )
     finally:
         model.generation_config = own
-    return out[:, input_ids.shape[1]:]
+    return out[:, input_ids.shape[1] :]
 
 
 # ---- rendering and tokenizing examples ----------------------------------------------------------
@@ -277,7 +319,8 @@ def encode_dataset(tokenizer, ds, kind):
       TL;DR's completions have, is the data's job), then one EOS. SentencePiece tokenizers then
       give no spurious "▁" to the response, and merges across the boundary are the model's own.
     The boundary is the longest common prefix of the prompt's own ids and every response's joint
-    ids; examples where the prompt's ids are not a prefix are counted (`prompt_not_prefix`).
+    ids; examples where the prompt's ids are not a prefix are counted (`prompt_not_prefix`), and so are
+    plain prompts given a start token (`start_token_added`).
     Returns (prompts, responses, stats): responses[k][i] is the k-th response column of example i."""
     rows = ds.to_list()
     split = [_prompt_and_responses(r, kind) for r in rows]
@@ -287,15 +330,21 @@ def encode_dataset(tokenizer, ds, kind):
     templated = templated.pop() if templated else False
     n_resp = len(split[0][1]) if split else 0
     eos = tokenizer.eos_token_id
+    starts = []
     if templated:
         eot = end_of_turn_id(tokenizer)
         prompts = _ids(tokenizer, [_render(tokenizer, p, True) for p, _ in split], True)
-        joint = [_ids(tokenizer, [_render(tokenizer, list(p) + _as_messages(rs[k]), False) for p, rs in split], True)
-                 for k in range(n_resp)]
-    else:
-        prompts = _ids(tokenizer, [p for p, _ in split], False)
-        joint = [[x + [eos] for x in _ids(tokenizer, [p + _as_text(rs[k]) for p, rs in split], False)]
-                 for k in range(n_resp)]
+        joint = [
+            _ids(tokenizer, [_render(tokenizer, list(p) + _as_messages(rs[k]), False) for p, rs in split], True)
+            for k in range(n_resp)
+        ]
+    else:  # a prompt with no token (a tokenizer that adds no BOS) gets one, the BOS or else the EOS: something
+        # must predict the response's first token (DPO's concatenated and prompt-once passes then agree too)
+        raw = _ids(tokenizer, [p for p, _ in split], False)
+        starts = [[] if p else [eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id] for p in raw]
+        prompts = [s + p for s, p in zip(starts, raw)]
+        texts = [[p + _as_text(rs[k]) for p, rs in split] for k in range(n_resp)]
+        joint = [[s + x + [eos] for s, x in zip(starts, _ids(tokenizer, t, False))] for t in texts]
     out_prompts, out_responses, not_prefix = [], [[] for _ in range(n_resp)], 0
     for i, p in enumerate(prompts):
         b = min([len(p)] + [_common_prefix(p, joint[k][i]) for k in range(n_resp)])
@@ -304,7 +353,7 @@ def encode_dataset(tokenizer, ds, kind):
         for k in range(n_resp):
             full = _through_last(joint[k][i], eot, b, f"example {i}") if templated else joint[k][i]
             out_responses[k].append(full[b:])
-    return out_prompts, out_responses, {"prompt_not_prefix": not_prefix}
+    return out_prompts, out_responses, {"prompt_not_prefix": not_prefix, "start_token_added": sum(map(bool, starts))}
 
 
 def encode_prompts(tokenizer, texts, templated):
@@ -317,8 +366,8 @@ def _keep_end(ids, n, bos):
     if len(ids) <= n:
         return ids
     if bos is not None and ids and ids[0] == bos and n >= 2:
-        return ids[:1] + ids[len(ids) - n + 1:]
-    return ids[len(ids) - n:]
+        return ids[:1] + ids[len(ids) - n + 1 :]
+    return ids[len(ids) - n :]
 
 
 def _generation_spans(tokenizer, convs, eot):
@@ -333,12 +382,6 @@ def _generation_spans(tokenizer, convs, eot):
     return spans
 
 
-def _shows(tokenizer, span, message):
-    """True if the ids `span` hold the message's text (templates may trim it): a located turn is that turn."""
-    text = message.get("content")
-    return not isinstance(text, str) or text.strip() in tokenizer.decode(span, clean_up_tokenization_spaces=False)
-
-
 def _sft_conversations(tokenizer, rows):
     """(examples [(input ids, labels)], stats) of conversational SFT rows. The ids are the chat template's
     rendering of the whole conversation; labels cover every assistant turn (of a `messages` row; of the
@@ -347,9 +390,9 @@ def _sft_conversations(tokenizer, rows):
     * otherwise: from where the rendering up to the turn's generation prompt stops being a prefix, to
       the first end-of-turn. So a last turn the template renders differently (Qwen3's empty think
       block) is labelled as it is rendered: what the model generates after the generation prompt.
-    A turn not found there (no end-of-turn, or a span without its text) carries no loss and is counted
-    (`unlocated_turns`); a conversation left with none is dropped (`dropped`). System, user and tool
-    turns never carry loss. The sequence ends with the last labelled end-of-turn."""
+    A turn not found there carries no loss and is counted (`unlocated_turns`): no end-of-turn after it, or a
+    start before the end of the conversation's history as rendered without the turn (so a system, user or
+    tool token is never labelled). The sequence ends with the last labelled end-of-turn."""
     eot, convs, turns = end_of_turn_id(tokenizer), [], []
     for r in rows:
         if "messages" in r and "prompt" not in r:
@@ -361,7 +404,10 @@ def _sft_conversations(tokenizer, rows):
         convs.append(msgs)
         turns.append([k for k in range(first, len(msgs)) if msgs[k].get("role") == "assistant"])
     fulls = _ids(tokenizer, [_render(tokenizer, m, False) for m in convs], True)
-    befores = iter(_ids(tokenizer, [_render(tokenizer, m[:k], True) for m, ks in zip(convs, turns) for k in ks], True))
+    history = [
+        (m[:k], g) for m, ks in zip(convs, turns) for k in ks for g in (True, False)
+    ]  # with, without gen. prompt
+    befores = iter(_ids(tokenizer, [_render(tokenizer, h, g) if h else "" for h, g in history], True))
     marked = re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.get_chat_template())
     marks = _generation_spans(tokenizer, convs, eot) if marked else [[]] * len(convs)
     out, stats = [], {"unlocated_turns": 0, "prompt_not_prefix": 0}
@@ -370,14 +416,14 @@ def _sft_conversations(tokenizer, rows):
         spans = dict(zip(assistant, spans)) if len(spans) == len(assistant) else {}
         labels, end, not_prefix = [IGNORE_INDEX] * len(full), 0, False
         for k in ks:
-            before = next(befores)
+            before, past = next(befores), next(befores)  # the history with and without the generation prompt
             if k in spans:
                 s, e = spans[k]
             else:
                 s = _common_prefix(before, full)
                 not_prefix |= s < len(before)
                 e = next((j + 1 for j in range(s, len(full)) if full[j] == eot), None)
-            if e is None or s < end or not _shows(tokenizer, full[s:e], msgs[k]):
+            if e is None or s < max(end, len(past)) or _common_prefix(past, full) < len(past):
                 stats["unlocated_turns"] += 1
                 continue
             labels[s:e], end = full[s:e], e
@@ -386,31 +432,21 @@ def _sft_conversations(tokenizer, rows):
     return out, stats
 
 
-def _empty_prompts(prompts):
-    """How many prompts have no token (an empty prompt, a tokenizer that adds no BOS): nothing predicts
-    their response's first token, so they are dropped. Raises if that leaves nothing."""
-    n = sum(not p for p in prompts)
-    if prompts and n == len(prompts):
-        raise ValueError("every prompt tokenizes to no token, so nothing predicts a response's first token; "
-                         "give each example a prompt, or use a tokenizer that adds a BOS")
-    return n
-
-
 def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mode="keep_start"):
     """SFT examples -> (list of {"input_ids", "labels"}, stats). labels are the input ids where the
     model is taught (the completion and its end token, every assistant turn of a conversation; with
     `train_on_prompt` every token), -100 elsewhere. An example over `max_length` tokens is cut:
     keep_start drops its end (the completion loses its end token: the model is not taught to stop
     there), keep_end drops its oldest tokens after the BOS (long chat histories). An example left
-    with no labelled token, or whose prompt has no token (see `_empty_prompts`), is dropped. All counted."""
+    with no labelled token is dropped. Both counted."""
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"truncation_mode for SFT is keep_start or keep_end, not {truncation_mode!r}")
     if len(ds) and is_conversational(ds[0]):
         examples, stats = _sft_conversations(tokenizer, ds.to_list())
     else:
         prompts, (completions,), enc = encode_dataset(tokenizer, ds, "sft")
-        examples = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions) if p]
-        stats = {"dropped_empty_prompt": _empty_prompts(prompts), "prompt_not_prefix": enc["prompt_not_prefix"]}
+        examples = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions)]
+        stats = enc
     out, stats, bos = [], {"truncated": 0, "dropped": 0, **stats, "total": len(ds)}, tokenizer.bos_token_id
     for ids, labels in examples:
         if train_on_prompt:
@@ -420,7 +456,10 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mo
             ids, labels = ids[:max_length], labels[:max_length]
         elif cut:  # keep_end: the newest tokens, after a leading BOS
             head = int(bos is not None and ids[0] == bos)
-            ids, labels = ids[:head] + ids[len(ids) - max_length + head:], labels[:head] + labels[len(labels) - max_length + head:]
+            ids, labels = (
+                ids[:head] + ids[len(ids) - max_length + head :],
+                labels[:head] + labels[len(labels) - max_length + head :],
+            )
         if all(x == IGNORE_INDEX for x in labels[1:]):  # the first token is never predicted
             stats["dropped"] += 1
             continue
@@ -428,8 +467,14 @@ def tokenize_sft(tokenizer, ds, max_length, train_on_prompt=False, truncation_mo
         out.append({"input_ids": ids, "labels": labels})
     if not out:
         unlocated = stats.get("unlocated_turns")
-        raise ValueError(f"no example has a completion token within max_length={max_length} tokens; raise --max-length"
-                         + (f" ({unlocated} assistant turns were not found in the chat template's rendering: check it)" if unlocated else ""))
+        raise ValueError(
+            f"no example has a completion token within max_length={max_length} tokens; raise --max-length"
+            + (
+                f" ({unlocated} assistant turns were not found in the chat template's rendering: check it)"
+                if unlocated
+                else ""
+            )
+        )
     return out, stats
 
 
@@ -444,8 +489,7 @@ def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
         raise ValueError(f"truncation_mode for preference pairs is drop or keep_end, not {truncation_mode!r}")
     out, too_long, ties, cut = [], 0, 0, 0
     prompts, (chosen, rejected), enc = encode_dataset(tokenizer, ds, "preference")
-    empty = _empty_prompts(prompts)
-    for p, c, r in ((p, c, r) for p, c, r in zip(prompts, chosen, rejected) if p):
+    for p, c, r in zip(prompts, chosen, rejected):
         room = max_length - max(len(c), len(r))  # tokens left for the prompt
         if c == r:
             ties += 1
@@ -455,30 +499,40 @@ def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
             cut += len(p) > room
             out.append({"prompt": _keep_end(p, room, tokenizer.bos_token_id), "chosen": c, "rejected": r})
     if not out:
-        raise ValueError(f"no usable pair: {too_long} over max_length={max_length} tokens, {ties} with "
-                         f"chosen == rejected; raise --max-length, try --truncation-mode keep_end, or check the data")
-    return out, {"dropped_too_long": too_long, "dropped_ties": ties, "dropped_empty_prompt": empty, "truncated_prompt": cut,
-                 "prompt_not_prefix": enc["prompt_not_prefix"], "total": len(ds)}
+        raise ValueError(
+            f"no usable pair: {too_long} over max_length={max_length} tokens, {ties} with "
+            f"chosen == rejected; raise --max-length, try --truncation-mode keep_end, or check the data"
+        )
+    return out, {
+        "dropped_too_long": too_long,
+        "dropped_ties": ties,
+        "start_token_added": enc["start_token_added"],
+        "truncated_prompt": cut,
+        "prompt_not_prefix": enc["prompt_not_prefix"],
+        "total": len(ds),
+    }
 
 
 def tokenize_prompts(tokenizer, ds, max_prompt_length, truncation_mode="drop"):
     """Prompt-only data -> (list of prompt id lists, stats); a conversation is rendered up to the
     template's generation prompt. Prompts over the limit are dropped, or with truncation_mode=
-    "keep_end" lose their oldest tokens (after the BOS); empty prompts are dropped. Counted."""
+    "keep_end" lose their oldest tokens (after the BOS). Counted."""
     if truncation_mode not in ("drop", "keep_end"):
         raise ValueError(f"truncation_mode for prompts is drop or keep_end, not {truncation_mode!r}")
     prompts, _, _ = encode_dataset(tokenizer, ds, "prompt")
-    out, too_long, cut, empty = [], 0, 0, _empty_prompts(prompts)
-    for p in (p for p in prompts if p):
+    out, too_long, cut = [], 0, 0
+    for p in prompts:
         if len(p) > max_prompt_length and truncation_mode == "drop":
             too_long += 1
             continue
         cut += len(p) > max_prompt_length
         out.append(_keep_end(p, max_prompt_length, tokenizer.bos_token_id))
     if not out:
-        raise ValueError(f"every prompt is over max_prompt_length={max_prompt_length} tokens; "
-                         "raise --max-length or try --truncation-mode keep_end")
-    return out, {"dropped_too_long": too_long, "dropped_empty_prompt": empty, "truncated_prompt": cut, "total": len(ds)}
+        raise ValueError(
+            f"every prompt is over max_prompt_length={max_prompt_length} tokens; "
+            "raise --max-length or try --truncation-mode keep_end"
+        )
+    return out, {"dropped_too_long": too_long, "truncated_prompt": cut, "total": len(ds)}
 
 
 def report(what, stats):
@@ -489,11 +543,15 @@ def report(what, stats):
     if lost:
         print(f"{what}: of {stats['total']} examples, " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     if stats.get("unlocated_turns"):
-        print(f"warning: {what}: {stats['unlocated_turns']} assistant turns were not found in the chat template's rendering "
-              "of their conversation and carry no loss; check tokenizer.chat_template")
+        print(
+            f"warning: {what}: {stats['unlocated_turns']} assistant turns were not found in the chat template's rendering "
+            "of their conversation and carry no loss; check tokenizer.chat_template"
+        )
     if stats.get("prompt_not_prefix"):
-        print(f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are not "
-              "a prefix of prompt + response's (a token merges across the boundary); split at the common prefix")
+        print(
+            f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are not "
+            "a prefix of prompt + response's (a token merges across the boundary); split at the common prefix"
+        )
 
 
 # ---- batching ------------------------------------------------------------------------------------
@@ -506,7 +564,7 @@ def pad(seqs, value, side="right"):
             if side == "right":
                 out[i, : len(s)] = torch.tensor(s)
             else:
-                out[i, L - len(s):] = torch.tensor(s)
+                out[i, L - len(s) :] = torch.tensor(s)
     return out
 
 
@@ -522,8 +580,11 @@ def collate_sft(examples, pad_id):
     """Right-padded training batch: input_ids (B, L), attention_mask (B, L), labels (B, L) with -100
     on padding."""
     ids = [e["input_ids"] for e in examples]
-    return {"input_ids": pad(ids, pad_id), "attention_mask": attention_mask(ids),
-            "labels": pad([e["labels"] for e in examples], IGNORE_INDEX)}
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": attention_mask(ids),
+        "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
+    }
 
 
 def collate_prompts(prompts, pad_id):
@@ -543,7 +604,7 @@ def batch_schedule(num_examples, batch_size, num_steps, seed):
         if step % per_epoch == 0:
             perm = rng.permutation(num_examples)
         k = step % per_epoch
-        batches.append(perm[k * batch_size: (k + 1) * batch_size])
+        batches.append(perm[k * batch_size : (k + 1) * batch_size])
     return batches
 
 
@@ -554,5 +615,5 @@ def group_by_length(batch, lengths, micro_batch_size, world_size):
     [r · B / world_size, (r + 1) · B / world_size) as before). The batch's examples, and so its loss, a
     mean over all of them, are unchanged; only the order of summation differs."""
     order = sorted(batch, key=lambda i: lengths[i])
-    micro = [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    micro = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     return [i for rank in range(world_size) for mb in micro[rank::world_size] for i in mb]

@@ -31,7 +31,6 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -53,39 +52,41 @@ class Args:
     output_dir: str = os.path.join("runs", "evaluate")
     """folder the table (CSV, JSON) and the plots (PNG) are written to"""
 
-    policies: List[str] = field(default_factory=lambda: [os.path.join("runs", "models", s) for s in ("sft", "ppo", "dpo")])
+    policies: list[str] = field(
+        default_factory=lambda: [os.path.join("runs", "models", s) for s in ("sft", "ppo", "dpo")]
+    )
     """policy folders (or Hub ids) to evaluate"""
     ref_policy: str = os.path.join("runs", "models", "sft")
     """reference policy: KLs are measured to it and best-of-n samples from it"""
     reward_model_name: str = os.path.join("runs", "models", "reward_model")
     """reward model from reward_model.py (its config.reward_bias is subtracted)"""
-    judge: Optional[str] = None
+    judge: str | None = None
     """reward model judging win rates against the reference responses; default: the gold reward on the toy task, none elsewhere"""
     dataset_name: str = "toy"
     """toy, a local file or folder, or a Hub id; column prompt, and completion (reference responses) for win rates"""
     dataset_eval_split: str = "test"
     """split whose prompts are evaluated (toy: the held-out prompts)"""
-    max_length: Optional[int] = None
+    max_length: int | None = None
     """tokens per sequence (prompt + response); prompts over max_length − response_length are dropped;
     default 64 on the toy task, 1024 otherwise (as in ppo.py)"""
-    response_length: Optional[int] = None
+    response_length: int | None = None
     """most tokens generated per response, its end token included; default 24 on the toy task, 256 otherwise"""
     num_samples: int = 1000
     """held-out prompts: every row of the table (policies, best-of-n, checkpoints) is measured on the same ones"""
     temperature: float = 1.0
     """sampling temperature of every policy; KLs are between the sampling distributions"""
-    best_of_n: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     """n of the best-of-n baseline; max(best_of_n) reference samples are drawn for every prompt, and (toy task)
     also give the optimum relative to the reference policy by importance sampling"""
     min_kl_for_ratio: float = 0.05
     """optimality ratios of policies closer than this (nats) to the reference are not reported: the ratio is 0/0 at KL 0"""
     num_bootstrap: int = 200
     """resamples of the prompts for the standard errors of the optimality ratios"""
-    checkpoints_dir: Optional[str] = None
+    checkpoints_dir: str | None = None
     """folder of intermediate policies (ppo.py --save-every); each is evaluated for the over-optimisation plot"""
     per_device_batch_size: int = 250
     """sequences per generation or forward pass"""
-    seeds: List[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     """instead of evaluating: run the whole default chain (sft, reward_model, ppo, dpo, then this evaluation)
     once per seed in runs/seeds/{seed}, and write seeds.json, seeds.md and frontier_seeds.png to --output-dir"""
 
@@ -121,11 +122,6 @@ def optimality_ratio(reward, kl, ref_reward, frontier):
     return (reward - ref_reward) / (frontier_reward_at(kl, frontier) - ref_reward)
 
 
-def win_rate(policy_scores, reference_scores):
-    """Share of prompts where the policy's response is judged better than the reference's, ties ½."""
-    return float(np.mean(wins(policy_scores, reference_scores)))
-
-
 def wins(policy_scores, reference_scores):
     """Per prompt: 1 if the policy's response is judged better than the reference's, ½ on a tie, else 0."""
     p, r = np.asarray(policy_scores, float), np.asarray(reference_scores, float)
@@ -154,7 +150,7 @@ def snis_optimum(rewards, betas):
         w_hat = w / w.sum(1, keepdims=True)
         reward[:, b] = (w_hat * r).sum(1)
         kl[:, b] = (w_hat * np.log(np.maximum(w_hat * r.shape[1], 1e-300))).sum(1)
-        ess[:, b] = 1 / (w_hat ** 2).sum(1)
+        ess[:, b] = 1 / (w_hat**2).sum(1)
     return kl, reward, ess
 
 
@@ -186,22 +182,43 @@ def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_boo
 
 
 SEED_FIELDS = ["sft_excess_nll", "sft_kl_to_p_ref", "rm_accuracy", "bayes_accuracy", "rm_gold_pearson"] + [
-    f"{m}_{k}" for m in ("ppo", "dpo") for k in ("gold_reward", "kl_to_sft", "kl_to_p_ref", "optimality_ratio_vs_sft",
-                                                 "optimality_ratio_vs_p_ref", "optimum_vs_sft_ess", "optimum_vs_sft_check",
-                                                 "optimality_ratio_vs_sft_corrected")]
+    f"{m}_{k}"
+    for m in ("ppo", "dpo")
+    for k in (
+        "gold_reward",
+        "kl_to_sft",
+        "kl_to_p_ref",
+        "optimality_ratio_vs_sft",
+        "optimality_ratio_vs_p_ref",
+        "optimum_vs_sft_ess",
+        "optimum_vs_sft_check",
+        "optimality_ratio_vs_sft_corrected",
+    )
+]
 
 
 def seed_record(seed, sft, rm, ev):
     """One seed's numbers, flat: from sft.py's and reward_model.py's training_args.json results and this
     script's results.json (policies in the order sft, ppo, dpo)."""
     sft_row, ppo_row, dpo_row = ev["policies"]
-    record = {"seed": seed, "sft_excess_nll": sft["excess_nll"], "sft_kl_to_p_ref": sft_row["kl_to_p_ref"],
-              "rm_accuracy": rm["accuracy"], "bayes_accuracy": rm["bayes_accuracy"], "rm_gold_pearson": rm["gold_pearson"]}
+    record = {
+        "seed": seed,
+        "sft_excess_nll": sft["excess_nll"],
+        "sft_kl_to_p_ref": sft_row["kl_to_p_ref"],
+        "rm_accuracy": rm["accuracy"],
+        "bayes_accuracy": rm["bayes_accuracy"],
+        "rm_gold_pearson": rm["gold_pearson"],
+    }
     for m, row in (("ppo", ppo_row), ("dpo", dpo_row)):
-        for k, key in (("gold_reward", "gold_reward"), ("kl_to_sft", "kl_to_ref_policy"), ("kl_to_p_ref", "kl_to_p_ref"),
-                       ("optimality_ratio_vs_sft", "optimality_ratio_vs_sft"),
-                       ("optimality_ratio_vs_p_ref", "optimality_ratio_vs_p_ref"), ("optimum_vs_sft_ess", "optimum_vs_sft_ess"),
-                       ("optimum_vs_sft_check", "optimum_vs_sft_check")):
+        for k, key in (
+            ("gold_reward", "gold_reward"),
+            ("kl_to_sft", "kl_to_ref_policy"),
+            ("kl_to_p_ref", "kl_to_p_ref"),
+            ("optimality_ratio_vs_sft", "optimality_ratio_vs_sft"),
+            ("optimality_ratio_vs_p_ref", "optimality_ratio_vs_p_ref"),
+            ("optimum_vs_sft_ess", "optimum_vs_sft_ess"),
+            ("optimum_vs_sft_check", "optimum_vs_sft_check"),
+        ):
             record[f"{m}_{k}"] = row.get(key)  # None where not reported (a ratio at KL < --min-kl-for-ratio)
             if key + "_se" in row:
                 record[f"{m}_{k}_se"] = row[key + "_se"]
@@ -221,7 +238,7 @@ def mean_sd(records, key):
 def load_model(cls, name, tokenizer, device):
     kwargs = {"num_labels": 1} if "Sequence" in cls.__name__ else {}
     model = cls.from_pretrained(name, dtype=torch.float32, **kwargs)
-    common.resize_embeddings(model, tokenizer)
+    common.fit_model(model, tokenizer)
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -232,26 +249,32 @@ def sample(model, queries, tokenizer, args, device):
     pad_id, stops = tokenizer.pad_token_id, common.stop_token_ids(tokenizer, model)
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
-        batch = {k: v.to(device) for k, v in common.collate_prompts(queries[i: i + args.per_device_batch_size], pad_id).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in common.collate_prompts(queries[i : i + args.per_device_batch_size], pad_id).items()
+        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            gen = common.generate(model, batch["input_ids"], batch["attention_mask"], tokenizer, args.response_length,
-                                  args.temperature)
+            gen = common.generate(
+                model, batch["input_ids"], batch["attention_mask"], tokenizer, args.response_length, args.temperature
+            )
         out += [g[: min(g.index(s) for s in stops if s in g) + 1] if set(g) & set(stops) else g for g in gen.tolist()]
     return out
 
 
 @torch.no_grad()
-def response_logps(model, queries, responses, tokenizer, args, device):
+def response_logprobs(model, queries, responses, tokenizer, args, device):
     """(N,) Σ over response tokens of log softmax(logits / temperature), PAD excluded as in sampling, and
     (N,) the mean over each response's tokens of the entropy of that sampling distribution."""
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
-        q, r = queries[i: i + args.per_device_batch_size], responses[i: i + args.per_device_batch_size]
+        q, r = queries[i : i + args.per_device_batch_size], responses[i : i + args.per_device_batch_size]
         seqs = [a + b for a, b in zip(q, r)]
         labels = common.pad([[common.IGNORE_INDEX] * len(a) + b for a, b in zip(q, r)], common.IGNORE_INDEX).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
-                           attention_mask=common.attention_mask(seqs).to(device)).logits
+            logits = model(
+                input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
+                attention_mask=common.attention_mask(seqs).to(device),
+            ).logits
         logits = logits[:, :-1].float() / args.temperature  # position t predicts token t + 1
         logits[..., tokenizer.pad_token_id] = -1e9  # finite, so that p·log p is 0 (not NaN) for PAD
         labels = labels[:, 1:]
@@ -259,8 +282,15 @@ def response_logps(model, queries, responses, tokenizer, args, device):
         logp_all = logits.log_softmax(-1)  # (n, L-1, V)
         logp = torch.gather(logp_all, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # (n, L-1)
-        out.append(torch.stack([torch.where(mask, logp, 0.0).sum(1),
-                                torch.where(mask, entropy, 0.0).sum(1) / mask.sum(1).clamp(min=1)], 1).cpu())
+        out.append(
+            torch.stack(
+                [
+                    torch.where(mask, logp, 0.0).sum(1),
+                    torch.where(mask, entropy, 0.0).sum(1) / mask.sum(1).clamp(min=1),
+                ],
+                1,
+            ).cpu()
+        )
     out = torch.cat(out).numpy()
     return out[:, 0], out[:, 1]
 
@@ -270,10 +300,15 @@ def reward_scores(model, queries, responses, tokenizer, args, device):
     """(N,) reward of prompt + response at its last real token (right padding), minus config.reward_bias."""
     out = []
     for i in range(0, len(queries), args.per_device_batch_size):
-        seqs = [a + b for a, b in zip(queries[i: i + args.per_device_batch_size], responses[i: i + args.per_device_batch_size])]
+        seqs = [
+            a + b
+            for a, b in zip(queries[i : i + args.per_device_batch_size], responses[i : i + args.per_device_batch_size])
+        ]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
-                           attention_mask=common.attention_mask(seqs).to(device)).logits
+            logits = model(
+                input_ids=common.pad(seqs, tokenizer.pad_token_id).to(device),
+                attention_mask=common.attention_mask(seqs).to(device),
+            ).logits
         out.append(logits.squeeze(-1).float().cpu() - getattr(model.config, "reward_bias", 0.0))
     return torch.cat(out).numpy()
 
@@ -289,12 +324,25 @@ def run_seeds(args):
     for seed in args.seeds:
         root = os.path.join("runs", "seeds", str(seed))
         sft, rm, ppo, dpo = (os.path.join(root, "models", s) for s in ("sft", "reward_model", "ppo", "dpo"))
-        stages = [("sft.py", "--output-dir", sft),
-                  ("reward_model.py", "--model-name", sft, "--output-dir", rm),
-                  ("ppo.py", "--model-name", sft, "--reward-model-name", rm, "--output-dir", ppo),
-                  ("dpo.py", "--model-name", sft, "--output-dir", dpo),
-                  ("evaluate.py", "--policies", sft, ppo, dpo, "--ref-policy", sft, "--reward-model-name", rm,
-                   "--output-dir", os.path.join(root, "evaluate"))]
+        stages = [
+            ("sft.py", "--output-dir", sft),
+            ("reward_model.py", "--model-name", sft, "--output-dir", rm),
+            ("ppo.py", "--model-name", sft, "--reward-model-name", rm, "--output-dir", ppo),
+            ("dpo.py", "--model-name", sft, "--output-dir", dpo),
+            (
+                "evaluate.py",
+                "--policies",
+                sft,
+                ppo,
+                dpo,
+                "--ref-policy",
+                sft,
+                "--reward-model-name",
+                rm,
+                "--output-dir",
+                os.path.join(root, "evaluate"),
+            ),
+        ]
         seconds = {}
         for script, *flags in stages:
             print(f"seed {seed}: python {script} --seed {seed} {' '.join(flags)}", flush=True)
@@ -325,9 +373,11 @@ def write_seed_summary(records, results, output_dir):
         json.dump(records, f, indent=2)
     keys = ["seed"] + SEED_FIELDS
     table = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    table += "".join("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n"
-                     for r in records)
-    table += "| mean ± sd | " + " | ".join("%.3f ± %.3f" % mean_sd(records, k) for k in SEED_FIELDS) + " |\n"
+    table += "".join(
+        "| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n"
+        for r in records
+    )
+    table += "| mean ± sd | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_sd(records, k)) for k in SEED_FIELDS) + " |\n"
     with open(os.path.join(output_dir, "seeds.md"), "w") as f:
         f.write(table)
     print(table)
@@ -335,22 +385,47 @@ def write_seed_summary(records, results, output_dir):
     # gold reward against KL for every seed: left the exact optimum relative to P_ref (each seed draws its
     # own toy data, so its own held-out prompts), right each seed's optimum relative to its SFT model
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    limit = 1.1 * max(r["kl_to_p_ref"] for res in results for r in res["policies"] + res["best_of_n"][:4])  # up to n = 8
+    limit = 1.1 * max(
+        r["kl_to_p_ref"] for res in results for r in res["policies"] + res["best_of_n"][:4]
+    )  # up to n = 8
     for i, (seed, res) in enumerate(zip([r["seed"] for r in records], results)):
         color = f"C{i}"
-        left.plot(*zip(*[(k, g) for k, g in res["frontier"] if k <= limit]), "-", color=color, lw=1,
-                  label=f"seed {seed}: exact optimum ∝ P_ref·exp(r/β)")
+        left.plot(
+            *zip(*[(k, g) for k, g in res["frontier"] if k <= limit]),
+            "-",
+            color=color,
+            lw=1,
+            label=f"seed {seed}: exact optimum ∝ P_ref·exp(r/β)",
+        )
         sft_frontier = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
-        right.plot(*zip(*[(k, r) for k, r in sft_frontier if k <= limit]), "-", color=color, lw=1,
-                   label=f"seed {seed}: optimum ∝ π_SFT·exp(r/β) (importance sampling)")
+        right.plot(
+            *zip(*[(k, r) for k, r in sft_frontier if k <= limit]),
+            "-",
+            color=color,
+            lw=1,
+            label=f"seed {seed}: optimum ∝ π_SFT·exp(r/β) (importance sampling)",
+        )
         for ax, x in ((left, "kl_to_p_ref"), (right, "kl_to_ref_policy")):
             bon = [r for r in res["best_of_n"] if r[x] <= limit]
-            ax.plot([r[x] for r in bon], [r["gold_reward"] for r in bon], ".:", color=color, lw=0.8,
-                    label=f"seed {seed}: best-of-n" if ax is left else None)
+            ax.plot(
+                [r[x] for r in bon],
+                [r["gold_reward"] for r in bon],
+                ".:",
+                color=color,
+                lw=0.8,
+                label=f"seed {seed}: best-of-n" if ax is left else None,
+            )
             for row, marker in zip(res["policies"][1:], ("*", "^")):
-                ax.errorbar(row[x], row["gold_reward"], yerr=row["gold_reward_se"], xerr=row[x + "_se"], fmt=marker,
-                            color=color, markersize=11 if marker == "*" else 8,
-                            label=f"seed {seed}: {os.path.basename(row['policy'])}")
+                ax.errorbar(
+                    row[x],
+                    row["gold_reward"],
+                    yerr=row["gold_reward_se"],
+                    xerr=row[x + "_se"],
+                    fmt=marker,
+                    color=color,
+                    markersize=11 if marker == "*" else 8,
+                    label=f"seed {seed}: {os.path.basename(row['policy'])}",
+                )
     for ax, x in ((left, "KL to P_ref"), (right, "KL to the seed's SFT model")):
         ax.set_xlabel(x + " (nats per response)")
         ax.set_ylabel("gold reward")
@@ -371,7 +446,9 @@ if __name__ == "__main__":
     if not args.best_of_n or min(args.best_of_n) < 1:
         raise ValueError("--best-of-n takes positive integers")
     if args.response_length >= args.max_length:
-        raise ValueError(f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}")
+        raise ValueError(
+            f"--response-length {args.response_length} leaves no room for a prompt in --max-length {args.max_length}"
+        )
     if args.seeds:
         if not toy:
             raise ValueError("--seeds runs the default chain on the toy task; drop --dataset-name")
@@ -396,8 +473,10 @@ if __name__ == "__main__":
         script = os.path.basename(name.rstrip(os.sep)) + ".py"
         hint = f": run `python {script if os.path.isfile(script) else 'its training script'}` first, or pass another folder"
         if common.load_tokenizer(name, hint).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{name} has another tokenizer than the reference {args.ref_policy}; token-level KLs and "
-                             "scores need one vocabulary (train every stage from the same SFT model)")
+            raise ValueError(
+                f"{name} has another tokenizer than the reference {args.ref_policy}; token-level KLs and "
+                "scores need one vocabulary (train every stage from the same SFT model)"
+            )
     ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)
     reward_model = load_model(AutoModelForSequenceClassification, args.reward_model_name, tokenizer, device)
     stops = common.stop_token_ids(tokenizer, ref_model)
@@ -406,17 +485,22 @@ if __name__ == "__main__":
 
     # 1. held-out prompts (and their reference responses, if the data has them)
     # (the toy task's SFT split: held-out prompts with P_ref's responses as the references)
-    _, eval_ds = common.load_splits(args.dataset_name, "sft" if toy else "prompt", eval_split=args.dataset_eval_split,
-                                    seed=args.seed)
+    _, eval_ds = common.load_splits(
+        args.dataset_name, "sft" if toy else "prompt", eval_split=args.dataset_eval_split, seed=args.seed
+    )
     eval_ds = eval_ds.select(range(min(args.num_samples, len(eval_ds))))
-    prompt_ids, completions, _ = common.encode_dataset(tokenizer, eval_ds, "sft" if "completion" in eval_ds.column_names else "prompt")
+    prompt_ids, completions, _ = common.encode_dataset(
+        tokenizer, eval_ds, "sft" if "completion" in eval_ds.column_names else "prompt"
+    )
     keep = [i for i, p in enumerate(prompt_ids) if 0 < len(p) <= args.max_length - args.response_length]
     queries = [prompt_ids[i] for i in keep]
     prompts = [eval_ds["prompt"][i] for i in keep] if toy else None
     references = [completions[0][i] for i in keep] if completions else None
     if not queries:
-        raise ValueError(f"every held-out prompt is empty or over --max-length − --response-length = "
-                         f"{args.max_length - args.response_length} tokens; raise --max-length")
+        raise ValueError(
+            f"every held-out prompt is empty or over --max-length − --response-length = "
+            f"{args.max_length - args.response_length} tokens; raise --max-length"
+        )
     print(f"{len(queries)} held-out prompts ({len(eval_ds) - len(queries)} over the length limit dropped)")
 
     def judge_scores(q, responses, texts):
@@ -434,8 +518,11 @@ if __name__ == "__main__":
         betas = [math.inf] + list(np.geomspace(20, 0.05, 80))
         frontier = [(kl, r) for _, kl, r in toy_task.optimal_frontier(prompts, betas, args.response_length)]
         ref_gold = frontier[0][1]  # P_ref's exact expected gold reward (KL 0)
-    ref_judged = judge_scores(queries, references, tokenizer.batch_decode(references, skip_special_tokens=True)) \
-        if references is not None else None
+    ref_judged = (
+        judge_scores(queries, references, tokenizer.batch_decode(references, skip_special_tokens=True))
+        if references is not None
+        else None
+    )
 
     # 2. N = max(best_of_n) samples of the reference policy for every prompt: best-of-n, and on the toy task
     # the optimum relative to the reference policy (π*_β ∝ π_ref exp(r/β), what PPO and DPO aim at)
@@ -447,23 +534,30 @@ if __name__ == "__main__":
         bon_prompts = [p for p in prompts for _ in range(N)]
         gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, bon_texts)]).reshape(P, N)
         # KL of best-of-n to P_ref = KL to the reference policy (formula) + E_bon[log π_ref − log P_ref]
-        lp, _ = response_logps(ref_model, bon_queries, bon_responses, tokenizer, args, device)
-        gap = (lp - np.array([toy_task.ref_logprob(p, t, args.response_length)
-                              for p, t in zip(bon_prompts, bon_texts)])).reshape(P, N)
+        lp, _ = response_logprobs(ref_model, bon_queries, bon_responses, tokenizer, args, device)
+        gap = (
+            lp - np.array([toy_task.ref_logprob(p, t, args.response_length) for p, t in zip(bon_prompts, bon_texts)])
+        ).reshape(P, N)
         # per prompt (P, B): KL to the reference policy and gold reward of its optimum, by importance sampling
         ref_betas = [math.inf] + list(np.geomspace(20, 0.1, 60))
         ref_kl, ref_reward, ref_ess = snis_optimum(gold, ref_betas)
-        ref_frontier = [(b, k, r, e) for b, k, r, e in zip(ref_betas, ref_kl.mean(0), ref_reward.mean(0), ref_ess.mean(0))]
+        ref_frontier = [
+            (b, k, r, e) for b, k, r, e in zip(ref_betas, ref_kl.mean(0), ref_reward.mean(0), ref_ess.mean(0))
+        ]
         ref_policy_gold = gold.mean(1)  # (P,) the reference policy's own gold reward per prompt
         # the estimator's own error, measured where the answer is exact: the same importance sampling from N
         # samples of P_ref itself (toy_task's sampler) against the exact frontier. Its share of the exact
         # optimum's gain at a KL is how far N samples fall short there (P_ref and the SFT model are close, so
         # the SFT-relative estimate falls short about as much): a ratio vs SFT times this share corrects it
-        check_texts = toy_task.TASK.sample_responses(np.random.default_rng(args.seed), bon_prompts, args.response_length)
+        check_texts = toy_task.TASK.sample_responses(
+            np.random.default_rng(args.seed), bon_prompts, args.response_length
+        )
         check_gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, check_texts)]).reshape(P, N)
         check_kl, check_reward, _ = (x.mean(0) for x in snis_optimum(check_gold, ref_betas))
-        check = sorted((k, (r - check_reward[0]) / (frontier_reward_at(k, frontier) - ref_gold))
-                       for k, r in zip(check_kl[1:], check_reward[1:]))
+        check = sorted(
+            (k, (r - check_reward[0]) / (frontier_reward_at(k, frontier) - ref_gold))
+            for k, r in zip(check_kl[1:], check_reward[1:])
+        )
 
     def add_ratios(row, gold_pp, kl_p_ref_pp, kl_ref_pp):
         """Both optimality ratios of a row, with bootstrap standard errors: against the exact optimum
@@ -471,9 +565,11 @@ if __name__ == "__main__":
         row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], frontier)
         fk, fr = zip(*frontier)
         row["optimality_ratio_vs_p_ref"], row["optimality_ratio_vs_p_ref_se"] = ratio_with_se(
-            gold_pp, kl_p_ref_pp, ref_gold, fk, fr, rng, args.num_bootstrap, args.min_kl_for_ratio)
+            gold_pp, kl_p_ref_pp, ref_gold, fk, fr, rng, args.num_bootstrap, args.min_kl_for_ratio
+        )
         row["optimality_ratio_vs_sft"], row["optimality_ratio_vs_sft_se"] = ratio_with_se(
-            gold_pp, kl_ref_pp, ref_policy_gold, ref_kl, ref_reward, rng, args.num_bootstrap, args.min_kl_for_ratio)
+            gold_pp, kl_ref_pp, ref_policy_gold, ref_kl, ref_reward, rng, args.num_bootstrap, args.min_kl_for_ratio
+        )
         # effective samples behind the optimum at this KL: few of N means the optimum is underestimated
         # (the ratio then overestimated); raise max(--best-of-n) for more samples
         kls, _, _, ess = map(np.array, zip(*sorted((k, b, r, e) for b, k, r, e in ref_frontier)))
@@ -492,11 +588,18 @@ if __name__ == "__main__":
         model = ref_model if name == args.ref_policy else load_model(AutoModelForCausalLM, name, tokenizer, device)
         responses = sample(model, queries, tokenizer, args, device)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        logp, entropy = response_logps(model, queries, responses, tokenizer, args, device)
-        logp_ref = logp if model is ref_model else response_logps(ref_model, queries, responses, tokenizer, args, device)[0]
-        row = with_se({"policy": name}, score=reward_scores(reward_model, queries, responses, tokenizer, args, device),
-                      kl_to_ref_policy=logp - logp_ref, response_length=[len(r) for r in responses],
-                      eos_rate=[bool(r) and r[-1] in stops for r in responses], entropy=entropy)
+        logp, entropy = response_logprobs(model, queries, responses, tokenizer, args, device)
+        logp_ref = (
+            logp if model is ref_model else response_logprobs(ref_model, queries, responses, tokenizer, args, device)[0]
+        )
+        row = with_se(
+            {"policy": name},
+            score=reward_scores(reward_model, queries, responses, tokenizer, args, device),
+            kl_to_ref_policy=logp - logp_ref,
+            response_length=[len(r) for r in responses],
+            eos_rate=[bool(r) and r[-1] in stops for r in responses],
+            entropy=entropy,
+        )
         judged = judge_scores(queries, responses, texts)
         if judged is not None and ref_judged is not None:
             with_se(row, win_rate=wins(judged, ref_judged))
@@ -505,8 +608,12 @@ if __name__ == "__main__":
             kl_pp = logp - np.array([toy_task.ref_logprob(p, t, args.response_length) for p, t in zip(prompts, texts)])
             with_se(row, gold_reward=gold_pp, kl_to_p_ref=kl_pp)
             add_ratios(row, gold_pp, kl_pp, logp - logp_ref)
-        print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                               if not k.endswith("_se")))
+        print(
+            "  "
+            + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if not k.endswith("_se")
+            )
+        )
         return row
 
     # 3. every policy
@@ -516,6 +623,7 @@ if __name__ == "__main__":
     def best_of_n_rows(selector, label):
         """One row per n: expected score, gold reward and KLs of the sample that `selector` (P, N) ranks
         highest among n of a prompt's N (KL to P_ref = the formula + E_bon[log π_ref − log P_ref])."""
+
         def at_best(values, n):  # (P,) per prompt
             return np.array([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)])
 
@@ -543,9 +651,22 @@ if __name__ == "__main__":
 
     # 5. table (mean ± standard error over prompts), CSV, JSON and plots
     all_rows = rows + bon + bon_gold + checkpoints
-    columns = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "entropy", "win_rate", "gold_reward",
-               "kl_to_p_ref", "optimum_gold_at_kl", "optimality_ratio_vs_p_ref", "optimality_ratio_vs_sft",
-               "optimum_vs_sft_ess", "optimum_vs_sft_check"]
+    columns = [
+        "policy",
+        "score",
+        "kl_to_ref_policy",
+        "response_length",
+        "eos_rate",
+        "entropy",
+        "win_rate",
+        "gold_reward",
+        "kl_to_p_ref",
+        "optimum_gold_at_kl",
+        "optimality_ratio_vs_p_ref",
+        "optimality_ratio_vs_sft",
+        "optimum_vs_sft_ess",
+        "optimum_vs_sft_check",
+    ]
     columns = [c for c in columns if any(r.get(c) is not None for r in all_rows)]
 
     def cell(r, c):
@@ -554,14 +675,22 @@ if __name__ == "__main__":
             return "" if v is None else str(v)
         return f"{v:.3f} ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else f"{v:.3f}"
 
-    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
-        "| " + " | ".join(cell(r, c) for c in columns) + " |" for r in all_rows)
+    table = (
+        "| "
+        + " | ".join(columns)
+        + " |\n|"
+        + "---|" * len(columns)
+        + "\n"
+        + "\n".join("| " + " | ".join(cell(r, c) for c in columns) + " |" for r in all_rows)
+    )
     if toy:
         at1 = min(ref_frontier[1:], key=lambda f: abs(f[0] - 1.0))
-        table += (f"\n\n{P} prompts for every row. P_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: "
-                  f"{frontier_reward_at(1.0, frontier):.3f}. Optimum relative to the reference policy (importance sampling, "
-                  f"{N} samples per prompt): β = {at1[0]:.2f} gives KL {at1[1]:.3f}, gold {at1[2]:.3f}, effective sample size "
-                  f"{at1[3]:.1f} of {N}; a ratio is blank where the KL is under {args.min_kl_for_ratio} or beyond the frontier")
+        table += (
+            f"\n\n{P} prompts for every row. P_ref: gold reward {ref_gold:.3f} at KL 0 (exact); optimum at KL 1: "
+            f"{frontier_reward_at(1.0, frontier):.3f}. Optimum relative to the reference policy (importance sampling, "
+            f"{N} samples per prompt): β = {at1[0]:.2f} gives KL {at1[1]:.3f}, gold {at1[2]:.3f}, effective sample size "
+            f"{at1[3]:.1f} of {N}; a ratio is blank where the KL is under {args.min_kl_for_ratio} or beyond the frontier"
+        )
     print(table)
     fields = [k for c in columns for k in (c, c + "_se") if any(k in r for r in all_rows)]
     with open(os.path.join(args.output_dir, "results.csv"), "w", newline="") as f:
@@ -569,8 +698,19 @@ if __name__ == "__main__":
         w.writeheader()
         w.writerows(all_rows)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "policies": rows, "best_of_n": bon, "best_of_n_gold": bon_gold, "checkpoints": checkpoints,
-                   "frontier": frontier, "frontier_vs_ref_policy": ref_frontier if toy else None}, f, indent=2)
+        json.dump(
+            {
+                "args": vars(args),
+                "policies": rows,
+                "best_of_n": bon,
+                "best_of_n_gold": bon_gold,
+                "checkpoints": checkpoints,
+                "frontier": frontier,
+                "frontier_vs_ref_policy": ref_frontier if toy else None,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
 
@@ -583,17 +723,34 @@ if __name__ == "__main__":
         """Reward against KL: an optimum curve (or none), best-of-n, and every policy as a star."""
         if optimum:
             limit = 1.1 * max([r[x_key] for r in rows + bon + bon_gold] + [1.0])
-            ax.plot([k for k, _ in optimum if k <= limit], [v for k, v in optimum if k <= limit], "k-", label=optimum_label)
+            ax.plot(
+                [k for k, _ in optimum if k <= limit], [v for k, v in optimum if k <= limit], "k-", label=optimum_label
+            )
         if all(y_key in r for r in bon):
-            ax.plot([r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label="best-of-n (n = 1 … %d)" % N)
+            ax.plot(
+                [r[x_key] for r in bon], [r[y_key] for r in bon], "o--", color="gray", label=f"best-of-n (n = 1 … {N})"
+            )
         if bon_gold:
-            ax.plot([r[x_key] for r in bon_gold], [r[y_key] for r in bon_gold], "s:", color="silver",
-                    label="best-of-n, gold reward as selector")
+            ax.plot(
+                [r[x_key] for r in bon_gold],
+                [r[y_key] for r in bon_gold],
+                "s:",
+                color="silver",
+                label="best-of-n, gold reward as selector",
+            )
         for r in rows:
-            ax.errorbar(r[x_key], r[y_key], yerr=r.get(y_key + "_se"), fmt="*", markersize=14,
-                        label=os.path.basename(r["policy"].rstrip("/")))
-        ax.set_xlabel(x_key.replace("kl_to_p_ref", "KL to P_ref").replace("kl_to_ref_policy", "KL to the reference policy")
-                      + " (nats per response)")
+            ax.errorbar(
+                r[x_key],
+                r[y_key],
+                yerr=r.get(y_key + "_se"),
+                fmt="*",
+                markersize=14,
+                label=os.path.basename(r["policy"].rstrip("/")),
+            )
+        ax.set_xlabel(
+            x_key.replace("kl_to_p_ref", "KL to P_ref").replace("kl_to_ref_policy", "KL to the reference policy")
+            + " (nats per response)"
+        )
         ax.set_ylabel(y_key.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -601,8 +758,13 @@ if __name__ == "__main__":
     if toy:  # left: against the exact optimum relative to P_ref; right: relative to the reference (SFT) policy
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
         draw(left, "kl_to_p_ref", "gold_reward", frontier, "exact optimum π*_β ∝ P_ref·exp(r/β)")
-        draw(right, "kl_to_ref_policy", "gold_reward", [(k, r) for _, k, r, _ in ref_frontier],
-             f"optimum π*_β ∝ π_SFT·exp(r/β) (importance sampling, {N} samples)")
+        draw(
+            right,
+            "kl_to_ref_policy",
+            "gold_reward",
+            [(k, r) for _, k, r, _ in ref_frontier],
+            f"optimum π*_β ∝ π_SFT·exp(r/β) (importance sampling, {N} samples)",
+        )
     else:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         draw(ax, "kl_to_ref_policy", "win_rate" if ref_judged is not None else "score", None, None)
@@ -621,5 +783,7 @@ if __name__ == "__main__":
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(args.output_dir, "overoptimisation.png"))
-    print(f"wrote {args.output_dir}/results.csv, results.json, results.md, frontier.png"
-          + (", overoptimisation.png" if checkpoints else ""))
+    print(
+        f"wrote {args.output_dir}/results.csv, results.json, results.md, frontier.png"
+        + (", overoptimisation.png" if checkpoints else "")
+    )

@@ -43,14 +43,60 @@ DEFAULT_SIZES = {"sft": (50_000, 2_000), "preference": (30_000, 2_000), "prompt"
 
 # Word classes of the grammar. Sentiment: +1 for POSITIVE, -1 for NEGATIVE, 0 for the rest.
 CLASSES = {
-    "det": "the this a its every".split(),
-    "noun": ("film movie plot acting story script cast ending music director dialogue pacing "
-             "camera characters soundtrack humour performances scenes visuals lead").split(),
-    "verb": "was is felt seemed looked sounded became remained".split(),
-    "adv": "very quite rather really so too truly mostly simply oddly".split(),
-    "pos": "wonderful great brilliant superb moving charming funny beautiful clever gripping delightful stunning".split(),
-    "neg": "dull boring awful terrible weak clumsy bland tedious predictable messy flat silly".split(),
-    "conj": "and but while yet although".split(),
+    "det": ["the", "this", "a", "its", "every"],
+    "noun": [
+        "film",
+        "movie",
+        "plot",
+        "acting",
+        "story",
+        "script",
+        "cast",
+        "ending",
+        "music",
+        "director",
+        "dialogue",
+        "pacing",
+        "camera",
+        "characters",
+        "soundtrack",
+        "humour",
+        "performances",
+        "scenes",
+        "visuals",
+        "lead",
+    ],
+    "verb": ["was", "is", "felt", "seemed", "looked", "sounded", "became", "remained"],
+    "adv": ["very", "quite", "rather", "really", "so", "too", "truly", "mostly", "simply", "oddly"],
+    "pos": [
+        "wonderful",
+        "great",
+        "brilliant",
+        "superb",
+        "moving",
+        "charming",
+        "funny",
+        "beautiful",
+        "clever",
+        "gripping",
+        "delightful",
+        "stunning",
+    ],
+    "neg": [
+        "dull",
+        "boring",
+        "awful",
+        "terrible",
+        "weak",
+        "clumsy",
+        "bland",
+        "tedious",
+        "predictable",
+        "messy",
+        "flat",
+        "silly",
+    ],
+    "conj": ["and", "but", "while", "yet", "although"],
 }
 # Next-class probabilities given the current word's class ("eos" ends the response). They make
 # text read like reviews: "the acting was wonderful but the plot dull".
@@ -296,21 +342,33 @@ def make_dataset(kind, split="train", num_examples=None, seed=0, task=TASK):
     a_wins = rng.random(n) < 1 / (1 + np.exp(-(ra - rb)))
     chosen = [x if w else y for x, y, w in zip(a, b, a_wins)]
     rejected = [y if w else x for x, y, w in zip(a, b, a_wins)]
-    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" " + y for y in chosen],
-                                       "rejected": [" " + y for y in rejected]})
+    return datasets.Dataset.from_dict(
+        {"prompt": prompts, "chosen": [" " + y for y in chosen], "rejected": [" " + y for y in rejected]}
+    )
 
 
 def bayes_accuracy(pairs, task=TASK):
     """Accuracy a perfect reward model reaches on these pairs against the Bradley-Terry annotator's
     labels, in expectation over its noise: mean of sigmoid(|r_chosen - r_rejected|)."""
-    d = np.array([task.gold_reward(p, c) - task.gold_reward(p, r)
-                  for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])])
+    d = np.array(
+        [
+            task.gold_reward(p, c) - task.gold_reward(p, r)
+            for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+        ]
+    )
     return float(np.mean(1 / (1 + np.exp(-np.abs(d)))))
 
 
 # ---- tokenizer and model config, saved like a Hub model -----------------------------------------
-MODEL_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+MODEL_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+}
 """a ~0.9M-parameter Llama: big enough to learn the chain, small enough to train on a CPU in minutes"""
 
 
@@ -332,7 +390,9 @@ def make_base_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1, bos_token_id=None, **MODEL_CONFIG))
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1, bos_token_id=None, **MODEL_CONFIG)
+    )
 
 
 def save_base_model(path, seed=0):
@@ -353,8 +413,10 @@ if __name__ == "__main__":
     sft = make_dataset("sft", "train")
     floor = entropy_floor(sft["prompt"])
     lengths = np.array([len(c.split()) for c in sft["completion"]])
-    print(f"\nSFT train: {len(sft)} examples, mean response {lengths.mean():.2f} words, "
-          f"{np.mean(lengths == MAX_RESPONSE_TOKENS):.2%} cut at the cap")
+    print(
+        f"\nSFT train: {len(sft)} examples, mean response {lengths.mean():.2f} words, "
+        f"{np.mean(lengths == MAX_RESPONSE_TOKENS):.2%} cut at the cap"
+    )
     print(f"entropy floor of the SFT loss: {floor:.4f} nats/token")
     for split in ("train", "eval"):
         pairs = make_dataset("preference", split)

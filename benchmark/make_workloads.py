@@ -8,13 +8,14 @@ OUT/smol/model            a random-init model with SmolLM2-135M's architecture (
                           model costs; its tokenizer is word-level over 49,149 words, so a word is one token
 OUT/smol/{sft,pairs}/{train,test}.jsonl  chat-shaped data: prompts of ~150 tokens, responses of ~50 (64 and 32 rows)
 """
+
 import json
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import toy_task  # noqa: E402
+import toy_task
 
 
 def write_jsonl(folder, split, rows):
@@ -34,9 +35,21 @@ def smol_model(path, seed=0):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -46,9 +59,15 @@ def smol_model(path, seed=0):
 def chat_shaped(words, n, seed, prompt_len=(130, 170), response_len=(35, 65)):
     """n rows of prompt (~150 words) and two responses (~50 words each), word = token."""
     rng = random.Random(seed)
-    text = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
-    return [{"prompt": text(rng.randint(*prompt_len)), "chosen": " " + text(rng.randint(*response_len)),
-             "rejected": " " + text(rng.randint(*response_len))} for _ in range(n)]
+    text = lambda k: " ".join(rng.choice(words) for _ in range(k))
+    return [
+        {
+            "prompt": text(rng.randint(*prompt_len)),
+            "chosen": " " + text(rng.randint(*response_len)),
+            "rejected": " " + text(rng.randint(*response_len)),
+        }
+        for _ in range(n)
+    ]
 
 
 if __name__ == "__main__":
@@ -62,5 +81,7 @@ if __name__ == "__main__":
     for split, n, seed in (("train", 64, 0), ("test", 8, 1)):
         rows = chat_shaped(words, n, seed)
         write_jsonl(os.path.join(out, "smol", "pairs"), split, rows[: n // 2])  # DPO: 32 pairs, 4 steps of 8
-        write_jsonl(os.path.join(out, "smol", "sft"), split, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+        write_jsonl(
+            os.path.join(out, "smol", "sft"), split, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+        )
     print(out)

@@ -8,6 +8,7 @@ model folder, data files, batch shapes and number of optimizer steps. From the p
 
 Prints a Markdown table (ours / TRL: lower is better) and writes OUT/results.json. Quote ratios measured in
 one sitting; absolute times on a shared machine drift from day to day."""
+
 import argparse
 import json
 import os
@@ -25,47 +26,170 @@ def workloads(out):
     """name -> (description, our command, TRL's command); the same inputs, batch and steps on both sides."""
     toy, smol = os.path.join(out, "toy"), os.path.join(out, "smol")
     tmp = tempfile.mkdtemp()
-    ours = lambda script, *flags: [sys.executable, os.path.join(ROOT, script), "--output-dir", os.path.join(tmp, script), *flags]  # noqa: E731
-    trl = lambda mode, model, data, *flags: [os.path.join(HERE, "trl_side.py"), mode, model, data, *flags]  # noqa: E731
-    toy_flags = ["--model-name", f"{toy}/model", "--batch-size", "64", "--per-device-batch-size", "64", "--max-length", "64",
-                 "--eval-every", "1000"]
-    smol_flags = ["--model-name", f"{smol}/model", "--batch-size", "8", "--per-device-batch-size", "8", "--max-length", "256",
-                  "--eval-every", "1000"]
+    ours = lambda script, *flags: [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--output-dir",
+        os.path.join(tmp, script),
+        *flags,
+    ]
+    trl = lambda mode, model, data, *flags: [os.path.join(HERE, "trl_side.py"), mode, model, data, *flags]
+    toy_flags = [
+        "--model-name",
+        f"{toy}/model",
+        "--batch-size",
+        "64",
+        "--per-device-batch-size",
+        "64",
+        "--max-length",
+        "64",
+        "--eval-every",
+        "1000",
+    ]
+    smol_flags = [
+        "--model-name",
+        f"{smol}/model",
+        "--batch-size",
+        "8",
+        "--per-device-batch-size",
+        "8",
+        "--max-length",
+        "256",
+        "--eval-every",
+        "1000",
+    ]
     return {
-        "toy_sft": ("SFT, toy model, 5,120 examples, batch 64",
-                    ours("sft.py", *toy_flags, "--dataset-name", f"{toy}/sft", "--num-epochs", "1", "--learning-rate", "3e-3",
-                         "--num-sample-completions", "0"),
-                    trl("sft", f"{toy}/model", f"{toy}/sft", "--learning-rate", "3e-3")),
-        "toy_reward": ("reward model, toy model, 5,120 pairs, batch 64",
-                       ours("reward_model.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "1e-3"),
-                       trl("reward", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "1e-3")),
-        "toy_dpo": ("DPO, toy model, 5,120 pairs, batch 64",
-                    ours("dpo.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1"),
-                    trl("dpo", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1")),
-        "toy_ppo": ("PPO, toy model, 10 iterations of 256 episodes, 4 minibatches x 4 epochs (TRL 1.12)",
-                    ours("ppo.py", "--model-name", f"{toy}/model", "--reward-model-name", f"{toy}/model", "--dataset-name",
-                         f"{toy}/prompts", "--num-epochs", "0.5", "--batch-size", "256", "--num-minibatches", "4",
-                         "--num-ppo-epochs", "4", "--per-device-batch-size", "64", "--response-length", "24", "--max-length", "64",
-                         "--learning-rate", "3e-4", "--kl-coef", "0.5", "--eval-every", "1000", "--num-eval-prompts", "8",
-                         "--num-sample-completions", "0", "--generation-batch-size", "256", "--rollout-forward-batch-size", "256"),
-                    trl("ppo", f"{toy}/model", f"{toy}/prompts", "--learning-rate", "3e-4", "--iterations", "10",
-                        "--rollout-batch-size", "256")),
-        "smol_sft": ("SFT, SmolLM2-135M architecture, 64 chat-shaped examples (prompt ~150 tokens masked, completion ~50), batch 8",
-                     ours("sft.py", *smol_flags, "--dataset-name", f"{smol}/sft", "--num-epochs", "1", "--learning-rate", "1e-5",
-                          "--num-sample-completions", "0"),
-                     trl("sft", f"{smol}/model", f"{smol}/sft", "--batch-size", "8", "--max-length", "256", "--learning-rate", "1e-5")),
-        "smol_dpo": ("DPO, SmolLM2-135M architecture, 32 chat-shaped pairs (prompt ~150 tokens, responses ~50), batch 8",
-                     ours("dpo.py", *smol_flags, "--dataset-name", f"{smol}/pairs", "--learning-rate", "1e-6", "--beta", "0.1"),
-                     trl("dpo", f"{smol}/model", f"{smol}/pairs", "--batch-size", "8", "--max-length", "256",
-                         "--learning-rate", "1e-6", "--beta", "0.1")),
+        "toy_sft": (
+            "SFT, toy model, 5,120 examples, batch 64",
+            ours(
+                "sft.py",
+                *toy_flags,
+                "--dataset-name",
+                f"{toy}/sft",
+                "--num-epochs",
+                "1",
+                "--learning-rate",
+                "3e-3",
+                "--num-sample-completions",
+                "0",
+            ),
+            trl("sft", f"{toy}/model", f"{toy}/sft", "--learning-rate", "3e-3"),
+        ),
+        "toy_reward": (
+            "reward model, toy model, 5,120 pairs, batch 64",
+            ours("reward_model.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "1e-3"),
+            trl("reward", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "1e-3"),
+        ),
+        "toy_dpo": (
+            "DPO, toy model, 5,120 pairs, batch 64",
+            ours("dpo.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1"),
+            trl("dpo", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1"),
+        ),
+        "toy_ppo": (
+            "PPO, toy model, 10 iterations of 256 episodes, 4 minibatches x 4 epochs (TRL 1.12)",
+            ours(
+                "ppo.py",
+                "--model-name",
+                f"{toy}/model",
+                "--reward-model-name",
+                f"{toy}/model",
+                "--dataset-name",
+                f"{toy}/prompts",
+                "--num-epochs",
+                "0.5",
+                "--batch-size",
+                "256",
+                "--num-minibatches",
+                "4",
+                "--num-ppo-epochs",
+                "4",
+                "--per-device-batch-size",
+                "64",
+                "--response-length",
+                "24",
+                "--max-length",
+                "64",
+                "--learning-rate",
+                "3e-4",
+                "--kl-coef",
+                "0.5",
+                "--eval-every",
+                "1000",
+                "--num-eval-prompts",
+                "8",
+                "--num-sample-completions",
+                "0",
+                "--generation-batch-size",
+                "256",
+                "--rollout-forward-batch-size",
+                "256",
+            ),
+            trl(
+                "ppo",
+                f"{toy}/model",
+                f"{toy}/prompts",
+                "--learning-rate",
+                "3e-4",
+                "--iterations",
+                "10",
+                "--rollout-batch-size",
+                "256",
+            ),
+        ),
+        "smol_sft": (
+            "SFT, SmolLM2-135M architecture, 64 chat-shaped examples (prompt ~150 tokens masked, completion ~50), batch 8",
+            ours(
+                "sft.py",
+                *smol_flags,
+                "--dataset-name",
+                f"{smol}/sft",
+                "--num-epochs",
+                "1",
+                "--learning-rate",
+                "1e-5",
+                "--num-sample-completions",
+                "0",
+            ),
+            trl(
+                "sft",
+                f"{smol}/model",
+                f"{smol}/sft",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "256",
+                "--learning-rate",
+                "1e-5",
+            ),
+        ),
+        "smol_dpo": (
+            "DPO, SmolLM2-135M architecture, 32 chat-shaped pairs (prompt ~150 tokens, responses ~50), batch 8",
+            ours("dpo.py", *smol_flags, "--dataset-name", f"{smol}/pairs", "--learning-rate", "1e-6", "--beta", "0.1"),
+            trl(
+                "dpo",
+                f"{smol}/model",
+                f"{smol}/pairs",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "256",
+                "--learning-rate",
+                "1e-6",
+                "--beta",
+                "0.1",
+            ),
+        ),
     }
 
 
 def timed(cmd, env, log):
     """(wall seconds, peak resident set in MiB) of one whole process; its output goes to `log`."""
     with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    text = open(log).read()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", *cmd], check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
+    with open(log) as f:
+        text = f.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
     h, m, s = ([0, 0] + re.search(r"Elapsed \(wall clock\) time.*: ([\d:.]+)", text).group(1).split(":"))[-3:]
@@ -88,13 +212,22 @@ if __name__ == "__main__":
         trl_env = {**env, "PYTHONPATH": trl112} if name.endswith("ppo") else env
         t_ours, m_ours = timed(ours, env, os.path.join(a.out, f"{name}.ours.log"))
         t_trl, m_trl = timed([a.trl_python, *trl], trl_env, os.path.join(a.out, f"{name}.trl.log"))
-        results[name] = {"workload": what, "ours_s": round(t_ours, 1), "trl_s": round(t_trl, 1), "ours_mib": round(m_ours),
-                         "trl_mib": round(m_trl), "time_ratio": round(t_ours / t_trl, 2), "memory_ratio": round(m_ours / m_trl, 2)}
+        results[name] = {
+            "workload": what,
+            "ours_s": round(t_ours, 1),
+            "trl_s": round(t_trl, 1),
+            "ours_mib": round(m_ours),
+            "trl_mib": round(m_trl),
+            "time_ratio": round(t_ours / t_trl, 2),
+            "memory_ratio": round(m_ours / m_trl, 2),
+        }
         print(json.dumps({name: results[name]}), flush=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "results": results}, f, indent=2)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; whole process, ours / TRL (lower is better)\n")
     print("| workload | wall ours / TRL | seconds ours vs TRL | peak memory ours vs TRL (MiB) |\n|---|---|---|---|")
     for r in results.values():
-        print(f"| {r['workload']} | **{r['time_ratio']:.2f}** | {r['ours_s']:.0f} vs {r['trl_s']:.0f} | "
-              f"{r['ours_mib']} vs {r['trl_mib']} ({r['memory_ratio']:.2f}) |")
+        print(
+            f"| {r['workload']} | **{r['time_ratio']:.2f}** | {r['ours_s']:.0f} vs {r['trl_s']:.0f} | "
+            f"{r['ours_mib']} vs {r['trl_mib']} ({r['memory_ratio']:.2f}) |"
+        )

@@ -3,13 +3,14 @@ our scripts, in TRL's own environment (see setup_trl.sh; never a requirement of 
     PY benchmark/trl_side.py {sft,reward,dpo,ppo} MODEL DATA --batch-size B --max-length L [--iterations N]
 sft/reward/dpo: one epoch over DATA/train.jsonl (TRL 1.16); ppo: N iterations of 256 episodes from DATA's
 prompts, 4 minibatches, 4 epochs, 24 response tokens (TRL 1.12, the last release with PPOTrainer)."""
+
 import argparse
 import os
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"], os.environ["WANDB_DISABLED"] = "1", "true"
-from datasets import load_dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("mode", choices=["sft", "reward", "dpo", "ppo"])
@@ -23,35 +24,83 @@ p.add_argument("--iterations", type=int, default=10)
 p.add_argument("--rollout-batch-size", type=int, default=64)
 a = p.parse_args()
 tok = AutoTokenizer.from_pretrained(a.model)
-common = dict(output_dir=tempfile.mkdtemp(), report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-              dataloader_num_workers=0, disable_tqdm=True, logging_steps=10, learning_rate=a.learning_rate,
-              gradient_checkpointing=False, seed=1)
+common = {
+    "output_dir": tempfile.mkdtemp(),
+    "report_to": [],
+    "save_strategy": "no",
+    "use_cpu": True,
+    "bf16": False,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+    "logging_steps": 10,
+    "learning_rate": a.learning_rate,
+    "gradient_checkpointing": False,
+    "seed": 1,
+}
 train = load_dataset("json", data_files=os.path.join(a.data, "train.jsonl"), split="train")
 if a.mode == "sft":
     from trl import SFTConfig, SFTTrainer  # prompt/completion rows: loss on the completion only (TRL's default)
-    args = SFTConfig(per_device_train_batch_size=a.batch_size, num_train_epochs=1, max_length=a.max_length, packing=False,
-                     lr_scheduler_type="cosine", **common)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(a.model), args=args, train_dataset=train, processing_class=tok)
+
+    args = SFTConfig(
+        per_device_train_batch_size=a.batch_size,
+        num_train_epochs=1,
+        max_length=a.max_length,
+        packing=False,
+        lr_scheduler_type="cosine",
+        **common,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(a.model), args=args, train_dataset=train, processing_class=tok
+    )
 elif a.mode == "dpo":
     from trl import DPOConfig, DPOTrainer
-    args = DPOConfig(per_device_train_batch_size=a.batch_size, num_train_epochs=1, beta=a.beta, max_length=a.max_length, **common)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(a.model), args=args, train_dataset=train, processing_class=tok)
+
+    args = DPOConfig(
+        per_device_train_batch_size=a.batch_size, num_train_epochs=1, beta=a.beta, max_length=a.max_length, **common
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(a.model), args=args, train_dataset=train, processing_class=tok
+    )
 elif a.mode == "reward":
     from trl import RewardConfig, RewardTrainer
+
     args = RewardConfig(per_device_train_batch_size=a.batch_size, num_train_epochs=1, max_length=a.max_length, **common)
-    trainer = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1), args=args,
-                            train_dataset=train, processing_class=tok)
+    trainer = RewardTrainer(
+        model=AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1),
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+    )
 else:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
     tok.padding_side = "left"
-    train = train.select(range(256 * a.iterations)).map(lambda ex: {"input_ids": tok(ex["prompt"]).input_ids},
-                                                        remove_columns=["prompt"])
-    args = PPOConfig(per_device_train_batch_size=64, gradient_accumulation_steps=1, num_mini_batches=4, num_ppo_epochs=4,
-                     total_episodes=256 * a.iterations, response_length=24, stop_token="eos", temperature=1.0,
-                     num_sample_generations=0, local_rollout_forward_batch_size=a.rollout_batch_size, kl_coef=0.5,
-                     missing_eos_penalty=1.0, **common)
-    load = lambda cls, **kw: cls.from_pretrained(a.model, **kw)  # noqa: E731
-    trainer = PPOTrainer(args=args, processing_class=tok, model=load(AutoModelForCausalLM), ref_model=load(AutoModelForCausalLM),
-                         reward_model=load(AutoModelForSequenceClassification, num_labels=1),
-                         value_model=load(AutoModelForSequenceClassification, num_labels=1), train_dataset=train)
+    train = train.select(range(256 * a.iterations)).map(
+        lambda ex: {"input_ids": tok(ex["prompt"]).input_ids}, remove_columns=["prompt"]
+    )
+    args = PPOConfig(
+        per_device_train_batch_size=64,
+        gradient_accumulation_steps=1,
+        num_mini_batches=4,
+        num_ppo_epochs=4,
+        total_episodes=256 * a.iterations,
+        response_length=24,
+        stop_token="eos",
+        temperature=1.0,
+        num_sample_generations=0,
+        local_rollout_forward_batch_size=a.rollout_batch_size,
+        kl_coef=0.5,
+        missing_eos_penalty=1.0,
+        **common,
+    )
+    load = lambda cls, **kw: cls.from_pretrained(a.model, **kw)
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=load(AutoModelForCausalLM),
+        ref_model=load(AutoModelForCausalLM),
+        reward_model=load(AutoModelForSequenceClassification, num_labels=1),
+        value_model=load(AutoModelForSequenceClassification, num_labels=1),
+        train_dataset=train,
+    )
 trainer.train()

@@ -12,49 +12,87 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = ["red", "green", "blue", "a deep shade of purple", "yellow", "orange", "black", "white"]
 CONVERSATIONS = [  # two assistant turns each: every one must carry loss
-    [{"role": "user", "content": f"Name a colour number {i}."}, {"role": "assistant", "content": c},
-     {"role": "user", "content": "And another one?"}, {"role": "assistant", "content": COLOURS[(i + 3) % 8]}]
+    [
+        {"role": "user", "content": f"Name a colour number {i}."},
+        {"role": "assistant", "content": c},
+        {"role": "user", "content": "And another one?"},
+        {"role": "assistant", "content": COLOURS[(i + 3) % 8]},
+    ]
     for i, c in enumerate(COLOURS * 4)
 ]
 # Offline stand-ins of three chat-template families. In each, an assistant turn ends with a token that
 # is not the tokenizer's EOS, as in the real models' instruct templates with their base tokenizers.
 FAMILIES = {
-    "chatml": dict(  # Qwen2.5, SmolLM2: <|im_end|> ends a turn; the EOS is another token; no BOS in the template
-        bos="<s>", eos="</s>", end_of_turn="<|im_end|>", extra=["<|im_start|>"],
-        template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-    "llama3": dict(  # Llama 3: <|eot_id|> ends a turn, <|end_of_text|> is the EOS; the model declares both as stop ids
-        bos="<|begin_of_text|>", eos="<|end_of_text|>", end_of_turn="<|eot_id|>",
-        extra=["<|start_header_id|>", "<|end_header_id|>"], stop_ids_declared=True,
-        template="{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                 "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
-    "gemma": dict(  # Gemma: <end_of_turn> then a newline; the assistant is called "model"; EOS <eos>; has a PAD
-        bos="<bos>", eos="<eos>", end_of_turn="<end_of_turn>", extra=["<start_of_turn>", "<pad>"], pad="<pad>",
-        stop_ids_declared=True,
-        template="{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
-                 "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    "chatml": {  # Qwen2.5, SmolLM2: <|im_end|> ends a turn; the EOS is another token; no BOS in the template
+        "bos": "<s>",
+        "eos": "</s>",
+        "end_of_turn": "<|im_end|>",
+        "extra": ["<|im_start|>"],
+        "template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    },
+    "llama3": {  # Llama 3: <|eot_id|> ends a turn, <|end_of_text|> is the EOS; the model declares both as stop ids
+        "bos": "<|begin_of_text|>",
+        "eos": "<|end_of_text|>",
+        "end_of_turn": "<|eot_id|>",
+        "extra": ["<|start_header_id|>", "<|end_header_id|>"],
+        "stop_ids_declared": True,
+        "template": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    },
+    "gemma": {  # Gemma: <end_of_turn> then a newline; the assistant is called "model"; EOS <eos>; has a PAD
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "end_of_turn": "<end_of_turn>",
+        "extra": ["<start_of_turn>", "<pad>"],
+        "pad": "<pad>",
+        "stop_ids_declared": True,
+        "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+        "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    },
 }
 
 # Templates that only the fast tokenization tests use (the script tests and `chat_models` run over FAMILIES).
 # Qwen3 writes an empty think block before the content of the assistant turns after the last user message:
 # the last turn renders differently from the same turn followed by more. TRL's training templates mark the
 # assistant spans with {% generation %}: here around the content (the Qwen3 one) or the content and <|im_end|>.
-_LAST_USER = ("{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
-              "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}")
-_QWEN3_TURN = ("<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}"
-               "<think>\n\n</think>\n\n{% endif %}")
+_LAST_USER = (
+    "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+)
+_QWEN3_TURN = (
+    "<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+    "<think>\n\n</think>\n\n{% endif %}"
+)
 _GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-ALL_FAMILIES = dict(FAMILIES, **{
-    "qwen3": dict(FAMILIES["chatml"], think="<think>\n\n</think>\n\n", template=_LAST_USER + "{% for m in messages %}"
-                  + _QWEN3_TURN + "{{ m['content'] }}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT),
-    "qwen3_generation": dict(FAMILIES["chatml"], think="<think>\n\n</think>\n\n", template=_LAST_USER + "{% for m in messages %}"
-                             + _QWEN3_TURN + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
-                             "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT),
-    "chatml_generation": dict(FAMILIES["chatml"], template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                              "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-                              "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}" + _GENERATION_PROMPT),
-})
+ALL_FAMILIES = dict(
+    FAMILIES,
+    qwen3=dict(
+        FAMILIES["chatml"],
+        think="<think>\n\n</think>\n\n",
+        template=_LAST_USER
+        + "{% for m in messages %}"
+        + _QWEN3_TURN
+        + "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        + _GENERATION_PROMPT,
+    ),
+    qwen3_generation=dict(
+        FAMILIES["chatml"],
+        think="<think>\n\n</think>\n\n",
+        template=_LAST_USER
+        + "{% for m in messages %}"
+        + _QWEN3_TURN
+        + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT,
+    ),
+    chatml_generation=dict(
+        FAMILIES["chatml"],
+        template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+        "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}" + _GENERATION_PROMPT,
+    ),
+)
 
 
 def make_chat_tokenizer(family="chatml", pad_token=None):
@@ -69,11 +107,17 @@ def make_chat_tokenizer(family="chatml", pad_token=None):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [m["content"] for conv in CONVERSATIONS for m in conv] + ["user assistant model system the plot was dull"] * 3
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [m["content"] for conv in CONVERSATIONS for m in conv] + [
+        "user assistant model system the plot was dull"
+    ] * 3
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{f['bos']} $A", special_tokens=[(f["bos"], 0)])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f["bos"], eos_token=f["eos"], pad_token=f.get("pad", pad_token))
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=f["bos"], eos_token=f["eos"], pad_token=f.get("pad", pad_token)
+    )
     out.chat_template = f["template"]
     return out
 
@@ -85,13 +129,22 @@ def make_bpe_tokenizer(pad_token=None):
 
 def make_llama(vocab_size, path=None, eos_token_id=1):
     """A tiny random Llama; `eos_token_id` (an int or a list) is what its config and generation config declare."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = eos_token_id
     if path:
@@ -135,11 +188,17 @@ def chat_data(tmp_path_factory):
     """Hub-style folders (train.jsonl, test.jsonl) of conversational data, in TRL's formats:
     sft (messages), preference (prompt, chosen, rejected as message lists) and prompt (prompt messages)."""
     root = tmp_path_factory.mktemp("chat_folders")
-    prefs = [{"prompt": c[:3], "chosen": [c[3]], "rejected": [{"role": "assistant", "content": "a deep shade of purple"}]}
-             for c in CONVERSATIONS if c[3]["content"] != "a deep shade of purple"]
+    prefs = [
+        {"prompt": c[:3], "chosen": [c[3]], "rejected": [{"role": "assistant", "content": "a deep shade of purple"}]}
+        for c in CONVERSATIONS
+        if c[3]["content"] != "a deep shade of purple"
+    ]
     out = {}
-    for kind, rows in (("sft", [{"messages": c} for c in CONVERSATIONS]), ("preference", prefs),
-                       ("prompt", [{"prompt": c[:3]} for c in CONVERSATIONS])):
+    for kind, rows in (
+        ("sft", [{"messages": c} for c in CONVERSATIONS]),
+        ("preference", prefs),
+        ("prompt", [{"prompt": c[:3]} for c in CONVERSATIONS]),
+    ):
         (root / kind).mkdir()
         write_jsonl(root / kind / "train.jsonl", rows[4:])
         write_jsonl(root / kind / "test.jsonl", rows[:4])
@@ -162,8 +221,9 @@ def markov_llama(path, noise=0.0, seed=0):
     import math
 
     import torch
-    import toy_task
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import toy_task
 
     toy_task.save_base_model(path)  # tokenizer: PAD, EOS, UNK, then the words
     task, V = toy_task.TASK, len(toy_task.WORDS)
@@ -171,9 +231,19 @@ def markov_llama(path, noise=0.0, seed=0):
     rng = np.random.default_rng(seed)
     log_trans = np.log(task.trans) + noise * rng.normal(size=task.trans.shape)
     log_trans -= np.log(np.exp(log_trans).sum(1, keepdims=True))
-    config = LlamaConfig(vocab_size=H, hidden_size=D, intermediate_size=4, num_hidden_layers=0, num_attention_heads=1,
-                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                         rms_norm_eps=1e-6)
+    config = LlamaConfig(
+        vocab_size=H,
+        hidden_size=D,
+        intermediate_size=4,
+        num_hidden_layers=0,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        rms_norm_eps=1e-6,
+    )
     model = LlamaForCausalLM(config)
     logits = np.full((H, H), -30.0)  # rows: next token; columns: current token; PAD and UNK never likely
     logits[3:, 3:] = log_trans[:, :V].T
@@ -211,10 +281,14 @@ def assert_same_weights(dir_a, dir_b, start_dir):
     assert moved > len(a) // 2  # training moved the weights
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def result_of(run_dir):
     """The `result` a script wrote to training_args.json in its output folder."""
-    with open(os.path.join(run_dir, "training_args.json")) as f:
-        return json.load(f)["result"]
+    return read_json(os.path.join(run_dir, "training_args.json"))["result"]
 
 
 def toy_data_file(path, kind, n, seed=0):
@@ -226,11 +300,14 @@ def toy_data_file(path, kind, n, seed=0):
 
 def run_script(args, timeout=300, torchrun=0):
     """Run a script of the project through its real command line; returns stdout, fails on error."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]
-                              if torchrun else []) + args
+    cmd = (
+        [sys.executable]
+        + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"] if torchrun else [])
+        + args
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if torchrun:
         env["OMP_NUM_THREADS"] = "1"  # one thread per process on a 2-core machine
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout

@@ -6,10 +6,18 @@ import json
 import datasets
 import pytest
 import torch
+from conftest import (
+    ALL_FAMILIES,
+    CONVERSATIONS,
+    FAMILIES,
+    make_bpe_tokenizer,
+    make_chat_tokenizer,
+    make_llama,
+    save_chat_model,
+)
 
 import common
 import toy_task
-from conftest import ALL_FAMILIES, CONVERSATIONS, FAMILIES, make_bpe_tokenizer, make_chat_tokenizer, make_llama, save_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +36,7 @@ def test_sft_mask_covers_completion_and_one_eos(toy_tok):
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the acting was wonderful") + [eos]
     assert examples[0]["labels"] == [-100, -100, -100] + word_ids(toy_tok, "wonderful") + [eos]
     assert examples[1]["labels"] == [-100, -100, eos]  # the empty response is just its EOS
-    assert stats == {"truncated": 0, "dropped": 0, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 2}
+    assert stats == {"truncated": 0, "dropped": 0, "start_token_added": 0, "prompt_not_prefix": 0, "total": 2}
     with_prompt, _ = common.tokenize_sft(toy_tok, ds, max_length=64, train_on_prompt=True)
     assert with_prompt[0]["labels"] == with_prompt[0]["input_ids"]
     # a completion that already ends with the EOS text still gets exactly one EOS
@@ -37,11 +45,15 @@ def test_sft_mask_covers_completion_and_one_eos(toy_tok):
 
 
 def test_truncation_is_counted(toy_tok):
-    ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the plot was very dull", "a"],
-                                     "completion": [" was dull and the cast weak", "", " film"]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "prompt": ["the plot", "the plot was very dull", "a"],
+            "completion": [" was dull and the cast weak", "", " film"],
+        }
+    )
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5)
     # 2 + 6 + 1 = 9 tokens -> completion cut to 3 tokens, no EOS; 5-word prompt leaves no room -> dropped
-    assert stats == {"truncated": 1, "dropped": 1, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 3}
+    assert stats == {"truncated": 1, "dropped": 1, "start_token_added": 0, "prompt_not_prefix": 0, "total": 3}
     assert examples[0]["input_ids"] == word_ids(toy_tok, "the plot was dull and")
     assert examples[0]["labels"] == [-100, -100] + word_ids(toy_tok, "was dull and")
     assert examples[1]["input_ids"] == word_ids(toy_tok, "a film") + [toy_tok.eos_token_id]
@@ -49,7 +61,7 @@ def test_truncation_is_counted(toy_tok):
         common.tokenize_sft(toy_tok, ds.select([1]), max_length=5)
     # keep_end: the oldest prompt tokens go instead, the completion and its EOS stay (no BOS in this tokenizer)
     examples, stats = common.tokenize_sft(toy_tok, ds, max_length=5, truncation_mode="keep_end")
-    assert stats == {"truncated": 2, "dropped": 0, "dropped_empty_prompt": 0, "prompt_not_prefix": 0, "total": 3}
+    assert stats == {"truncated": 2, "dropped": 0, "start_token_added": 0, "prompt_not_prefix": 0, "total": 3}
     assert examples[0]["input_ids"] == word_ids(toy_tok, "and the cast weak") + [toy_tok.eos_token_id]
     assert examples[1]["input_ids"] == word_ids(toy_tok, "plot was very dull") + [toy_tok.eos_token_id]  # 6 tokens -> 5
     assert examples[1]["labels"] == [-100, -100, -100, -100, toy_tok.eos_token_id]
@@ -75,15 +87,17 @@ def test_tokenizer_without_pad_gets_one(tmp_path):
     assert loaded.pad_token == common.ADDED_PAD_TOKEN and loaded.pad_token_id not in (None, loaded.eos_token_id)
     twin = copy.deepcopy(model)  # a reference model loaded beside the policy, or the same model on another rank
     torch.manual_seed(1)
-    common.resize_embeddings(model, loaded)
+    common.fit_model(model, loaded)
     torch.manual_seed(2)
-    common.resize_embeddings(twin, loaded)
+    common.fit_model(twin, loaded)
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == len(loaded) == len(tok) + 1
     assert model.config.pad_token_id == loaded.pad_token_id
     # the new row is the mean of the old rows whatever the random state, so both copies agree
     torch.testing.assert_close(emb[-1], emb[:-1].mean(0))
-    torch.testing.assert_close(model.get_output_embeddings().weight[-1], model.get_output_embeddings().weight[:-1].mean(0))
+    torch.testing.assert_close(
+        model.get_output_embeddings().weight[-1], model.get_output_embeddings().weight[:-1].mean(0)
+    )
     assert torch.equal(emb, twin.get_input_embeddings().weight)
 
 
@@ -94,7 +108,9 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
     make_llama(len(tok), str(tmp_path))
     loaded = common.load_tokenizer(str(tmp_path))
     assert loaded.pad_token_id != loaded.eos_token_id
-    ds = datasets.Dataset.from_dict({"prompt": ["Name a colour.", "Name"], "completion": [" red", " a deep shade of purple"]})
+    ds = datasets.Dataset.from_dict(
+        {"prompt": ["Name a colour.", "Name"], "completion": [" red", " a deep shade of purple"]}
+    )
     examples, _ = common.tokenize_sft(loaded, ds, 64)
     batch = common.collate_sft(examples, loaded.pad_token_id)
     for row, e in enumerate(examples):
@@ -109,7 +125,9 @@ def test_pad_equal_to_eos_never_masks_the_real_eos(tmp_path):
     tok.save_pretrained(tmp_path / "eot_pad")
     make_llama(len(tok), str(tmp_path / "eot_pad"))
     loaded = common.load_tokenizer(str(tmp_path / "eot_pad"))
-    assert loaded.pad_token == common.ADDED_PAD_TOKEN and common.end_of_turn_id(loaded) == tok.convert_tokens_to_ids("<|im_end|>")
+    assert loaded.pad_token == common.ADDED_PAD_TOKEN and common.end_of_turn_id(loaded) == tok.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
 
 
 def labelled_runs(labels):
@@ -141,7 +159,7 @@ def test_conversations_are_the_templates_own_ids(family):
         whole = tok.apply_chat_template(conv, tokenize=True)["input_ids"]
         ids = ex["input_ids"]
         assert ids == whole[: len(ids)] and ids[-1] == eot
-        assert tok.decode(whole[len(ids):]).strip() == ""  # only the template's trailing newline is left out
+        assert tok.decode(whole[len(ids) :]).strip() == ""  # only the template's trailing newline is left out
         assert tok.eos_token_id not in ids
         replies = [conv[1]["content"] + eot_text, think + conv[3]["content"] + eot_text]
         assert [tok.decode(run) for run in labelled_runs(ex["labels"])] == replies
@@ -159,8 +177,10 @@ def test_pairs_and_prompts_are_rendered_the_same_way(family):
     tok = make_chat_tokenizer(family)
     eot_text, think = ALL_FAMILIES[family]["end_of_turn"], ALL_FAMILIES[family].get("think", "")
     conv = CONVERSATIONS[5]
-    rows = [{"prompt": conv[:3], "chosen": [conv[3]], "rejected": [{"role": "assistant", "content": "blue"}]},
-            {"prompt": conv[:3], "chosen": conv[3]["content"], "rejected": "blue"}]  # responses as strings
+    rows = [
+        {"prompt": conv[:3], "chosen": [conv[3]], "rejected": [{"role": "assistant", "content": "blue"}]},
+        {"prompt": conv[:3], "chosen": conv[3]["content"], "rejected": "blue"},
+    ]  # responses as strings
     pairs = [common.tokenize_preferences(tok, datasets.Dataset.from_list([row]), 200)[0][0] for row in rows]
     prompt = tok.apply_chat_template(conv[:3], add_generation_prompt=True, tokenize=True)["input_ids"]
     for pair in pairs:
@@ -182,7 +202,7 @@ def test_stop_ids_keep_every_declared_end_token(family, tmp_path):
     eos, eot = tok.eos_token_id, common.end_of_turn_id(tok)
     assert common.stop_token_ids(tok) == [eos, eot]
     model = make_llama(len(tok) + 5, eos_token_id=[7, eos])  # a model declaring another stop id too
-    common.resize_embeddings(model, tok)
+    common.fit_model(model, tok)
     assert sorted(model.generation_config.eos_token_id) == sorted({7, eos, eot})  # the list was kept, extended
     assert tok.pad_token_id not in model.generation_config.eos_token_id
 
@@ -192,25 +212,47 @@ def test_unlocatable_turns_are_counted_not_raised(capsys):
     more than 2 messages. The rendering up to a turn's generation prompt is then no prefix of the whole
     where one has the line and the other not; that turn is found nowhere, counted, and carries no loss."""
     tok = make_chat_tokenizer("chatml")
-    tok.chat_template = "{% if messages|length > 2 %}<|im_start|>system\nlong<|im_end|>\n{% endif %}" + FAMILIES["chatml"]["template"]
+    tok.chat_template = (
+        "{% if messages|length > 2 %}<|im_start|>system\nlong<|im_end|>\n{% endif %}" + FAMILIES["chatml"]["template"]
+    )
     four, two = CONVERSATIONS[0], CONVERSATIONS[1][:2]  # the first turn of `four` (1 message before it) is not found
     three = [{"role": "system", "content": "Be brief."}] + two  # its one turn (2 messages before it) is not found
-    examples, stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": c} for c in (four, three, two)]), 200)
+    examples, stats = common.tokenize_sft(
+        tok, datasets.Dataset.from_list([{"messages": c} for c in (four, three, two)]), 200
+    )
     assert stats == {"truncated": 0, "dropped": 1, "unlocated_turns": 2, "prompt_not_prefix": 2, "total": 3}
     assert [[tok.decode(r) for r in labelled_runs(ex["labels"])] for ex in examples] == [
-        [four[3]["content"] + "<|im_end|>"], [two[1]["content"] + "<|im_end|>"]]
-    assert examples[0]["input_ids"] == tok.apply_chat_template(four, tokenize=True)["input_ids"][:-1]  # all but the last "\n"
+        [four[3]["content"] + "<|im_end|>"],
+        [two[1]["content"] + "<|im_end|>"],
+    ]
+    assert (
+        examples[0]["input_ids"] == tok.apply_chat_template(four, tokenize=True)["input_ids"][:-1]
+    )  # all but the last "\n"
     common.report("train data", stats)
     assert "2 assistant turns were not found" in capsys.readouterr().out
     with pytest.raises(ValueError, match="chat template"):
         common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": three}]), 200)
     # replies rendered with a ">" only in conversations of more than 3 messages: the rendering up to the second
     # turn diverges at the first reply, whose span (holding the same text) must not be taken for the second's
-    tok.chat_template = FAMILIES["chatml"]["template"].replace("{{ m['content'] }}", "{{ '>' if messages|length > 3 and "
-                                                               "m['role'] == 'assistant' else '' }}{{ m['content'] }}")
+    tok.chat_template = FAMILIES["chatml"]["template"].replace(
+        "{{ m['content'] }}", "{{ '>' if messages|length > 3 and m['role'] == 'assistant' else '' }}{{ m['content'] }}"
+    )
     yes = [{"role": "user", "content": "Red?"}, {"role": "assistant", "content": "yes"}] * 2
     [ex], stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": yes}]), 200)
     assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [">yes<|im_end|>"] and stats["unlocated_turns"] == 1
+    # a system line "long" only in conversations of more than 2 messages, and a first reply "long": the system
+    # span holds the reply's text, yet it lies before the end of the turn's history, so it is never labelled
+    tok.chat_template = (
+        "{% if messages|length > 2 %}<|im_start|>system\nlong<|im_end|>\n{% endif %}" + FAMILIES["chatml"]["template"]
+    )
+    conv = [
+        {"role": "user", "content": "Name one."},
+        {"role": "assistant", "content": "long"},
+        {"role": "user", "content": "And another?"},
+        {"role": "assistant", "content": "short"},
+    ]
+    [ex], stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": conv}]), 200)
+    assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == ["short<|im_end|>"] and stats["unlocated_turns"] == 1
 
 
 def test_generation_markers_are_used():
@@ -218,35 +260,43 @@ def test_generation_markers_are_used():
     end-of-turn once, whether the markers hold it or not), even where locating the turn would differ:
     the Qwen3 variant marks the reply without its think block."""
     conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]
-    for family, labelled in (("qwen3_generation", "red<|im_end|>"), ("chatml_generation", "red<|im_end|>"),
-                             ("qwen3", "<think>\n\n</think>\n\nred<|im_end|>")):  # unmarked: the think block too
+    for family, labelled in (
+        ("qwen3_generation", "red<|im_end|>"),
+        ("chatml_generation", "red<|im_end|>"),
+        ("qwen3", "<think>\n\n</think>\n\nred<|im_end|>"),
+    ):  # unmarked: the think block too
         tok = make_chat_tokenizer(family)
         [ex], _ = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": conv}]), 200)
-        assert ex["input_ids"] == tok.apply_chat_template(conv, tokenize=True)["input_ids"][:-1]  # all but the last "\n"
+        assert (
+            ex["input_ids"] == tok.apply_chat_template(conv, tokenize=True)["input_ids"][:-1]
+        )  # all but the last "\n"
         assert [tok.decode(r) for r in labelled_runs(ex["labels"])] == [labelled]
 
 
-def test_empty_prompts_are_dropped(toy_tok):
-    """Without a BOS an empty prompt has no token, so nothing predicts the response's first token: dropped
-    and counted everywhere; with a BOS the prompt is that BOS and stays."""
-    pairs = datasets.Dataset.from_dict({"prompt": ["", "the plot"], "chosen": [" was great"] * 2, "rejected": [" was dull"] * 2})
+def test_empty_prompts_get_a_start_token(toy_tok):
+    """Without a BOS an empty prompt has no token, so nothing would predict the response's first token: it
+    gets the EOS as a start token (counted) everywhere; with a BOS the prompt is that BOS."""
+    eos = toy_tok.eos_token_id
+    pairs = datasets.Dataset.from_dict(
+        {"prompt": ["", "the plot"], "chosen": [" was great"] * 2, "rejected": [" was dull"] * 2}
+    )
     out, stats = common.tokenize_preferences(toy_tok, pairs, 64)
-    assert [p["prompt"] for p in out] == [word_ids(toy_tok, "the plot")] and stats["dropped_empty_prompt"] == 1
+    assert [p["prompt"] for p in out] == [[eos], word_ids(toy_tok, "the plot")] and stats["start_token_added"] == 1
+    assert out[0]["chosen"] == word_ids(toy_tok, "was great") + [eos]
     sft = datasets.Dataset.from_dict({"prompt": ["", "a"], "completion": [" film"] * 2})
     out, stats = common.tokenize_sft(toy_tok, sft, 64)
-    assert [e["input_ids"] for e in out] == [word_ids(toy_tok, "a film") + [toy_tok.eos_token_id]]
-    assert stats["dropped_empty_prompt"] == 1
+    assert [e["input_ids"] for e in out] == [
+        [eos, toy_tok.convert_tokens_to_ids("film"), eos],
+        word_ids(toy_tok, "a film") + [eos],
+    ]
+    assert out[0]["labels"] == [-100, toy_tok.convert_tokens_to_ids("film"), eos] and stats["start_token_added"] == 1
     out, stats = common.tokenize_prompts(toy_tok, datasets.Dataset.from_dict({"prompt": ["", "a"]}), 64)
-    assert out == [word_ids(toy_tok, "a")] and stats["dropped_empty_prompt"] == 1 and stats["dropped_too_long"] == 0
-    for tokenize, ds in ((common.tokenize_preferences, pairs.select([0])), (common.tokenize_sft, sft.select([0]))):
-        with pytest.raises(ValueError, match="give each example a prompt, or use a tokenizer that adds a BOS"):
-            tokenize(toy_tok, ds, 64)
+    assert out == [[eos], word_ids(toy_tok, "a")] and stats["dropped_too_long"] == 0
     bos_tok = make_bpe_tokenizer()
-    [pair], stats = common.tokenize_preferences(bos_tok, datasets.Dataset.from_dict(
-        {"prompt": [""], "chosen": [" red"], "rejected": [" blue"]}), 64)
-    assert pair["prompt"] == [0] and stats["dropped_empty_prompt"] == 0  # BOS is id 0
-    [ex], stats = common.tokenize_sft(bos_tok, datasets.Dataset.from_dict({"prompt": [""], "completion": [" red"]}), 64)
-    assert ex["input_ids"][0] == 0 and ex["labels"][0] == -100 and stats["dropped_empty_prompt"] == 0
+    [pair], stats = common.tokenize_preferences(
+        bos_tok, datasets.Dataset.from_dict({"prompt": [""], "chosen": [" red"], "rejected": [" blue"]}), 64
+    )
+    assert pair["prompt"] == [0] and stats["start_token_added"] == 0  # the tokenizer's own BOS (id 0)
 
 
 def test_plain_text_is_tokenized_as_one_string():
@@ -258,10 +308,14 @@ def test_plain_text_is_tokenized_as_one_string():
     sp = Tokenizer(models.BPE(unk_token="<unk>"))
     sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    sp.train_from_iterator(["the plot was dull", "the plot thickens"] * 20,
-                           trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    sp.train_from_iterator(
+        ["the plot was dull", "the plot thickens"] * 20,
+        trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]),
+    )
     sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
     ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the pl"], "completion": [" was dull", "ot thickens"]})
     examples, stats = common.tokenize_sft(tok, ds, 64)
     for ex, p, c in zip(examples, ds["prompt"], ds["completion"]):
@@ -271,7 +325,11 @@ def test_plain_text_is_tokenized_as_one_string():
     # "the pl" + "ot" merge into "▁plot": the prompt's own ids are not a prefix, so the split is at the common
     # prefix (<s> ▁the) and the example is counted
     assert tok.convert_ids_to_tokens([x for x in examples[1]["labels"] if x != -100]) == ["▁plot", "▁thickens", "</s>"]
-    assert stats["prompt_not_prefix"] == 1 and tok.convert_ids_to_tokens(examples[0]["input_ids"][:3]) == ["<s>", "▁the", "▁plot"]
+    assert stats["prompt_not_prefix"] == 1 and tok.convert_ids_to_tokens(examples[0]["input_ids"][:3]) == [
+        "<s>",
+        "▁the",
+        "▁plot",
+    ]
 
 
 def test_keep_end_keeps_the_bos_and_drops_the_oldest_prompt_tokens():
@@ -303,8 +361,8 @@ def test_local_files_and_splits(tmp_path):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(40)]
     f = tmp_path / "one.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train, evals = common.load_splits(str(f), "sft", eval_fraction=0.1)
-    assert len(train) == 36 and len(evals) == 4 and not set(train["prompt"]) & set(evals["prompt"])
+    train, evals = common.load_splits(str(f), "sft")  # 5% held out
+    assert len(train) == 38 and len(evals) == 2 and not set(train["prompt"]) & set(evals["prompt"])
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
@@ -313,15 +371,20 @@ def test_local_files_and_splits(tmp_path):
     assert len(train) == 30 and evals["prompt"] == [f"p{i}" for i in range(30, 40)]
 
 
-@pytest.mark.parametrize("content", ["", "\n\n", "[]"])
-def test_empty_data_file_is_a_clear_error(tmp_path, content):
-    path = tmp_path / ("data.json" if content == "[]" else "data.jsonl")
-    path.write_text(content)
-    with pytest.raises(ValueError, match=f"{path} is empty.*--dataset-name"):
-        common.load_splits(str(path), "sft")
+@pytest.mark.parametrize(
+    "name,content", [("a.jsonl", ""), ("a.jsonl", "\n\n"), ("a.json", "[]"), ("a.csv", ""), ("a.parquet", None)]
+)
+def test_empty_data_file_is_a_clear_error(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:  # a parquet file with the columns and no row
+        datasets.Dataset.from_dict({"prompt": [], "completion": []}).to_parquet(str(path))
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=f"--reference-dataset-name {path} holds no rows"):
+        common.load_splits(str(path), "sft", flag="--reference-dataset-name")
     (tmp_path / "folder").mkdir()
-    (tmp_path / "folder" / "train.jsonl").write_text(content)
-    with pytest.raises(ValueError, match="folder is empty.*--dataset-name"):
+    (tmp_path / "folder" / ("train" + path.suffix)).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="--dataset-name .*folder holds no rows"):
         common.load_splits(str(tmp_path / "folder"), "sft")
 
 
@@ -337,18 +400,31 @@ def test_model_paths_that_hold_no_model_fail_in_one_line(tmp_path, monkeypatch):
     make_bpe_tokenizer().save_pretrained(tmp_path / "tokenizer_only")
     make_llama(10, str(tmp_path / "model_only"))
     for name in ("empty", "tokenizer_only", "model_only"):
-        with pytest.raises(SystemExit, match=f"^{name} holds no Hugging Face model and tokenizer.*save_pretrained wrote"):
+        with pytest.raises(
+            SystemExit, match=f"^{name} holds no Hugging Face model and tokenizer.*save_pretrained wrote"
+        ):
             common.load_tokenizer(name)
     # the folder save_chat_model writes, as save_pretrained does, loads
     assert common.load_tokenizer(save_chat_model(str(tmp_path / "model"), "chatml")).eos_token == "</s>"
 
+
 def test_preferences_drop_ties_and_long_pairs(toy_tok):
-    ds = datasets.Dataset.from_dict({"prompt": ["the plot", "the plot", "a"],
-                                     "chosen": [" was great", " was dull", " film was very very great"],
-                                     "rejected": [" was dull", " was dull", " film"]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "prompt": ["the plot", "the plot", "a"],
+            "chosen": [" was great", " was dull", " film was very very great"],
+            "rejected": [" was dull", " was dull", " film"],
+        }
+    )
     pairs, stats = common.tokenize_preferences(toy_tok, ds, max_length=5)
-    assert stats == {"dropped_too_long": 1, "dropped_ties": 1, "dropped_empty_prompt": 0, "truncated_prompt": 0,
-                     "prompt_not_prefix": 0, "total": 3}
+    assert stats == {
+        "dropped_too_long": 1,
+        "dropped_ties": 1,
+        "start_token_added": 0,
+        "truncated_prompt": 0,
+        "prompt_not_prefix": 0,
+        "total": 3,
+    }
     assert pairs[0]["chosen"] == word_ids(toy_tok, "was great") + [toy_tok.eos_token_id]
 
 
@@ -376,25 +452,34 @@ def test_group_by_length_keeps_the_batch_and_balances_ranks():
     assert sorted(common.group_by_length([3, 5, 0], lengths, 3, 1)) == [0, 3, 5]
 
 
-def test_sampling_ignores_the_checkpoints_generation_config():
-    """common.generate samples softmax(logits / T) itself, whatever the checkpoint's generation_config asks
-    (transformers 5 fills every unset field from it): the same seed gives the same samples as a model with a
-    blank config, while plain generate with the polluted config would sample otherwise; the model keeps its
-    own config."""
+def test_sampling_is_plain_softmax_whatever_the_generation_config(monkeypatch):
+    """common.generate draws each token from exactly softmax(logits / T) with PAD excluded (the distribution PPO
+    trains on): the probabilities handed to torch.multinomial are checked against the model's logits, with a
+    checkpoint generation_config asking for top-k, min-p, repetition penalties, banned words (transformers 5
+    fills every unset field from it), which the model keeps."""
     tok, model = common.load_tokenizer("toy"), toy_task.make_base_model(0).eval()
-    batch = common.collate_prompts(common.encode_prompts(tok, ["the plot", "a film was", "the cast"] * 4, False), tok.pad_token_id)
-
-    def draw(fn):
-        torch.manual_seed(0)
-        return fn(model, batch["input_ids"], batch["attention_mask"], tok, 24, 0.7)
-
-    clean = draw(common.generate)
-    assert (clean == tok.eos_token_id).any()  # some rows stop early: the comparison covers stopping too
-    polluted = dict(no_repeat_ngram_size=1, min_p=0.2, typical_p=0.5, bad_words_ids=[[5]], min_length=20, top_k=5,
-                    repetition_penalty=2.0, epsilon_cutoff=0.01)
-    model.generation_config.update(**polluted)
-    assert torch.equal(draw(common.generate), clean)
-    assert model.generation_config.no_repeat_ngram_size == 1  # given back
-    plain = draw(lambda m, ids, mask, t, n, temp: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=True,
-                                                              temperature=temp, pad_token_id=t.pad_token_id)[:, ids.shape[1]:])
-    assert plain.shape != clean.shape or not torch.equal(plain, clean)
+    model.generation_config.update(
+        no_repeat_ngram_size=1,
+        min_p=0.2,
+        typical_p=0.5,
+        bad_words_ids=[[5]],
+        min_length=20,
+        top_k=5,
+        top_p=0.5,
+        repetition_penalty=2.0,
+        epsilon_cutoff=0.01,
+    )
+    batch = common.collate_prompts(common.encode_prompts(tok, ["the plot", "a film was", "the cast"], False), 0)
+    drawn, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: drawn.append(probs) or multinomial(probs, *a, **k))
+    out = common.generate(model, batch["input_ids"], batch["attention_mask"], tok, 3, temperature=0.7)
+    assert model.generation_config.top_k == 5 and len(drawn) == out.shape[1] == 3
+    ids = torch.cat([batch["input_ids"], out], 1)
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(out)], 1)
+        ).logits
+    for t, probs in enumerate(drawn):  # step t samples the token at column P + t from the logits at P + t − 1
+        want = (logits[:, batch["input_ids"].shape[1] - 1 + t] / 0.7).softmax(-1)
+        want[:, tok.pad_token_id] = 0
+        torch.testing.assert_close(probs, want / want.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)

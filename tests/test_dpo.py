@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_weights, read_json, result_of, run_script, toy_data_file
 from safetensors.torch import load_file
 
 import toy_task
-from conftest import ROOT, assert_same_weights, result_of, run_script, toy_data_file
-from dpo import collate_pairs, collate_shared_prompts, dpo_loss, pair_logps, sequence_logps, token_logps
+from dpo import collate_concatenated, collate_shared_prompts, dpo_loss, pair_logprobs, token_logprobs
 
 
 def log_sigmoid(x):
@@ -33,13 +33,16 @@ def test_initialisation_gives_ln2_and_zero_rewards():
 ARGS = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
 
 
-@pytest.mark.parametrize("loss_type,eps,want", [
-    ("sigmoid", 0.0, -log_sigmoid(0.75)),
-    ("sigmoid", 0.1, -0.9 * log_sigmoid(0.75) - 0.1 * log_sigmoid(-0.75)),
-    ("ipo", 0.0, (1.5 - 1 / (2 * 0.5)) ** 2),
-    ("hinge", 0.0, 1 - 0.75),
-    ("robust", 0.1, (-0.9 * log_sigmoid(0.75) + 0.1 * log_sigmoid(-0.75)) / 0.8),
-])
+@pytest.mark.parametrize(
+    "loss_type,eps,want",
+    [
+        ("sigmoid", 0.0, -log_sigmoid(0.75)),
+        ("sigmoid", 0.1, -0.9 * log_sigmoid(0.75) - 0.1 * log_sigmoid(-0.75)),
+        ("ipo", 0.0, (1.5 - 1 / (2 * 0.5)) ** 2),
+        ("hinge", 0.0, 1 - 0.75),
+        ("robust", 0.1, (-0.9 * log_sigmoid(0.75) + 0.1 * log_sigmoid(-0.75)) / 0.8),
+    ],
+)
 def test_losses_by_hand(loss_type, eps, want):
     losses, rc, rr = dpo_loss(*ARGS, loss_type=loss_type, label_smoothing=eps)
     assert losses.item() == pytest.approx(want, rel=1e-6)
@@ -47,8 +50,14 @@ def test_losses_by_hand(loss_type, eps, want):
 
 
 def test_hinge_is_zero_past_the_margin():
-    losses, _, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([-10.0]), torch.tensor([0.0]), torch.tensor([0.0]),
-                            beta=0.5, loss_type="hinge")
+    losses, _, _ = dpo_loss(
+        torch.tensor([0.0]),
+        torch.tensor([-10.0]),
+        torch.tensor([0.0]),
+        torch.tensor([0.0]),
+        beta=0.5,
+        loss_type="hinge",
+    )
     assert losses.item() == 0.0
 
 
@@ -58,7 +67,7 @@ def test_gradient_weighs_wrongly_ranked_pairs_more():
     pc = torch.tensor([-2.0, -5.0], requires_grad=True)
     pr = torch.tensor([-4.0, -1.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-3.0, -3.0]), torch.tensor([-3.0, -3.0])
-    losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta)
+    losses, _rc, _rr = dpo_loss(pc, pr, ref_c, ref_r, beta)
     losses.sum().backward()
     # implicit rewards: pair 0 r̂_c = 0.3, r̂_r = -0.3 (right); pair 1 r̂_c = -0.6, r̂_r = 0.6 (wrong)
     w = torch.sigmoid(torch.tensor([-0.3 - 0.3, 0.6 + 0.6]))
@@ -67,44 +76,30 @@ def test_gradient_weighs_wrongly_ranked_pairs_more():
     assert pc.grad[1].abs() > pc.grad[0].abs()
 
 
-def test_sequence_logps_against_a_loop():
-    torch.manual_seed(0)
-    pairs = [{"prompt": [5, 6], "chosen": [7, 1], "rejected": [8, 9, 3, 1]},
-             {"prompt": [4], "chosen": [1], "rejected": [2, 2, 1]}]
-    batch = collate_pairs(pairs, pad_id=0)  # (4, 6): rows chosen0, chosen1, rejected0, rejected1
-    L = batch["input_ids"].shape[1]
-    logits = torch.randn(4, L, 10)
-    got, counts = sequence_logps(logits, batch["labels"])
-    logp = logits.log_softmax(-1)
-    want = []
-    for row, (p, key) in enumerate([(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]):
-        prompt, resp = pairs[p]["prompt"], pairs[p][key]
-        # response token j sits at position len(prompt) + j and is predicted from the position before
-        want.append(sum(logp[row, len(prompt) + j - 1, tok].item() for j, tok in enumerate(resp)))
-    torch.testing.assert_close(got, torch.tensor(want))
-    assert counts.tolist() == [2, 1, 4, 3]
-    avg, _ = sequence_logps(logits, batch["labels"], average=True)
-    torch.testing.assert_close(avg, torch.tensor(want) / torch.tensor([2.0, 1.0, 4.0, 3.0]))
-    # prompt and pad positions contribute nothing: change the logits that predict them
-    noisy = logits.clone()
-    noisy[0, 0] += 100 * torch.randn(10)  # predicts prompt token 6 of row 0
-    noisy[1, 1:] += 100 * torch.randn(L - 1, 10)  # row 1 is [4, 1]: from position 1 on they predict padding
-    torch.testing.assert_close(sequence_logps(noisy, batch["labels"])[0], got)
-
-
 def tiny_gqa_llama():
     """A random 2-layer Llama with grouped-query attention (4 heads, 2 key/value heads), float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 # prompts of 1–6 tokens (left padding in the prompt-once batch) and responses of 1–5 (right padding)
-PAIRS = [{"prompt": [5, 6, 7, 8, 9, 10], "chosen": [11, 1], "rejected": [12, 13, 14, 15, 1]},
-         {"prompt": [4], "chosen": [1], "rejected": [2, 2, 1]},
-         {"prompt": [20, 21, 22], "chosen": [23, 24, 25, 1], "rejected": [26, 1]}]
+PAIRS = [
+    {"prompt": [5, 6, 7, 8, 9, 10], "chosen": [11, 1], "rejected": [12, 13, 14, 15, 1]},
+    {"prompt": [4], "chosen": [1], "rejected": [2, 2, 1]},
+    {"prompt": [20, 21, 22], "chosen": [23, 24, 25, 1], "rejected": [26, 1]},
+]
 
 
 def one_by_one(model, pairs):
@@ -124,7 +119,7 @@ def one_by_one(model, pairs):
 
 @pytest.mark.parametrize("average", [False, True])
 def test_response_only_and_prompt_once_logps_equal_the_full_softmax(average):
-    """pair_logps (LM head only at response tokens, chunked log-sum-exp), concatenated and prompt-once
+    """pair_logprobs (LM head only at response tokens, chunked log-sum-exp), concatenated and prompt-once
     (KV cache), equal the one-by-one full-softmax log-probabilities, values and gradients (1e-5)."""
     model = tiny_gqa_llama()
     want_c, want_r = one_by_one(model, PAIRS)
@@ -133,14 +128,9 @@ def test_response_only_and_prompt_once_logps_equal_the_full_softmax(average):
         want_c, want_r = want_c / lengths[0], want_r / lengths[1]
     (want_c - 2 * want_r).sum().backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
-    # the simple path of the script itself agrees too (full logits of the right-padded batch)
-    batch = collate_pairs(PAIRS, pad_id=0)
-    simple, _ = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                               batch["labels"], average=average)
-    torch.testing.assert_close(simple, torch.cat([want_c, want_r]).detach(), atol=1e-5, rtol=1e-5)
-    for batch in (collate_pairs(PAIRS, pad_id=0), collate_shared_prompts(PAIRS, pad_id=0)):
+    for batch in (collate_concatenated(PAIRS, pad_id=0), collate_shared_prompts(PAIRS, pad_id=0)):
         model.zero_grad()
-        chosen, rejected, n_chosen = pair_logps(model, batch, average=average)
+        chosen, rejected, n_chosen = pair_logprobs(model, batch, average=average)
         torch.testing.assert_close(chosen, want_c.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rejected, want_r.detach(), atol=1e-5, rtol=1e-5)
         assert n_chosen.tolist() == [2, 1, 4]
@@ -149,20 +139,20 @@ def test_response_only_and_prompt_once_logps_equal_the_full_softmax(average):
             torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
-def test_token_logps_in_chunks():
+def test_token_logprobs_in_chunks():
     """Chunked (3 rows at a time, recomputed in backward) log-sum-exp equals log_softmax + gather, with
     gradients; bfloat16 logits are reduced in float32."""
     torch.manual_seed(0)
     logits = torch.randn(10, 7, requires_grad=True)
     targets = torch.randint(0, 7, (10,))
     want = logits.log_softmax(-1)[torch.arange(10), targets]
-    got = token_logps(logits, targets, chunk_size=3)
+    got = token_logprobs(logits, targets, chunk_size=3)
     torch.testing.assert_close(got, want.detach())
     w = torch.randn(10)
     (g_want,) = torch.autograd.grad((want * w).sum(), logits)
-    (g_got,) = torch.autograd.grad((token_logps(logits, targets, chunk_size=3) * w).sum(), logits)
+    (g_got,) = torch.autograd.grad((token_logprobs(logits, targets, chunk_size=3) * w).sum(), logits)
     torch.testing.assert_close(g_got, g_want)
-    half = token_logps(logits.detach().bfloat16(), targets, chunk_size=4)
+    half = token_logprobs(logits.detach().bfloat16(), targets, chunk_size=4)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, logits.detach().bfloat16().float().log_softmax(-1)[torch.arange(10), targets])
 
@@ -170,25 +160,63 @@ def test_token_logps_in_chunks():
 def test_smoke_toy(tmp_path):
     base = str(tmp_path / "base")
     toy_task.save_base_model(base)
-    out = run_script(["dpo.py", "--model-name", base, "--num-epochs", "0.02", "--eval-every", "5",
-                      "--num-toy-samples", "100", "--output-dir", str(tmp_path / "dpo")])
+    out = run_script(
+        [
+            "dpo.py",
+            "--model-name",
+            base,
+            "--num-epochs",
+            "0.02",
+            "--eval-every",
+            "5",
+            "--output-dir",
+            str(tmp_path / "dpo"),
+        ]
+    )
     assert "eval/loss 0.6931" in out  # ln 2 at initialisation
     assert "each prompt run once for both responses" in out  # the prompt-once path, not a silent fallback
-    result = json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]
-    for k in ["loss", "rewards/accuracies", "toy/gold_reward", "toy/kl_to_ref", "toy/optimum_gold_reward"]:
+    result = read_json(tmp_path / "dpo" / "training_args.json")["result"]
+    for k in ["loss", "rewards/accuracies", "rewards/margins", "nll/chosen"]:
         assert math.isfinite(result[k])
 
 
 def test_hub_format_fixture_variants(tmp_path, hub_model):
     prefs = tmp_path / "prefs"
     prefs.mkdir()
-    rows = [{"prompt": f"Name a colour {i}.", "chosen": " red", "rejected": " a deep shade of purple"} for i in range(28)]
+    rows = [
+        {"prompt": f"Name a colour {i}.", "chosen": " red", "rejected": " a deep shade of purple"} for i in range(28)
+    ]
     (prefs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
     (prefs / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    run_script(["dpo.py", "--model-name", hub_model, "--dataset-name", str(prefs), "--batch-size", "8",
-                "--per-device-batch-size", "4", "--num-epochs", "3", "--learning-rate", "1e-3", "--loss-type", "ipo",
-                "--beta", "0.5", "--rpo-alpha", "0.5", "--precompute-ref-logps", "--output-dir", str(tmp_path / "dpo")])
-    result = json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]
+    run_script(
+        [
+            "dpo.py",
+            "--model-name",
+            hub_model,
+            "--dataset-name",
+            str(prefs),
+            "--batch-size",
+            "8",
+            "--per-device-batch-size",
+            "4",
+            "--num-epochs",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--loss-type",
+            "ipo",
+            "--beta",
+            "0.5",
+            "--rpo-alpha",
+            "0.5",
+            "--precompute-ref-logprobs",
+            "--max-length",
+            "64",
+            "--output-dir",
+            str(tmp_path / "dpo"),
+        ]
+    )
+    result = read_json(tmp_path / "dpo" / "training_args.json")["result"]
     assert result["rewards/accuracies"] == 1.0 and result["rewards/margins"] > 0
 
 
@@ -198,11 +226,33 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, c
     (policy and reference sharded). ChatML conversations, and a tokenizer that gets a PAD added: the
     embeddings grow by a row, which must come out the same on every rank (FSDP broadcasts nothing)."""
     base = chat_models["chatml"]
-    flags = ["dpo.py", "--model-name", base, "--dataset-name", chat_data["preference"], "--batch-size", "8",
-             "--eval-every", "100", "--max-length", "64", "--beta", "1", "--learning-rate", "1e-3", "--rpo-alpha", "0.5"]
-    outs = [run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")]),
-            run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2),
-            run_script(flags + ["--per-device-batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)]
+    flags = [
+        "dpo.py",
+        "--model-name",
+        base,
+        "--dataset-name",
+        chat_data["preference"],
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "100",
+        "--max-length",
+        "64",
+        "--beta",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--rpo-alpha",
+        "0.5",
+    ]
+    outs = [
+        run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")]),
+        run_script(flags + ["--per-device-batch-size", "2", "--output-dir", str(tmp_path / "two")], torchrun=2),
+        run_script(
+            flags + ["--fsdp", "--output-dir", str(tmp_path / "fsdp")],
+            torchrun=2,  # default: 4 pairs per rank
+        ),
+    ]
     assert all("each prompt run once for both responses" in out for out in outs)
     for run in ("two", "fsdp"):
         assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), base)
@@ -210,18 +260,41 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, c
         assert abs(r1["loss"] - r2["loss"]) < 2e-3 and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
     # the added PAD's input embedding gets no gradient (padding is masked), so it is still its initial value,
     # which must be the same on every rank of every run (FSDP keeps the last rank's, DDP broadcasts rank 0's)
-    pad_rows = [load_file(str(tmp_path / run / "model.safetensors"))["model.embed_tokens.weight"][-1] for run in ("one", "two", "fsdp")]
+    pad_rows = [
+        load_file(str(tmp_path / run / "model.safetensors"))["model.embed_tokens.weight"][-1]
+        for run in ("one", "two", "fsdp")
+    ]
     assert torch.equal(pad_rows[0], pad_rows[1]) and torch.equal(pad_rows[0], pad_rows[2])
 
 
 def test_chatml_conversations(tmp_path, chat_models, chat_data):
     """Conversational pairs with a ChatML template whose EOS is not <|im_end|>: the loss starts at ln 2
     and the policy learns the preference."""
-    out = run_script(["dpo.py", "--model-name", chat_models["chatml"], "--dataset-name", chat_data["preference"],
-                      "--batch-size", "8", "--per-device-batch-size", "8", "--num-epochs", "4", "--learning-rate", "1e-3",
-                      "--beta", "0.5", "--max-length", "64", "--output-dir", str(tmp_path / "dpo")])
+    out = run_script(
+        [
+            "dpo.py",
+            "--model-name",
+            chat_models["chatml"],
+            "--dataset-name",
+            chat_data["preference"],
+            "--batch-size",
+            "8",
+            "--per-device-batch-size",
+            "8",
+            "--num-epochs",
+            "4",
+            "--learning-rate",
+            "1e-3",
+            "--beta",
+            "0.5",
+            "--max-length",
+            "64",
+            "--output-dir",
+            str(tmp_path / "dpo"),
+        ]
+    )
     assert "eval/loss 0.6931" in out
-    assert json.load(open(tmp_path / "dpo" / "training_args.json"))["result"]["rewards/margins"] > 0
+    assert read_json(tmp_path / "dpo" / "training_args.json")["result"]["rewards/margins"] > 0
 
 
 def tensorboard_scalars(exp_name):
@@ -243,8 +316,25 @@ def test_rpo_logged_apart_and_no_initialisation_claim_on_resume(tmp_path):
     base = toy_task.save_base_model(str(tmp_path / "base"))
     data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 48)
     exp = f"test_rpo_{os.getpid()}_{int(time.time())}"
-    flags = ["dpo.py", "--model-name", base, "--dataset-name", data, "--batch-size", "8", "--learning-rate", "0",
-             "--rpo-alpha", "1.0", "--checkpoint-every", "2", "--num-toy-samples", "0", "--exp-name", exp]
+    flags = [
+        "dpo.py",
+        "--model-name",
+        base,
+        "--dataset-name",
+        data,
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0",
+        "--rpo-alpha",
+        "1.0",
+        "--checkpoint-every",
+        "2",
+        "--max-length",
+        "64",
+        "--exp-name",
+        exp,
+    ]
     run_script(flags + ["--output-dir", str(tmp_path / "dpo")])
     logged = tensorboard_scalars(exp)
     assert logged["train/loss"] == pytest.approx([math.log(2)] * len(logged["train/loss"]), abs=1e-6)
@@ -260,17 +350,25 @@ def test_reference_model_stays_in_eval_mode():
     (dropout, MoE router jitter) must never be put in train mode."""
     from types import SimpleNamespace
 
-    from dpo import all_pair_logps
+    from dpo import all_pair_logprobs
 
     model = tiny_gqa_llama()
     args = SimpleNamespace(world_size=1, per_device_batch_size=2, share_prompt=True, bf16=False, loss_type="sigmoid")
     for mode in (False, True):
         model.train(mode)
-        all_pair_logps(model, PAIRS, 0, args, torch.device("cpu"), 0)
+        all_pair_logprobs(model, PAIRS, 0, args, torch.device("cpu"), 0)
         assert model.training is mode
 
 
 def test_label_smoothing_only_where_it_applies():
-    proc = subprocess.run([sys.executable, "dpo.py", "--loss-type", "ipo", "--label-smoothing", "0.1"], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "--label-smoothing applies to --loss-type sigmoid (cDPO) or robust" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "dpo.py", "--loss-type", "ipo", "--label-smoothing", "0.1"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode != 0
+        and "--label-smoothing is a flip probability in [0, 0.5) for --loss-type sigmoid" in proc.stderr
+    )

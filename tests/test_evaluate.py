@@ -4,19 +4,30 @@ values, using Llamas with no layers whose logits are a Markov chain (P_ref itsel
 copy), for which toy_task's dynamic programming gives the exact answer."""
 
 import itertools
-import json
 import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import markov_llama, read_json, run_script, toy_reward_model
 
 import common
 import toy_task
-from conftest import markov_llama, run_script, toy_reward_model
-from evaluate import (Args, best_of_n_expectation, best_of_n_kl, frontier_reward_at, mean_sd, optimality_ratio, ratio_with_se,
-                      response_logps, sample, seed_record, snis_optimum, win_rate)
+from evaluate import (
+    Args,
+    best_of_n_expectation,
+    best_of_n_kl,
+    frontier_reward_at,
+    mean_sd,
+    optimality_ratio,
+    ratio_with_se,
+    response_logprobs,
+    sample,
+    seed_record,
+    snis_optimum,
+    wins,
+)
 
 
 def test_best_of_n_expectation_against_enumerating_subsets():
@@ -62,7 +73,7 @@ def test_snis_optimum_by_hand():
     assert kl[0, 1] == pytest.approx(float((w * np.log(2 * w)).sum())) and kl[0, 0] == 0
     # the same KL from its definition: E*[r]/β − log E_0[exp(r/β)]
     assert kl[0, 1] == pytest.approx(math.e / (1 + math.e) - math.log((1 + math.e) / 2))
-    assert ess[0].tolist() == pytest.approx([2.0, 1 / (w ** 2).sum()])
+    assert ess[0].tolist() == pytest.approx([2.0, 1 / (w**2).sum()])
 
 
 def test_snis_optimum_matches_the_exact_frontier(markov_models):
@@ -81,11 +92,15 @@ def test_snis_optimum_matches_the_exact_frontier(markov_models):
     torch.manual_seed(0)
     args = Args(per_device_batch_size=2000, max_length=64, response_length=toy_task.MAX_RESPONSE_TOKENS)
     texts = tok.batch_decode(sample(model, queries, tok, args, torch.device("cpu")), skip_special_tokens=True)
-    gold = np.array([toy_task.gold_reward(p, t) for p, t in zip([p for p in prompts for _ in range(N)], texts)]).reshape(-1, N)
+    gold = np.array(
+        [toy_task.gold_reward(p, t) for p, t in zip([p for p in prompts for _ in range(N)], texts)]
+    ).reshape(-1, N)
     kl, reward, ess = snis_optimum(gold, [2.0, 1.0])
     (_, kl2, r2), (_, kl1, r1) = toy_task.optimal_frontier(prompts, [2.0, 1.0])
     se = lambda x: x.std(ddof=1) / math.sqrt(len(x))
-    assert kl[:, 0].mean() == pytest.approx(kl2, abs=4 * se(kl[:, 0])) and reward[:, 0].mean() == pytest.approx(r2, abs=4 * se(reward[:, 0]))
+    assert kl[:, 0].mean() == pytest.approx(kl2, abs=4 * se(kl[:, 0])) and reward[:, 0].mean() == pytest.approx(
+        r2, abs=4 * se(reward[:, 0])
+    )
     assert ess[:, 0].mean() > 0.5 * N > ess[:, 1].mean()
     assert kl[:, 1].mean() < kl1 and reward[:, 1].mean() < r1 + 2 * se(reward[:, 1])
 
@@ -100,42 +115,76 @@ def test_ratio_standard_error_against_the_delta_method():
     assert ratio == pytest.approx(gold.mean() / 2)
     assert se == pytest.approx(gold.std(ddof=1) / (2 * math.sqrt(400)), rel=0.1)
     assert ratio_with_se(gold, np.full(400, 0.01), 0.0, frontier_kl, frontier_r, rng) == (None, None)
-    assert ratio_with_se(gold, np.full(400, 5.0), 0.0, frontier_kl, frontier_r, rng) == (None, None)  # beyond the frontier
+    assert ratio_with_se(gold, np.full(400, 5.0), 0.0, frontier_kl, frontier_r, rng) == (
+        None,
+        None,
+    )  # beyond the frontier
 
 
 def test_seed_records_and_their_mean_and_sd():
     """Each seed's record takes PPO's and DPO's numbers from their own rows (KL to SFT = the KL to the reference
     policy), and the summary is the mean and the sample standard deviation (n − 1) over the seeds."""
+
     def row(name, gold, kl_ref):
-        return {"policy": name, "gold_reward": gold, "gold_reward_se": 0.1, "kl_to_ref_policy": kl_ref, "kl_to_p_ref": kl_ref + 0.3,
-                "optimality_ratio_vs_sft": gold / 2, "optimality_ratio_vs_p_ref": gold / 3, "optimum_vs_sft_ess": 20.0,
-                "optimum_vs_sft_check": 0.9}
+        return {
+            "policy": name,
+            "gold_reward": gold,
+            "gold_reward_se": 0.1,
+            "kl_to_ref_policy": kl_ref,
+            "kl_to_p_ref": kl_ref + 0.3,
+            "optimality_ratio_vs_sft": gold / 2,
+            "optimality_ratio_vs_p_ref": gold / 3,
+            "optimum_vs_sft_ess": 20.0,
+            "optimum_vs_sft_check": 0.9,
+        }
 
     records = []
     for seed, g in ((1, 1.0), (2, 2.0), (3, 6.0)):
         ev = {"policies": [row("sft", 0.0, 0.0), row("ppo", g, 0.8), row("dpo", -g, 0.5)]}
-        records.append(seed_record(seed, {"excess_nll": 0.01 * seed}, {"accuracy": 0.7, "bayes_accuracy": 0.75,
-                                                                        "gold_pearson": 0.6}, ev))
-    assert records[1]["ppo_gold_reward"] == 2.0 and records[1]["dpo_gold_reward"] == -2.0 and records[1]["ppo_gold_reward_se"] == 0.1
-    assert records[1]["ppo_kl_to_sft"] == 0.8 and records[1]["dpo_kl_to_sft"] == 0.5 and records[1]["sft_kl_to_p_ref"] == 0.3
+        records.append(
+            seed_record(
+                seed, {"excess_nll": 0.01 * seed}, {"accuracy": 0.7, "bayes_accuracy": 0.75, "gold_pearson": 0.6}, ev
+            )
+        )
+    assert (
+        records[1]["ppo_gold_reward"] == 2.0
+        and records[1]["dpo_gold_reward"] == -2.0
+        and records[1]["ppo_gold_reward_se"] == 0.1
+    )
+    assert (
+        records[1]["ppo_kl_to_sft"] == 0.8
+        and records[1]["dpo_kl_to_sft"] == 0.5
+        and records[1]["sft_kl_to_p_ref"] == 0.3
+    )
     assert records[2]["ppo_optimality_ratio_vs_sft"] == 3.0 and records[2]["dpo_optimality_ratio_vs_p_ref"] == -2.0
     assert records[2]["ppo_optimality_ratio_vs_sft_corrected"] == pytest.approx(3.0 * 0.9)
-    assert mean_sd(records, "ppo_gold_reward") == pytest.approx((3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)))
+    assert mean_sd(records, "ppo_gold_reward") == pytest.approx(
+        (3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    )
     assert mean_sd(records, "sft_excess_nll") == pytest.approx((0.02, 0.01))
     # a policy closer to SFT than --min-kl-for-ratio has no ratio and no check (evaluate leaves them out): the
     # record holds None there, the mean over seeds is nan, the rest is unaffected
     near = row("dpo", 0.01, 0.01)
     for k in ("optimality_ratio_vs_sft", "optimality_ratio_vs_p_ref", "optimum_vs_sft_check"):
         del near[k]
-    records.append(seed_record(4, {"excess_nll": 0.04}, {"accuracy": 0.7, "bayes_accuracy": 0.75, "gold_pearson": 0.6},
-                               {"policies": [row("sft", 0.0, 0.0), row("ppo", 1.0, 0.8), near]}))
-    assert records[3]["dpo_optimality_ratio_vs_sft"] is None and records[3]["dpo_optimality_ratio_vs_sft_corrected"] is None
+    records.append(
+        seed_record(
+            4,
+            {"excess_nll": 0.04},
+            {"accuracy": 0.7, "bayes_accuracy": 0.75, "gold_pearson": 0.6},
+            {"policies": [row("sft", 0.0, 0.0), row("ppo", 1.0, 0.8), near]},
+        )
+    )
+    assert (
+        records[3]["dpo_optimality_ratio_vs_sft"] is None
+        and records[3]["dpo_optimality_ratio_vs_sft_corrected"] is None
+    )
     assert math.isnan(mean_sd(records, "dpo_optimality_ratio_vs_sft")[0]) and records[3]["dpo_gold_reward"] == 0.01
 
 
-def test_win_rate_counts_ties_half():
-    assert win_rate([1, 2, 3], [2, 2, 2]) == pytest.approx(0.5)
-    assert win_rate([5, 5], [1, 1]) == 1.0
+def test_wins_count_ties_half():
+    assert wins([1, 2, 3], [2, 2, 2]).tolist() == [0.0, 0.5, 1.0]
+    assert wins([5, 5], [1, 1]).mean() == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +207,14 @@ def test_sampled_kl_and_gold_match_the_exact_values(markov_models):
     for path, log_trans in ((ref_path, np.log(task.trans)), (pol_path, pol_log_trans)):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         responses = sample(model, queries, tok, args, torch.device("cpu"))
-        logp, entropy = response_logps(model, queries, responses, tok, args, torch.device("cpu"))
+        logp, entropy = response_logprobs(model, queries, responses, tok, args, torch.device("cpu"))
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         kl = np.array([lp - task.ref_logprob(p, t) for p, t, lp in zip(prompts, texts, logp)])
         gold = np.array([task.gold_reward(p, t) for p, t in zip(prompts, texts)])
         T = toy_task.MAX_RESPONSE_TOKENS
-        exact_gold, exact_kl, _, _ = task._forward(np.broadcast_to(log_trans, (T,) + log_trans.shape),
-                                                   task._prompt_weights(prompts))
+        exact_gold, exact_kl, _, _ = task._forward(
+            np.broadcast_to(log_trans, (T,) + log_trans.shape), task._prompt_weights(prompts)
+        )
         if path == ref_path:  # the model is P_ref: log π = log P_ref for every single sample
             assert np.abs(kl).max() < 1e-3
         else:
@@ -188,10 +238,31 @@ def test_smoke(tmp_path, markov_models):
     same = str(tmp_path / "same")  # the reference again, loaded separately: its KL goes through a second model
     shutil.copytree(ref_path, same)
     out_dir = tmp_path / "eval"
-    run_script(["evaluate.py", "--policies", ref_path, pol_path, same, "--ref-policy", ref_path, "--reward-model-name", rm_path,
-                "--num-samples", "600", "--best-of-n", "1", "2", "4", "16",
-                "--checkpoints-dir", str(ckpts), "--output-dir", str(out_dir)])
-    results = json.load(open(out_dir / "results.json"))
+    run_script(
+        [
+            "evaluate.py",
+            "--policies",
+            ref_path,
+            pol_path,
+            same,
+            "--ref-policy",
+            ref_path,
+            "--reward-model-name",
+            rm_path,
+            "--num-samples",
+            "600",
+            "--best-of-n",
+            "1",
+            "2",
+            "4",
+            "16",
+            "--checkpoints-dir",
+            str(ckpts),
+            "--output-dir",
+            str(out_dir),
+        ]
+    )
+    results = read_json(out_dir / "results.json")
     ref_row, pol_row, same_row = results["policies"]
     # the reference policy is P_ref itself, so two independent routes to each sample's KL must agree: the
     # models' log-probabilities (kl_to_ref_policy) and toy_task's exact log P_ref (kl_to_p_ref)
@@ -201,8 +272,9 @@ def test_smoke(tmp_path, markov_models):
     # and the perturbed policy's sampled KL is near its exact value (dynamic programming over the chain)
     T = toy_task.MAX_RESPONSE_TOKENS
     prompts = toy_task.make_dataset("sft", "eval", seed=1)["prompt"][:600]
-    _, exact_kl, _, _ = toy_task.TASK._forward(np.broadcast_to(pol_log_trans, (T,) + pol_log_trans.shape),
-                                               toy_task.TASK._prompt_weights(prompts))
+    _, exact_kl, _, _ = toy_task.TASK._forward(
+        np.broadcast_to(pol_log_trans, (T,) + pol_log_trans.shape), toy_task.TASK._prompt_weights(prompts)
+    )
     assert pol_row["kl_to_ref_policy"] == pytest.approx(exact_kl, rel=0.15)
     assert 0 <= pol_row["win_rate"] <= 1 and 0.4 < ref_row["win_rate"] < 0.6  # P_ref against P_ref samples
     # best-of-1 is the reference itself: its gold reward is P_ref's exact one; a gold selector only gains with n

@@ -4,7 +4,7 @@ plain full softmax), for a tiny random float32 model of each family people post-
 from its transformers config class.
 
 Per family: SFT's response-only NLL (sft.labelled_nll); DPO's prompt-once and concatenated log-probabilities
-(dpo.pair_logps), values and gradients; the reward read at the end token (reward_model.rewards_at_eos,
+(dpo.pair_logprobs), values and gradients; the reward read at the end token (reward_model.rewards_at_eos,
 ppo.token_scores); a PPO rollout whose rows equal their sequences alone and whose first update
 recomputation has ratio 1. Sliding windows are shorter than the sequences, so that they bind (tested), and
 weights are drawn 10× wider than the families' default (initializer_range 0.2): at 0.02 attention is so
@@ -27,55 +27,138 @@ import sft
 
 V, PAD, EOS = 75, 0, 1  # the toy tokenizer (common.load_tokenizer of toy_task.save_base_model): size, PAD, EOS
 WINDOW = 8  # every sliding window: shorter than the test sequences (up to 48 tokens)
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, attention_dropout=0.0)
+_SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "attention_dropout": 0.0,
+}
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 # family -> (config class, keyword arguments); all also get the vocabulary, PAD, EOS and initializer_range 0.2
 FAMILIES = {
-    "gpt2": ("GPT2Config", dict(n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                attn_pdrop=0.0, summary_first_dropout=0.0)),  # learned absolute positions
-    "pythia": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=128, use_parallel_residual=True, hidden_dropout=0.0,
-                                     attention_dropout=0.0, classifier_dropout=0.0,
-                                     rope_parameters=dict(_ROPE, partial_rotary_factor=0.25))),  # partial rotary
-    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, layerdrop=0.0)),  # learned, offset 2
+    "gpt2": (
+        "GPT2Config",
+        {
+            "n_positions": 64,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "summary_first_dropout": 0.0,
+        },
+    ),  # learned absolute positions
+    "pythia": (
+        "GPTNeoXConfig",
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "use_parallel_residual": True,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "classifier_dropout": 0.0,
+            "rope_parameters": dict(_ROPE, partial_rotary_factor=0.25),
+        },
+    ),  # partial rotary
+    "opt": (
+        "OPTConfig",
+        {
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 64,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "layerdrop": 0.0,
+        },
+    ),  # learned, offset 2
     "llama": ("LlamaConfig", _SMALL),
     # dynamic NTK RoPE: real positions stay within max_position_embeddings (48 tokens at most); a padding slot
     # numbered on from its prompt would not, and would rescale the frequencies of the whole batch
-    "llama-dynamic-rope": ("LlamaConfig", dict(_SMALL, max_position_embeddings=48,
-                                               rope_parameters=dict(_ROPE, rope_type="dynamic", factor=2.0))),
+    "llama-dynamic-rope": (
+        "LlamaConfig",
+        dict(_SMALL, max_position_embeddings=48, rope_parameters=dict(_ROPE, rope_type="dynamic", factor=2.0)),
+    ),
     "mistral": ("MistralConfig", dict(_SMALL, sliding_window=WINDOW)),
     "qwen2": ("Qwen2Config", _SMALL),
     "qwen3": ("Qwen3Config", dict(_SMALL, head_dim=8)),  # q/k norm
-    "gemma2": ("Gemma2Config", dict(_SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW,  # eager attention,
-                                    layer_types=["sliding_attention", "full_attention"])),  # soft-capped scores and logits
-    "gemma3": ("Gemma3TextConfig", dict(_SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW,
-                                        final_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"])),
-    "phi3": ("Phi3Config", dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, sliding_window=WINDOW)),  # Phi-3-mini: 2047 of 4096
-    "phi2": ("PhiConfig", dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.5))),
-    "stablelm": ("StableLmConfig", dict(_SMALL, hidden_dropout=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.25))),
-    "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-                                    hidden_dropout=0.0, attention_dropout=0.0)),  # multi-query, parallel attention, RoPE
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            _SMALL,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=WINDOW,  # eager attention,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),  # soft-capped scores and logits
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            _SMALL,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=WINDOW,
+            final_logit_softcapping=5.0,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, sliding_window=WINDOW),
+    ),  # Phi-3-mini: 2047 of 4096
+    "phi2": (
+        "PhiConfig",
+        dict(_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.5)),
+    ),
+    "stablelm": (
+        "StableLmConfig",
+        dict(_SMALL, hidden_dropout=0.0, rope_parameters=dict(_ROPE, partial_rotary_factor=0.25)),
+    ),
+    "falcon": (
+        "FalconConfig",
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
+    ),  # multi-query, parallel attention, RoPE
     "olmo2": ("Olmo2Config", _SMALL),  # q/k norm over all heads, norms after the blocks
-    "granite": ("GraniteConfig", dict(_SMALL, embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5,
-                                      attention_multiplier=0.2)),
+    "granite": (
+        "GraniteConfig",
+        dict(_SMALL, embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.2),
+    ),
     "cohere": ("CohereConfig", dict(_SMALL, use_qk_norm=True, logit_scale=0.5)),
     "smollm3": ("SmolLM3Config", dict(_SMALL, no_rope_layer_interval=2)),  # every second layer without RoPE
     "mixtral": ("MixtralConfig", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)),
-    "qwen2-moe": ("Qwen2MoeConfig", dict(_SMALL, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                                         num_experts=4, num_experts_per_tok=2)),
-    "phimoe": ("PhimoeConfig", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
-                                    input_jitter_noise=0.0)),  # Phi-3.5-MoE (whose router_jitter_noise is 0.01)
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            _SMALL, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2
+        ),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0, input_jitter_noise=0.0),
+    ),  # Phi-3.5-MoE (whose router_jitter_noise is 0.01)
 }
 NO_SEQUENCE_CLASSIFICATION = {  # no reward or value model of these families (their PPO test uses Llama's)
     "granite": "transformers 5 has no GraniteForSequenceClassification",
     "cohere": "transformers 5 has no CohereForSequenceClassification",
 }
-NO_PROMPT_SHARING = {}  # family -> why DPO's prompt-once pass cannot equal the concatenated one (none found)
-STOCHASTIC_KEYS_NOT_NAMED_DROPOUT = {}  # family -> float config keys that make the train-mode forward random
-# and that the scripts' rule misses (none since it also zeroes OPT's layerdrop and MoE routers' jitter)
 WINDOWED = [f for f, (_, kw) in FAMILIES.items() if kw.get("sliding_window")]
 FAMILY_IDS = list(FAMILIES)
 
@@ -99,7 +182,7 @@ def make_model(config, kind="lm", seed=0):
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(family, kind="lm", seed=0):
     """make_model of the family's config, built once for the whole module."""
     return make_model(make_config(family), kind, seed)
@@ -171,16 +254,23 @@ def words(rng, n):
 
 _rng = np.random.default_rng(0)
 # SFT: prompts (masked) and completions of different lengths, so rows are padded by different amounts
-SFT_EXAMPLES = [dict(input_ids=p + c, labels=[common.IGNORE_INDEX] * len(p) + c)
-                for p, c in ((words(_rng, 20), words(_rng, 9) + [EOS]), (words(_rng, 2), words(_rng, 24) + [EOS]),
-                             (words(_rng, 9), [EOS]))]
+SFT_EXAMPLES = [
+    {"input_ids": p + c, "labels": [common.IGNORE_INDEX] * len(p) + c}
+    for p, c in (
+        (words(_rng, 20), words(_rng, 9) + [EOS]),
+        (words(_rng, 2), words(_rng, 24) + [EOS]),
+        (words(_rng, 9), [EOS]),
+    )
+]
 # DPO: a long prompt with short responses beside a short prompt with long ones (the bug report's case: at
 # GPT-2's 64 positions, padding slots numbered on from a 44-token prompt run past them), a one-token
 # response, a one-token prompt: prompts left-padded and responses right-padded in the prompt-once batch
-PAIRS = [dict(prompt=words(_rng, 44), chosen=words(_rng, 3) + [EOS], rejected=words(_rng, 2) + [EOS]),
-         dict(prompt=words(_rng, 3), chosen=words(_rng, 43) + [EOS], rejected=words(_rng, 19) + [EOS]),
-         dict(prompt=words(_rng, 12), chosen=[EOS], rejected=words(_rng, 8) + [EOS]),
-         dict(prompt=words(_rng, 1), chosen=words(_rng, 1) + [EOS], rejected=words(_rng, 5) + [EOS])]
+PAIRS = [
+    {"prompt": words(_rng, 44), "chosen": words(_rng, 3) + [EOS], "rejected": words(_rng, 2) + [EOS]},
+    {"prompt": words(_rng, 3), "chosen": words(_rng, 43) + [EOS], "rejected": words(_rng, 19) + [EOS]},
+    {"prompt": words(_rng, 12), "chosen": [EOS], "rejected": words(_rng, 8) + [EOS]},
+    {"prompt": words(_rng, 1), "chosen": words(_rng, 1) + [EOS], "rejected": words(_rng, 5) + [EOS]},
+]
 assert max(len(p["prompt"]) + len(p[k]) for p in PAIRS for k in ("chosen", "rejected")) == 48
 # reward: sequences ending with EOS (one is EOS alone)
 RM_SEQS = [words(_rng, 29) + [EOS], words(_rng, 4) + [EOS], [EOS], words(_rng, 17) + [EOS]]
@@ -207,8 +297,10 @@ def test_sft_labelled_nll_equals_the_full_softmax(family):
 # ---- 2. DPO: the prompt once, concatenated, one by one -----------------------------------------------
 def one_by_one(model, pairs):
     """(chosen (B,), rejected (B,)): each prompt + response alone, its response tokens' log-probabilities summed."""
-    return [torch.stack([alone_logps(model, p["prompt"] + p[k])[len(p["prompt"]) - 1:].sum() for p in pairs])
-            for k in ("chosen", "rejected")]
+    return [
+        torch.stack([alone_logps(model, p["prompt"] + p[k])[len(p["prompt"]) - 1 :].sum() for p in pairs])
+        for k in ("chosen", "rejected")
+    ]
 
 
 def weighted(chosen, rejected):
@@ -225,16 +317,8 @@ def test_dpo_prompt_once_and_concatenated_equal_one_by_one(family):
     counts = [len(p["chosen"]) for p in PAIRS]
     shared_batch = dpo.collate_shared_prompts(PAIRS, PAD)
     assert (shared_batch["prompt_mask"] == 0).any() and (shared_batch["response_mask"] == 0).any()
-    for layout, batch in (("concatenated", dpo.collate_pairs(PAIRS, PAD)), ("prompt-once", shared_batch)):
-        if layout == "prompt-once" and family in NO_PROMPT_SHARING:  # the list must stay honest: it really differs
-            try:
-                got = dpo.pair_logps(model, batch)
-            except Exception:  # noqa: BLE001
-                continue
-            assert (torch.cat(got[:2]) - torch.cat(want)).abs().max() > 1e-3, \
-                f"{family} is in NO_PROMPT_SHARING ({NO_PROMPT_SHARING[family]}), yet its prompt-once pass is right"
-            continue
-        chosen, rejected, n = dpo.pair_logps(model, batch)
+    for layout, batch in (("concatenated", dpo.collate_concatenated(PAIRS, PAD)), ("prompt-once", shared_batch)):
+        chosen, rejected, n = dpo.pair_logprobs(model, batch)
         assert n.tolist() == counts
         assert_close_sums(chosen, want[0], f"{family}: {layout} chosen")
         assert_close_sums(rejected, want[1], f"{family}: {layout} rejected")
@@ -251,8 +335,8 @@ def test_dynamic_rope_past_its_range_depends_on_the_batch():
     config = make_config("llama-dynamic-rope", max_position_embeddings=32)  # real sequences of up to 48 tokens
     with torch.no_grad():
         alone = torch.cat(one_by_one(make_model(config), PAIRS))
-        concat = torch.cat(dpo.pair_logps(make_model(config), dpo.collate_pairs(PAIRS, PAD))[:2])
-        shared = torch.cat(dpo.pair_logps(make_model(config), dpo.collate_shared_prompts(PAIRS, PAD))[:2])
+        concat = torch.cat(dpo.pair_logprobs(make_model(config), dpo.collate_concatenated(PAIRS, PAD))[:2])
+        shared = torch.cat(dpo.pair_logprobs(make_model(config), dpo.collate_shared_prompts(PAIRS, PAD))[:2])
     assert (concat - alone).abs().max() > 1e-2
     assert (shared - concat).abs().max() > 1e-2
     # so dpo.py turns prompt sharing off by its stated rule past the range, and only there
@@ -302,32 +386,37 @@ def set_eos_rate(model, p=0.15, temperature=0.7):
     """Make the model give EOS probability `p` at every position when sampled at `temperature` with PAD
     suppressed (its EOS logit set from the others, in a forward hook that every pass of the model goes
     through: batched or alone, in generate or not), so that responses end at different lengths in every family."""
+
     def hook(module, inputs, out):
         x = out.logits  # (..., V)
-        eos = temperature * (torch.logsumexp(x[..., EOS + 1:] / temperature, -1) + math.log(p / (1 - p)))
-        out.logits = torch.cat([x[..., :EOS], eos[..., None], x[..., EOS + 1:]], -1)
+        eos = temperature * (torch.logsumexp(x[..., EOS + 1 :] / temperature, -1) + math.log(p / (1 - p)))
+        out.logits = torch.cat([x[..., :EOS], eos[..., None], x[..., EOS + 1 :]], -1)
         return out
 
     model.register_forward_hook(hook)
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ppo_models(family):
     """(policy, reference, reward model, value model), each with its own seed; a family without a sequence
     classifier gets Llama's reward and value models (same tokenizer)."""
     rm_family = "llama" if family in NO_SEQUENCE_CLASSIFICATION else family
-    return (set_eos_rate(build(family, seed=10)), set_eos_rate(build(family, seed=11)),
-            build(rm_family, "rm", seed=12), build(rm_family, "rm", seed=13))
+    return (
+        set_eos_rate(build(family, seed=10)),
+        set_eos_rate(build(family, seed=11)),
+        build(rm_family, "rm", seed=12),
+        build(rm_family, "rm", seed=13),
+    )
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok):
     policy, ref, rm, value = ppo_models(family)
     agent = ppo.PolicyAndValue(policy, value)
-    args = ppo.Args(per_device_batch_size=len(QUERIES), response_length=12, temperature=0.7)
-    torch.manual_seed(0)
-    r = ppo.rollout(agent, ref, rm, QUERIES, tok, args, torch.device("cpu"))
+    n = len(QUERIES)
+    args = ppo.Args(generation_batch_size=n, rollout_forward_batch_size=n, response_length=12, temperature=0.7)
+    r = ppo.rollout(agent, ref, rm, QUERIES, tok, args, torch.device("cpu"), seed=0)
     mask, Lq = r["mask"], r["queries"].shape[1]
     assert (r["query_mask"] == 0).any() and (~mask).any()  # left-padded prompts; right-padded responses
     with torch.no_grad():  # every row against its sequence alone
@@ -336,10 +425,12 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
             n, seq = len(resp), q + resp
             assert PAD not in resp
             for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
-                want = alone_logps(model, seq, args.temperature, no_pad=True)[len(q) - 1:]
+                want = alone_logps(model, seq, args.temperature, no_pad=True)[len(q) - 1 :]
                 assert_close(r[key][b, :n], want, f"{family}: rollout {key}, row {b}")
             assert_close(r["scores"][b], alone_head(rm, seq, -1), f"{family}: rollout score, row {b}")
-            assert_close(r["values"][b, :n], alone_head(value, seq, slice(len(q) - 1, -1)), f"{family}: rollout values, row {b}")
+            assert_close(
+                r["values"][b, :n], alone_head(value, seq, slice(len(q) - 1, -1)), f"{family}: rollout values, row {b}"
+            )
     # the update's recomputation, as ppo.py's update does it: train mode, with gradients
     agent.train()
     try:
@@ -350,32 +441,24 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
     assert logprobs.requires_grad
     ratio = (ppo.scatter(logprobs, mask) - r["logprobs"]).exp()[mask]
     assert (ratio - 1).abs().max() < 1e-5, f"{family}: first minibatch ratio {ratio.tolist()}"
-    assert_close(values.detach()[:, Lq - 1: -1][mask], r["values"][mask], f"{family}: the update's values")
+    assert_close(values.detach()[:, Lq - 1 : -1][mask], r["values"][mask], f"{family}: the update's values")
 
 
 # ---- 5. dropout-like config keys -----------------------------------------------------------------------
-def scripts_dropout_rule(key, value):
-    """The rule sft.py, reward_model.py, ppo.py and dpo.py apply at load time: such keys are set to 0."""
-    return any(k in key for k in ("dropout", "pdrop", "layerdrop", "jitter")) and isinstance(value, float)
-
-
 @pytest.mark.parametrize("family", FAMILY_IDS)
-def test_train_mode_equals_eval_mode_once_dropout_keys_are_zeroed(family):
-    """PPO's ratio 1 at the first minibatch (rollout in eval mode, update in train mode) and DPO's π = π_ref at
-    the first step need a train-mode forward equal to the eval-mode one. Every float config key named like a
-    source of noise (drop, noise, jitter) is set to 0.5, then the scripts' rule zeroes what it matches: two
-    train-mode passes and an eval-mode one must then agree, except in the families of
-    STOCHASTIC_KEYS_NOT_NAMED_DROPOUT, which must disagree (the list stays honest) and agree once those keys
-    are zeroed too."""
+def test_without_dropout_makes_train_mode_equal_eval_mode(family):
+    """PPO's ratio 1 at the first minibatch (rollout in eval mode, update in train mode) and DPO's π = π_ref need a
+    train-mode forward equal to the eval-mode one. Every float config key named like a source of noise (drop,
+    noise, jitter) is set to 0.5: the train-mode forward is then random (the test can fail), and after
+    common.without_dropout, which the scripts apply, two train-mode passes and an eval-mode one agree."""
     config = make_config(family)
-    noisy = [k for k, v in config.to_dict().items() if isinstance(v, float) and any(s in k for s in ("drop", "noise", "jitter"))]
+    noisy = [
+        k
+        for k, v in config.to_dict().items()
+        if isinstance(v, float) and any(s in k for s in ("drop", "noise", "jitter"))
+    ]
     for k in noisy:
         setattr(config, k, 0.5)
-    for k, v in config.to_dict().items():
-        if scripts_dropout_rule(k, v):
-            setattr(config, k, 0.0)
-    missed = STOCHASTIC_KEYS_NOT_NAMED_DROPOUT.get(family)
-    assert set(missed or ()) <= set(noisy)
     ids = torch.tensor([PAIRS[1]["prompt"] + PAIRS[1]["chosen"]])
 
     def spread():
@@ -385,35 +468,65 @@ def test_train_mode_equals_eval_mode_once_dropout_keys_are_zeroed(family):
             a, b, c = model(input_ids=ids).logits, model(input_ids=ids).logits, model.eval()(input_ids=ids).logits
         return max((a - b).abs().max(), (a - c).abs().max()).item()
 
-    if missed:
-        assert spread() > 1e-3, f"{family}: {missed} at 0.5 no longer make the train-mode forward random"
-        for k in missed:
-            setattr(config, k, 0.0)
-    assert spread() == 0, f"{family}: train mode differs from eval mode after zeroing {[k for k in noisy if getattr(config, k) == 0]}"
+    assert not noisy or spread() > 1e-3
+    common.without_dropout(config)
+    assert spread() == 0, f"{family}: train mode differs from eval mode after zeroing {noisy}"
 
 
-# ---- 5. every script through its command line on GPT-2 (learned positions, dropout in its config) ----------
+# ---- 6. every script through its command line on GPT-2 (learned positions, dropout in its config) ----------
 def test_every_script_runs_on_gpt2(tmp_path, toy_base):
-    """One step of each script on GPT-2 from sft.py onwards: the reward model, PPO (first minibatch ratio 1,
-    though GPT-2's config asks for dropout 0.1) and DPO, which runs each prompt once and takes the same
-    step as with --no-share-prompt."""
-    from conftest import assert_same_weights, run_script, toy_data_file
+    """One step of each script on GPT-2 (32 positions, dropout 0.1 in its config) from sft.py onwards: the reward
+    model; PPO, whose first minibatch has ratio 1 (the dropout zeroed); DPO on pairs of a long prompt and a short
+    response beside a short prompt and a long response (padding given in-range positions), each prompt run
+    once, and with --gradient-checkpointing (sharing turned off by its rule) the same step concatenated."""
+    from conftest import assert_same_weights, result_of, run_script, toy_data_file, write_jsonl
 
     base = str(tmp_path / "gpt2")
-    make_model(transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD,
-                                       eos_token_id=EOS, bos_token_id=None)).save_pretrained(base)
+    config = transformers.GPT2Config(
+        vocab_size=V,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+    )
+    make_model(config).save_pretrained(base)
     common.load_tokenizer(toy_base).save_pretrained(base)
     data = {k: toy_data_file(tmp_path / f"{k}.jsonl", k, 48) for k in ("sft", "preference", "prompt")}
+    (tmp_path / "pairs").mkdir()
+    long = "the plot was very dull and the acting was quite weak but the music was simply wonderful and the"
+    pairs = [
+        {"prompt": long, "chosen": " cast", "rejected": " film"},
+        {"prompt": "the", "chosen": " " + long.replace("the", "a"), "rejected": " film was dull"},
+    ]
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs * 8)
+    write_jsonl(tmp_path / "pairs" / "test.jsonl", pairs)
     sft_dir, rm_dir = str(tmp_path / "sft"), str(tmp_path / "rm")
-    short = ["--batch-size", "8", "--num-epochs", "0.2", "--max-length", "64"]  # GPT-2's 64 positions
-    run_script(["sft.py", "--model-name", base, "--dataset-name", data["sft"], "--num-sample-completions", "1",
-                "--output-dir", sft_dir] + short)
-    run_script(["reward_model.py", "--model-name", sft_dir, "--dataset-name", data["preference"], "--output-dir", rm_dir] + short)
-    out = run_script(["ppo.py", "--model-name", sft_dir, "--reward-model-name", rm_dir, "--dataset-name", data["prompt"],
-                      "--num-minibatches", "1", "--response-length", "24", "--num-eval-prompts", "2",
-                      "--output-dir", str(tmp_path / "ppo")] + short)
-    assert "first minibatch: ratio 1.000000" in out
-    dpo_flags = ["dpo.py", "--model-name", sft_dir, "--dataset-name", data["preference"], "--learning-rate", "1e-3"] + short
-    assert "each prompt run once" in run_script(dpo_flags + ["--output-dir", str(tmp_path / "shared")])
-    run_script(dpo_flags + ["--no-share-prompt", "--output-dir", str(tmp_path / "concatenated")])
+    short = ["--num-epochs", "0.2", "--max-length", "32", "--batch-size", "8"]
+    run_script(["sft.py", "--model-name", base, "--dataset-name", data["sft"], "--output-dir", sft_dir, *short])
+    rm = ["reward_model.py", "--model-name", sft_dir, "--dataset-name", data["preference"], "--output-dir", rm_dir]
+    run_script(rm + short)
+    ppo = ["ppo.py", "--model-name", sft_dir, "--reward-model-name", rm_dir, "--dataset-name", data["prompt"]]
+    run_script(
+        ppo + ["--num-minibatches", "1", "--response-length", "24", "--output-dir", str(tmp_path / "ppo"), *short]
+    )
+    assert result_of(tmp_path / "ppo")["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
+    dpo = [
+        "dpo.py",
+        "--model-name",
+        sft_dir,
+        "--dataset-name",
+        str(tmp_path / "pairs"),
+        "--learning-rate",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+    ]
+    assert "each prompt run once" in run_script(dpo + ["--output-dir", str(tmp_path / "shared")])
+    out = run_script(dpo + ["--gradient-checkpointing", "--output-dir", str(tmp_path / "concatenated")])
+    assert "--share-prompt is off: --gradient-checkpointing" in out
     assert_same_weights(str(tmp_path / "shared"), str(tmp_path / "concatenated"), sft_dir)

@@ -2,25 +2,29 @@
 controller against hand-worked numbers; the rollout's alignment against unpadded forward passes;
 and the script through its command line (first minibatch: ratio 1, approx-KL 0)."""
 
-import copy
-import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_weights, read_json, run_script, toy_reward_model, write_jsonl
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT, assert_same_weights, run_script, toy_reward_model, write_jsonl
 import toy_task
-from ppo import (Args, PolicyAndValue, adaptive_kl_coef, compute_gae, kl_shaped_rewards, logprobs_and_entropy, masked_whiten,
-                 ppo_policy_loss, ppo_value_loss, rollout, truncate_after_eos)
-from reward_model import rewards_at_eos
+from ppo import (
+    adaptive_kl_coef,
+    compute_gae,
+    kl_shaped_rewards,
+    logprobs_and_entropy,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    truncate_after_eos,
+)
 
 NAN = float("nan")
 
@@ -65,13 +69,16 @@ def test_gae_ignores_garbage_after_the_last_valid_token():
 
 
 # one token per case, eps = 0.2; loss = max(-A * rho, -A * clip(rho, 0.8, 1.2))
-@pytest.mark.parametrize("adv,ratio,want,clipped", [
-    (1.0, 1.1, -1.1, 0.0),   # inside the range
-    (1.0, 1.5, -1.2, 1.0),   # A > 0, ratio above: the clip binds, no incentive to go further
-    (1.0, 0.5, -0.5, 0.0),   # A > 0, ratio below: the unclipped term is the pessimistic one
-    (-1.0, 1.5, 1.5, 0.0),   # A < 0, ratio above: unclipped, the mistake is fully penalised
-    (-1.0, 0.5, 0.8, 1.0),   # A < 0, ratio below: the clip binds
-])
+@pytest.mark.parametrize(
+    "adv,ratio,want,clipped",
+    [
+        (1.0, 1.1, -1.1, 0.0),  # inside the range
+        (1.0, 1.5, -1.2, 1.0),  # A > 0, ratio above: the clip binds, no incentive to go further
+        (1.0, 0.5, -0.5, 0.0),  # A > 0, ratio below: the unclipped term is the pessimistic one
+        (-1.0, 1.5, 1.5, 0.0),  # A < 0, ratio above: unclipped, the mistake is fully penalised
+        (-1.0, 0.5, 0.8, 1.0),  # A < 0, ratio below: the clip binds
+    ],
+)
 def test_policy_loss_clipping_regimes(adv, ratio, want, clipped):
     old = torch.tensor([[-2.0, -1.0]])
     logprobs = torch.tensor([[-2.0 + math.log(ratio), 123.0]], requires_grad=True)  # second slot is padding
@@ -100,14 +107,19 @@ def test_policy_loss_is_a_mean_over_valid_tokens(dtype):
     assert vloss.item() == pytest.approx(0.5 * (0 + 1 + 4 + 9) / 4)  # ½ mean (V − R)², V = 1
 
 
-@pytest.mark.parametrize("v,v_old,ret,want,clipped", [
-    (1.0, 0.5, 2.0, 0.5 * 1.69, 1.0),  # clipped prediction 0.7 is further from 2: (0.7 - 2)^2 = 1.69
-    (0.6, 0.5, 2.0, 0.5 * 1.96, 0.0),  # inside the clip range: both terms (0.6 - 2)^2
-    (1.0, 0.5, 0.0, 0.5 * 1.0, 0.0),   # outside, but the unclipped error (1) is the larger
-])
+@pytest.mark.parametrize(
+    "v,v_old,ret,want,clipped",
+    [
+        (1.0, 0.5, 2.0, 0.5 * 1.69, 1.0),  # clipped prediction 0.7 is further from 2: (0.7 - 2)^2 = 1.69
+        (0.6, 0.5, 2.0, 0.5 * 1.96, 0.0),  # inside the clip range: both terms (0.6 - 2)^2
+        (1.0, 0.5, 0.0, 0.5 * 1.0, 0.0),  # outside, but the unclipped error (1) is the larger
+    ],
+)
 def test_value_loss_by_hand(v, v_old, ret, want, clipped):
     mask = torch.tensor([[True, False]])
-    loss, stats = ppo_value_loss(torch.tensor([[v, 9.0]]), torch.tensor([[v_old, NAN]]), torch.tensor([[ret, 3.0]]), mask, 0.2)
+    loss, stats = ppo_value_loss(
+        torch.tensor([[v, 9.0]]), torch.tensor([[v_old, NAN]]), torch.tensor([[ret, 3.0]]), mask, 0.2
+    )
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert stats["clipfrac"].item() == clipped
 
@@ -118,8 +130,9 @@ def test_masked_whiten_by_hand():
     # valid values 1, 2, 3: mean 2, population variance 2/3
     s = math.sqrt(2 / 3 + 1e-8)
     torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([[-1 / s, 0.0, 0.0], [1 / s, 0.0, 0.0]]))
-    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False),
-                               torch.tensor([[2 - 1 / s, 2.0, 0.0], [2 + 1 / s, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        masked_whiten(x, mask, shift_mean=False), torch.tensor([[2 - 1 / s, 2.0, 0.0], [2 + 1 / s, 0.0, 0.0]])
+    )
 
 
 def test_kl_shaping_places_the_score_on_the_last_real_token():
@@ -150,18 +163,19 @@ def test_k1_penalty_has_the_gradient_of_the_kl_and_k3_would_not():
 
     logp = theta.log_softmax(0)
     one = torch.ones(6, 1, dtype=torch.bool)
-    rewards, _, _ = kl_shaped_rewards(torch.zeros(6, dtype=torch.float64), logp.detach()[:, None], ref_logp[:, None],
-                                      one, one[:, 0], kl_coef=beta)
+    rewards, _, _ = kl_shaped_rewards(
+        torch.zeros(6, dtype=torch.float64), logp.detach()[:, None], ref_logp[:, None], one, one[:, 0], kl_coef=beta
+    )
     surrogate = (logp.exp().detach() * logp * rewards[:, 0]).sum()  # E_π[log π(y)] weighted by the fixed rewards
-    score_grad, = torch.autograd.grad(surrogate, theta)
-    kl_grad, = torch.autograd.grad(exact_kl(theta.log_softmax(0), ref_logp), theta)
+    (score_grad,) = torch.autograd.grad(surrogate, theta)
+    (kl_grad,) = torch.autograd.grad(exact_kl(theta.log_softmax(0), ref_logp), theta)
     torch.testing.assert_close(score_grad, -beta * kl_grad)
     # the same computation with k3 = (r − 1) − log r, r = π_ref/π, as the per-token penalty
     logp = theta.log_softmax(0)
     log_r = ref_logp - logp.detach()
     k3_surrogate = (logp.exp().detach() * logp * -beta * (torch.expm1(log_r) - log_r)).sum()
-    k3_grad, = torch.autograd.grad(k3_surrogate, theta)
-    reverse_grad, = torch.autograd.grad(exact_kl(ref_logp, theta.log_softmax(0)), theta)
+    (k3_grad,) = torch.autograd.grad(k3_surrogate, theta)
+    (reverse_grad,) = torch.autograd.grad(exact_kl(ref_logp, theta.log_softmax(0)), theta)
     torch.testing.assert_close(k3_grad, -beta * (kl_grad - reverse_grad))
     assert (k3_grad + beta * kl_grad).abs().max() > 0.05  # k3 would not optimise the KL-regularised objective
 
@@ -187,58 +201,6 @@ def test_adaptive_kl_controller_drives_the_kl_to_its_target():
 
 
 @pytest.fixture(scope="module")
-def gpt2_models(tmp_path_factory):
-    """The toy tokenizer with GPT-2 models (learned absolute positions: a wrong position id changes the
-    logits, unlike RoPE, which ignores a constant offset): a policy, a *different* reference, and a reward
-    and a value model with their own random heads."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    path = toy_task.save_base_model(str(tmp_path_factory.mktemp("toy_gpt2")))
-    tok = common.load_tokenizer(path)
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id, bos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        num_labels=1)
-    models = []
-    for seed, cls in ((0, GPT2LMHeadModel), (1, GPT2LMHeadModel), (2, GPT2ForSequenceClassification), (3, GPT2ForSequenceClassification)):
-        torch.manual_seed(seed)
-        models.append(cls(copy.deepcopy(config)).eval())
-    policy, ref, rm, value = models
-    rm.config.reward_bias = 0.25
-    return tok, policy, ref, rm, value
-
-
-def test_rollout_matches_unpadded_forward_passes(gpt2_models):
-    """Every row's log-probabilities under π and π_ref, score and values, from a batch with left-padded
-    prompts and right-padded responses, equal those of the same sequence alone without any padding."""
-    tok, policy, ref, rm, value = gpt2_models
-    args = Args(per_device_batch_size=5, response_length=12, temperature=0.7)
-    prompts = ["the plot", "a film was very dull and", "the cast", "every superb", "the music felt"] * 3
-    queries = common.encode_prompts(tok, prompts, templated=False)
-    torch.manual_seed(3)
-    r = rollout(PolicyAndValue(policy, value), ref, rm, queries, tok, args, torch.device("cpu"))
-    assert not r["has_eos"].all() and r["has_eos"].any()  # rows padded after their EOS, and rows cut at the cap
-    assert (r["query_mask"] == 0).any()  # some prompts were left-padded
-    for b, q in enumerate(queries):
-        resp = r["responses"][b][r["mask"][b]].tolist()
-        seq = torch.tensor([q + resp])
-        n = len(resp)
-        with torch.no_grad():
-            for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
-                logits = model(input_ids=seq).logits[0, len(q) - 1: -1] / 0.7  # predicting each response token
-                logits[:, tok.pad_token_id] = -float("inf")
-                torch.testing.assert_close(r[key][b, :n], logits.log_softmax(-1)[torch.arange(n), resp], atol=1e-4, rtol=1e-4)
-            want_score = rewards_at_eos(rm, seq, torch.ones_like(seq))[0]  # HF's own pooling, minus reward_bias
-            hidden = value.transformer(input_ids=seq).last_hidden_state[0, len(q) - 1: -1]
-            want_values = value.score(hidden).squeeze(-1)
-        torch.testing.assert_close(r["scores"][b], want_score, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(r["values"][b, :n], want_values, atol=1e-4, rtol=1e-4)
-        if r["has_eos"][b]:
-            assert resp[-1] == tok.eos_token_id and tok.eos_token_id not in resp[:-1]
-        assert tok.pad_token_id not in resp  # PAD is never sampled
-    assert (r["logprobs"] - r["ref_logprobs"]).abs().max() > 0.1  # the reference really is another model
-
-
-@pytest.fixture(scope="module")
 def toy_models(toy_base):
     """The toy tokenizer with a random policy and reward model, saved as folders."""
     tok = common.load_tokenizer(toy_base)
@@ -249,8 +211,13 @@ def toy_models(toy_base):
 
 def test_missing_reward_model_is_a_clear_error(toy_models):
     _, _, path = toy_models
-    proc = subprocess.run([sys.executable, "ppo.py", "--model-name", path, "--reward-model-name",
-                           os.path.join("runs", "models", "nope")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "ppo.py", "--model-name", path, "--reward-model-name", os.path.join("runs", "models", "nope")],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "run `python reward_model.py` first" in proc.stderr
 
 
@@ -260,54 +227,97 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
     rm.save_pretrained(rm_path)
     tok.save_pretrained(rm_path)
     out_dir = tmp_path / "ppo"
-    out = run_script(["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--batch-size", "16",
-                      "--per-device-batch-size", "4", "--num-minibatches", "2", "--num-ppo-epochs", "2",
-                      "--num-epochs", "0.00064", "--eval-every", "1", "--num-eval-prompts", "20", "--save-every", "1",
-                      "--kl-coef", "0.2", "--target-kl", "1.0", "--ptx-coef", "0.1", "--ent-coef", "0.01", "--output-dir", str(out_dir)])
-    ratio, approxkl = map(float, re.search(r"first minibatch: ratio ([\d.]+), approxkl ([\d.e+-]+)", out).groups())
-    assert ratio == pytest.approx(1.0, abs=1e-6) and approxkl < 1e-10
-    result = json.load(open(out_dir / "training_args.json"))["result"]
+    run_script(
+        [
+            "ppo.py",
+            "--model-name",
+            path,
+            "--reward-model-name",
+            rm_path,
+            "--batch-size",
+            "16",
+            "--per-device-batch-size",
+            "4",
+            "--num-minibatches",
+            "2",
+            "--num-ppo-epochs",
+            "2",
+            "--num-epochs",
+            "0.00064",
+            "--save-every",
+            "1",
+            "--kl-coef",
+            "0.2",
+            "--target-kl",
+            "1.0",
+            "--ptx-coef",
+            "0.1",
+            "--ent-coef",
+            "0.01",
+            "--output-dir",
+            str(out_dir),
+        ]
+    )
+    result = read_json(out_dir / "training_args.json")["result"]
+    assert result["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)  # logged each iteration
     # the adaptive controller moved β by at most ±0.2 · 16 / 10000 per iteration (it was logged before the last update)
     assert result["objective/kl_coef"] != 0.2 and abs(result["objective/kl_coef"] / 0.2 - 1) <= 0.2 * 16 / 10000 + 1e-9
-    for k in ["objective/scores", "objective/kl", "loss/policy", "loss/value", "loss/ptx", "val/explained_variance",
-              "eval/toy/gold_reward", "eval/toy/kl_to_ref", "toy/gold_reward"]:
+    for k in [
+        "objective/scores",
+        "objective/kl",
+        "loss/policy",
+        "loss/value",
+        "loss/ptx",
+        "val/explained_variance",
+        "toy/gold_reward",
+        "toy/kl_to_ref",
+    ]:
         assert math.isfinite(result[k]), k
     assert 0 <= result["charts/eos_rate"] <= 1 and 1 <= result["charts/response_length"] <= 24
     assert sorted(os.listdir(out_dir / "checkpoints")) == ["episode_0000016", "episode_0000032"]
 
 
 def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_models):
-    """2 processes × 4 episodes take the same PPO steps as 1 process with 8 (2 micro-batches of 4), with
-    DDP and with FSDP (all four models sharded, generation on gathered weights): sampling is seeded per
-    chunk of the global batch, advantages are whitened over all ranks, losses are means over the valid
-    tokens of the whole minibatch. The DDP run, resumed after iteration 1 (its later checkpoint removed),
-    ends bit-identical: optimizer, RNG states (minibatch shuffling), adaptive β and the PPO-ptx position."""
+    """2 processes × 4 episodes (the default per-device size) take the same PPO steps as 1 process with 8 (2
+    micro-batches of 4), with DDP and with FSDP (all four models sharded, generation on gathered weights):
+    sampling is seeded per chunk of the global batch, advantages are whitened over all ranks, losses are means
+    over the valid tokens of the whole minibatch. The DDP run, resumed after iteration 1 (its later checkpoint removed),
+    ends bit-identical: optimizer, random numbers (minibatch shuffling), adaptive β and the PPO-ptx position."""
     tok, rm, path = toy_models
     rm_path = str(tmp_path / "rm")
     rm.save_pretrained(rm_path)
     tok.save_pretrained(rm_path)
     data = tmp_path / "prompts"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "train", num_examples=16)["prompt"]])
-    write_jsonl(data / "test.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "eval", num_examples=4)["prompt"]])
+    write_jsonl(
+        data / "train.jsonl",
+        [{"prompt": p} for p in toy_task.make_dataset("prompt", "train", num_examples=16)["prompt"]],
+    )
+    write_jsonl(
+        data / "test.jsonl", [{"prompt": p} for p in toy_task.make_dataset("prompt", "eval", num_examples=4)["prompt"]]
+    )
     demos = write_jsonl(tmp_path / "demos.jsonl", toy_task.make_dataset("sft", "train", num_examples=32).to_list())
-    flags = ["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--dataset-name", str(data), "--batch-size", "8",
-             "--per-device-batch-size", "4", "--num-minibatches", "1", "--num-ppo-epochs", "2", "--num-epochs", "1",
-             "--max-length", "64", "--response-length", "24", "--learning-rate", "3e-3", "--kl-coef", "0.5",
-             "--target-kl", "0.5", "--kl-horizon", "100", "--ptx-coef", "0.1", "--ptx-dataset-name", demos]
-    run_script(flags + ["--output-dir", str(tmp_path / "one")])
-    run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)
+    flags = (
+        f"ppo.py --model-name {path} --reward-model-name {rm_path} --dataset-name {data} --batch-size 8 --num-minibatches 1"
+        f" --num-ppo-epochs 2 --num-epochs 1 --max-length 64 --response-length 24 --learning-rate 3e-3 --kl-coef 0.5"
+        f" --target-kl 0.5 --kl-horizon 100 --ptx-coef 0.1 --ptx-dataset-name {demos}"
+    ).split()
+    run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
+    run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)  # 4 per rank
     run_script(flags + ["--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
     for run in ("two", "fsdp"):
         assert_same_weights(str(tmp_path / "one"), str(tmp_path / run), path)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two" / "resume" / "step_0000001", resumed / "resume" / "step_0000001")
     out = run_script(flags + ["--resume", "--output-dir", str(resumed)], torchrun=2)
-    assert "at iteration 1" in out
-    straight, again = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert "at step 1" in out
+    straight, again = (
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+        load_file(str(resumed / "model.safetensors")),
+    )
     for k in straight:
         assert torch.equal(straight[k], again[k]), k
-    kl_coefs = [json.load(open(p / "training_args.json"))["result"]["objective/kl_coef"] for p in (tmp_path / "two", resumed)]
+    kl_coefs = [read_json(p / "training_args.json")["result"]["objective/kl_coef"] for p in (tmp_path / "two", resumed)]
     assert kl_coefs[0] == kl_coefs[1] != 0.5  # β adapted, and the resumed run carried it on
 
 
@@ -318,11 +328,35 @@ def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
     toy_reward_model(path).save_pretrained(rm_path)
     common.load_tokenizer(path).save_pretrained(rm_path)
     out_dir = tmp_path / "ppo"
-    out = run_script(["ppo.py", "--model-name", path, "--reward-model-name", rm_path, "--dataset-name", chat_data["prompt"],
-                      "--batch-size", "8", "--per-device-batch-size", "4", "--num-minibatches", "2", "--num-epochs", "0.3",
-                      "--max-length", "64", "--response-length", "8", "--learning-rate", "1e-3", "--output-dir", str(out_dir)])
-    assert "first minibatch: ratio 1.000000" in out
-    result = json.load(open(out_dir / "training_args.json"))["result"]
+    out = run_script(
+        [
+            "ppo.py",
+            "--model-name",
+            path,
+            "--reward-model-name",
+            rm_path,
+            "--dataset-name",
+            chat_data["prompt"],
+            "--batch-size",
+            "8",
+            "--per-device-batch-size",
+            "4",
+            "--num-minibatches",
+            "2",
+            "--num-epochs",
+            "0.3",
+            "--max-length",
+            "64",
+            "--response-length",
+            "8",
+            "--learning-rate",
+            "1e-3",
+            "--output-dir",
+            str(out_dir),
+        ]
+    )
+    assert "first minibatch ratio 1.000000" in out
+    result = read_json(out_dir / "training_args.json")["result"]
     assert math.isfinite(result["loss/policy"]) and 1 <= result["charts/response_length"] <= 8
 
 

@@ -11,11 +11,13 @@ from toy_task import ToyTask
 
 # A miniature language: 3 words, explicit transition rows (last column EOS), cap of 3 tokens.
 MINI_WORDS = ["good", "bad", "the"]
-MINI_TRANS = np.array([
-    [0.1, 0.2, 0.3, 0.4],  # after "good"
-    [0.3, 0.1, 0.2, 0.4],  # after "bad"
-    [0.4, 0.3, 0.2, 0.1],  # after "the"
-])
+MINI_TRANS = np.array(
+    [
+        [0.1, 0.2, 0.3, 0.4],  # after "good"
+        [0.3, 0.1, 0.2, 0.4],  # after "bad"
+        [0.4, 0.3, 0.2, 0.1],  # after "the"
+    ]
+)
 CAP = 3
 
 
@@ -53,7 +55,9 @@ def test_hand_values(mini):
     # three words reach the cap of 3 tokens: cut, no EOS factor. P(bad|the) P(the|bad) P(the|the)
     assert mini.ref_logprob("the", "bad the the", max_response_tokens=CAP) == pytest.approx(math.log(0.3 * 0.2 * 0.2))
     # without a cap the EOS after "the" counts too
-    assert mini.ref_logprob("the", "bad the the", max_response_tokens=None) == pytest.approx(math.log(0.3 * 0.2 * 0.2 * 0.1))
+    assert mini.ref_logprob("the", "bad the the", max_response_tokens=None) == pytest.approx(
+        math.log(0.3 * 0.2 * 0.2 * 0.1)
+    )
     with pytest.raises(ValueError, match="not a word"):
         mini.gold_reward("the", "excellent")
     with pytest.raises(ValueError, match="over the cap"):
@@ -79,10 +83,18 @@ def test_frontier_matches_enumeration(mini, beta):
 
 def test_frontier_limits(mini):
     prompts = ["the", "bad"]
-    ref_reward = np.mean([sum(math.exp(mini.ref_logprob(p, y, max_response_tokens=CAP)) * mini.gold_reward(p, y)
-                              for y in all_responses()) for p in prompts])
-    (_, kl_inf, r_inf), (_, kl_big, r_big), (_, kl_small, r_small) = mini.optimal_frontier(
-        prompts, [math.inf, 1e6, 0.01], max_response_tokens=CAP)
+    ref_reward = np.mean(
+        [
+            sum(
+                math.exp(mini.ref_logprob(p, y, max_response_tokens=CAP)) * mini.gold_reward(p, y)
+                for y in all_responses()
+            )
+            for p in prompts
+        ]
+    )
+    (_, kl_inf, r_inf), (_, kl_big, r_big), (_, _kl_small, r_small) = mini.optimal_frontier(
+        prompts, [math.inf, 1e6, 0.01], max_response_tokens=CAP
+    )
     assert kl_inf == 0 and r_inf == pytest.approx(ref_reward, abs=1e-12)
     assert kl_big < 1e-9 and r_big == pytest.approx(ref_reward, abs=1e-5)
     # beta -> 0: the best response with certainty. From "the" or "bad", "good bad good" is cut at the cap
@@ -132,8 +144,12 @@ def test_datasets_deterministic_disjoint_and_labelled():
     assert not train & evals
     pairs = toy_task.make_dataset("preference", "eval", num_examples=4000, seed=1)
     assert all(c != r for c, r in zip(pairs["chosen"], pairs["rejected"]))
-    d = np.array([toy_task.gold_reward(p, c) - toy_task.gold_reward(p, r)
-                  for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])])
+    d = np.array(
+        [
+            toy_task.gold_reward(p, c) - toy_task.gold_reward(p, r)
+            for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+        ]
+    )
     # Bradley-Terry labels: among pairs with different rewards, the better response is chosen with
     # probability sigmoid(|d|); the empirical rate must match the Bayes accuracy computed from the rewards
     differ = d != 0
@@ -172,6 +188,10 @@ def test_in_memory_base_model_and_tokenizer_are_the_saved_ones(tmp_path):
     assert not torch.equal(toy_task.make_base_model(4).lm_head.weight, b["lm_head.weight"])  # the seed matters
     disk, toy = common.load_tokenizer(str(tmp_path)), common.load_tokenizer("toy")
     assert toy.get_vocab() == disk.get_vocab() and len(toy) == len(toy_task.WORDS) + 3
-    assert (toy.pad_token_id, toy.eos_token_id, toy.bos_token_id) == (disk.pad_token_id, disk.eos_token_id, None) == (0, 1, None)
+    assert (
+        (toy.pad_token_id, toy.eos_token_id, toy.bos_token_id)
+        == (disk.pad_token_id, disk.eos_token_id, None)
+        == (0, 1, None)
+    )
     for m in (saved, model):
         assert (m.generation_config.pad_token_id, m.generation_config.eos_token_id) == (0, 1)
