@@ -544,13 +544,13 @@ def report(what, stats):
         print(f"{what}: of {stats['total']} examples, " + ", ".join(f"{k} {v}" for k, v in lost.items()))
     if stats.get("unlocated_turns"):
         print(
-            f"warning: {what}: {stats['unlocated_turns']} assistant turns were not found in the chat template's rendering "
-            "of their conversation and carry no loss; check tokenizer.chat_template"
+            f"warning: {what}: {stats['unlocated_turns']} assistant turns were not found in the chat template's "
+            "rendering of their conversation and carry no loss; check tokenizer.chat_template"
         )
     if stats.get("prompt_not_prefix"):
         print(
-            f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are not "
-            "a prefix of prompt + response's (a token merges across the boundary); split at the common prefix"
+            f"warning: {what}: in {stats['prompt_not_prefix']} of {stats['total']} examples the prompt's tokens are "
+            "not a prefix of prompt + response's (a token merges across the boundary); split at the common prefix"
         )
 
 

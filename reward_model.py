@@ -372,7 +372,8 @@ if __name__ == "__main__":
         ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
         ref_seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, ref_ds, 10**9)[0]]  # none cut
         ref_seqs = [s for s in ref_seqs if len(s) <= args.max_length]
-        what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({len(ref_ds) - len(ref_seqs)} too long or dropped)"
+        skipped = len(ref_ds) - len(ref_seqs)
+        what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({skipped} too long or dropped)"
     else:
         ref_seqs = [p["prompt"] + p["chosen"] for p in train_pairs[: args.num_reference_examples]]
         what = f"the chosen responses of {len(ref_seqs)} training pairs (--reference-dataset-name for SFT data)"

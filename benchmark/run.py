@@ -24,160 +24,60 @@ ROOT = os.path.dirname(HERE)
 
 def workloads(out):
     """name -> (description, our command, TRL's command); the same inputs, batch and steps on both sides."""
-    toy, smol = os.path.join(out, "toy"), os.path.join(out, "smol")
-    tmp = tempfile.mkdtemp()
-    ours = lambda script, *flags: [
-        sys.executable,
-        os.path.join(ROOT, script),
-        "--output-dir",
-        os.path.join(tmp, script),
-        *flags,
-    ]
-    trl = lambda mode, model, data, *flags: [os.path.join(HERE, "trl_side.py"), mode, model, data, *flags]
-    toy_flags = [
-        "--model-name",
-        f"{toy}/model",
-        "--batch-size",
-        "64",
-        "--per-device-batch-size",
-        "64",
-        "--max-length",
-        "64",
-        "--eval-every",
-        "1000",
-    ]
-    smol_flags = [
-        "--model-name",
-        f"{smol}/model",
-        "--batch-size",
-        "8",
-        "--per-device-batch-size",
-        "8",
-        "--max-length",
-        "256",
-        "--eval-every",
-        "1000",
-    ]
+    toy, smol, tmp = os.path.join(out, "toy"), os.path.join(out, "smol"), tempfile.mkdtemp()
+
+    def ours(script, flags):
+        return [sys.executable, os.path.join(ROOT, script), "--output-dir", os.path.join(tmp, script), *flags.split()]
+
+    def trl(mode, flags):
+        return [os.path.join(HERE, "trl_side.py"), mode, *flags.split()]
+
+    toy_flags = f"--model-name {toy}/model --batch-size 64 --max-length 64 --eval-every 1000"
+    smol_flags = f"--model-name {smol}/model --batch-size 8 --max-length 256 --eval-every 1000"
+    ppo = (
+        "--num-epochs 0.5 --batch-size 256 --num-minibatches 4 --num-ppo-epochs 4 --response-length 24 --max-length 64"
+    )
     return {
         "toy_sft": (
             "SFT, toy model, 5,120 examples, batch 64",
             ours(
                 "sft.py",
-                *toy_flags,
-                "--dataset-name",
-                f"{toy}/sft",
-                "--num-epochs",
-                "1",
-                "--learning-rate",
-                "3e-3",
-                "--num-sample-completions",
-                "0",
+                f"{toy_flags} --dataset-name {toy}/sft --num-epochs 1 --learning-rate 3e-3 --num-sample-completions 0",
             ),
-            trl("sft", f"{toy}/model", f"{toy}/sft", "--learning-rate", "3e-3"),
+            trl("sft", f"{toy}/model {toy}/sft --learning-rate 3e-3"),
         ),
         "toy_reward": (
             "reward model, toy model, 5,120 pairs, batch 64",
-            ours("reward_model.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "1e-3"),
-            trl("reward", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "1e-3"),
+            ours("reward_model.py", f"{toy_flags} --dataset-name {toy}/pairs --learning-rate 1e-3"),
+            trl("reward", f"{toy}/model {toy}/pairs --learning-rate 1e-3"),
         ),
         "toy_dpo": (
             "DPO, toy model, 5,120 pairs, batch 64",
-            ours("dpo.py", *toy_flags, "--dataset-name", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1"),
-            trl("dpo", f"{toy}/model", f"{toy}/pairs", "--learning-rate", "5e-4", "--beta", "1"),
+            ours("dpo.py", f"{toy_flags} --dataset-name {toy}/pairs --learning-rate 5e-4 --beta 1"),
+            trl("dpo", f"{toy}/model {toy}/pairs --learning-rate 5e-4 --beta 1"),
         ),
         "toy_ppo": (
             "PPO, toy model, 10 iterations of 256 episodes, 4 minibatches x 4 epochs (TRL 1.12)",
             ours(
                 "ppo.py",
-                "--model-name",
-                f"{toy}/model",
-                "--reward-model-name",
-                f"{toy}/model",
-                "--dataset-name",
-                f"{toy}/prompts",
-                "--num-epochs",
-                "0.5",
-                "--batch-size",
-                "256",
-                "--num-minibatches",
-                "4",
-                "--num-ppo-epochs",
-                "4",
-                "--per-device-batch-size",
-                "64",
-                "--response-length",
-                "24",
-                "--max-length",
-                "64",
-                "--learning-rate",
-                "3e-4",
-                "--kl-coef",
-                "0.5",
-                "--eval-every",
-                "1000",
-                "--num-eval-prompts",
-                "8",
-                "--num-sample-completions",
-                "0",
-                "--generation-batch-size",
-                "256",
-                "--rollout-forward-batch-size",
-                "256",
+                f"--model-name {toy}/model --reward-model-name {toy}/model --dataset-name {toy}/prompts {ppo} "
+                "--learning-rate 3e-4 --kl-coef 0.5 --generation-batch-size 256 --rollout-forward-batch-size 256",
             ),
-            trl(
-                "ppo",
-                f"{toy}/model",
-                f"{toy}/prompts",
-                "--learning-rate",
-                "3e-4",
-                "--iterations",
-                "10",
-                "--rollout-batch-size",
-                "256",
-            ),
+            trl("ppo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10 --rollout-batch-size 256"),
         ),
         "smol_sft": (
-            "SFT, SmolLM2-135M architecture, 64 chat-shaped examples (prompt ~150 tokens masked, completion ~50), batch 8",
+            "SFT, SmolLM2-135M architecture, 64 chat-shaped examples (prompt ~150 tokens masked, answer ~50), batch 8",
             ours(
                 "sft.py",
-                *smol_flags,
-                "--dataset-name",
-                f"{smol}/sft",
-                "--num-epochs",
-                "1",
-                "--learning-rate",
-                "1e-5",
-                "--num-sample-completions",
-                "0",
+                f"{smol_flags} --dataset-name {smol}/sft --num-epochs 1 --learning-rate 1e-5 "
+                "--num-sample-completions 0",
             ),
-            trl(
-                "sft",
-                f"{smol}/model",
-                f"{smol}/sft",
-                "--batch-size",
-                "8",
-                "--max-length",
-                "256",
-                "--learning-rate",
-                "1e-5",
-            ),
+            trl("sft", f"{smol}/model {smol}/sft --batch-size 8 --max-length 256 --learning-rate 1e-5"),
         ),
         "smol_dpo": (
             "DPO, SmolLM2-135M architecture, 32 chat-shaped pairs (prompt ~150 tokens, responses ~50), batch 8",
-            ours("dpo.py", *smol_flags, "--dataset-name", f"{smol}/pairs", "--learning-rate", "1e-6", "--beta", "0.1"),
-            trl(
-                "dpo",
-                f"{smol}/model",
-                f"{smol}/pairs",
-                "--batch-size",
-                "8",
-                "--max-length",
-                "256",
-                "--learning-rate",
-                "1e-6",
-                "--beta",
-                "0.1",
-            ),
+            ours("dpo.py", f"{smol_flags} --dataset-name {smol}/pairs --learning-rate 1e-6 --beta 0.1"),
+            trl("dpo", f"{smol}/model {smol}/pairs --batch-size 8 --max-length 256 --learning-rate 1e-6 --beta 0.1"),
         ),
     }
 

@@ -1,13 +1,18 @@
 """Offline stand-ins for Hub models and datasets: tiny real architectures and a BPE tokenizer
 trained on the fly, saved in the Hub's formats (save_pretrained, JSONL)."""
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # offline, and before transformers loads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = ["red", "green", "blue", "a deep shade of purple", "yellow", "orange", "black", "white"]
@@ -48,8 +53,9 @@ FAMILIES = {
         "extra": ["<start_of_turn>", "<pad>"],
         "pad": "<pad>",
         "stop_ids_declared": True,
-        "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
-        "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+        "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
     },
 }
 
@@ -298,16 +304,35 @@ def toy_data_file(path, kind, n, seed=0):
     return write_jsonl(path, toy_task.make_dataset(kind, "train", num_examples=n, seed=seed).to_list())
 
 
-def run_script(args, timeout=300, torchrun=0):
-    """Run a script of the project through its real command line; returns stdout, fails on error."""
-    cmd = (
-        [sys.executable]
-        + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"] if torchrun else [])
-        + args
-    )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def run_script(args, torchrun=0):
+    """Run a script of the project through its real command line; returns stdout, fails on error. Alone it runs in
+    this process (as `python script.py args` would, from the project root: runpy, sys.argv), which spares the
+    seconds of importing torch and transformers again; with `torchrun` N processes under torch.distributed.run."""
     if torchrun:
-        env["OMP_NUM_THREADS"] = "1"  # one thread per process on a 2-core machine
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        proc = subprocess.run(
+            launch + args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc.stdout
+    out, argv, cwd = io.StringIO(), sys.argv, os.getcwd()
+    sys.argv = list(args)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(os.path.join(ROOT, args[0]), run_name="__main__")
+    except SystemExit as e:  # a script's `raise SystemExit` after its work: exit code 0
+        if e.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return out.getvalue()
+
+
+def script_error(args):
+    """The message of the error a script's command line stops with (run as run_script does)."""
+    with pytest.raises((SystemExit, ValueError, FloatingPointError)) as e:
+        run_script(args)
+    return str(e.value)

@@ -4,9 +4,11 @@ values, using Llamas with no layers whose logits are a Markov chain (P_ref itsel
 copy), for which toy_task's dynamic programming gives the exact answer."""
 
 import itertools
+import json
 import math
 import shutil
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -239,34 +241,15 @@ def test_smoke(tmp_path, markov_models):
     shutil.copytree(ref_path, same)
     out_dir = tmp_path / "eval"
     run_script(
-        [
-            "evaluate.py",
-            "--policies",
-            ref_path,
-            pol_path,
-            same,
-            "--ref-policy",
-            ref_path,
-            "--reward-model-name",
-            rm_path,
-            "--num-samples",
-            "600",
-            "--best-of-n",
-            "1",
-            "2",
-            "4",
-            "16",
-            "--checkpoints-dir",
-            str(ckpts),
-            "--output-dir",
-            str(out_dir),
-        ]
+        f"evaluate.py --policies {ref_path} {pol_path} {same} --ref-policy {ref_path} --reward-model-name {rm_path} "
+        f"--num-samples 600 --best-of-n 1 2 4 16 --checkpoints-dirs {ckpts} --output-dir {out_dir}".split()
     )
     results = read_json(out_dir / "results.json")
     ref_row, pol_row, same_row = results["policies"]
     # the reference policy is P_ref itself, so two independent routes to each sample's KL must agree: the
     # models' log-probabilities (kl_to_ref_policy) and toy_task's exact log P_ref (kl_to_p_ref)
-    for row in results["policies"] + results["checkpoints"]:
+    (checkpoints,) = results["checkpoints"].values()
+    for row in results["policies"] + checkpoints:
         assert row["kl_to_ref_policy"] == pytest.approx(row["kl_to_p_ref"], abs=1e-3)
     assert abs(same_row["kl_to_ref_policy"]) < 1e-5  # a separately loaded copy of the reference: KL 0
     # and the perturbed policy's sampled KL is near its exact value (dynamic programming over the chain)
@@ -292,6 +275,37 @@ def test_smoke(tmp_path, markov_models):
     # effective sample size) is the exact frontier's
     beta, kl, r, ess = results["frontier_vs_ref_policy"][1]
     assert beta == 20 and ess > 12 and r == pytest.approx(frontier_reward_at(kl, results["frontier"]), abs=0.1)
-    assert len(results["checkpoints"]) == 2
-    for f in ("results.csv", "results.md", "frontier.png", "overoptimisation.png"):
+    assert [r["episodes"] for r in checkpoints] == [1, 2]
+    for f in ("results.md", "frontier.png", "checkpoints.png"):
         assert (out_dir / f).stat().st_size > 0
+
+
+def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
+    """--write-best-of-n: one row per training prompt (prompt, completion: the text after the prompt), each the
+    reward model's best of 8 reference samples, so that its mean score beats the reference's own samples."""
+    ref_path, _, _ = markov_models
+    rm_path = str(tmp_path / "rm")
+    toy_task.save_base_model(rm_path)
+    toy_reward_model(rm_path).save_pretrained(rm_path)
+    data = tmp_path / "best.jsonl"
+    flags = f"evaluate.py --ref-policy {ref_path} --reward-model-name {rm_path} --num-samples 200"
+    run_script(f"{flags} --best-of-n 8 --write-best-of-n {data}".split())
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == toy_task.make_dataset("prompt", "train", seed=1)["prompt"][:200]
+    assert all(r["completion"] == "" or r["completion"].startswith(" ") for r in rows)  # "": only the EOS
+    from transformers import AutoModelForSequenceClassification
+
+    tok = common.load_tokenizer(rm_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+    common.fit_model(rm, tok)
+
+    def mean_score(path):
+        ds = datasets.Dataset.from_list([json.loads(line) for line in path.read_text().splitlines()])
+        seqs = [e["input_ids"] for e in common.tokenize_sft(tok, ds, 64)[0]]
+        with torch.no_grad():
+            return rm(
+                input_ids=common.pad(seqs, tok.pad_token_id), attention_mask=common.attention_mask(seqs)
+            ).logits.mean()
+
+    run_script(f"{flags} --best-of-n 1 --write-best-of-n {tmp_path / 'one.jsonl'}".split())
+    assert mean_score(data) > mean_score(tmp_path / "one.jsonl") + 0.05

@@ -5,12 +5,10 @@ and the script through its command line (first minibatch: ratio 1, approx-KL 0).
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, read_json, run_script, toy_reward_model, write_jsonl
+from conftest import assert_same_weights, read_json, run_script, script_error, toy_reward_model, write_jsonl
 from safetensors.torch import load_file
 
 import common
@@ -211,14 +209,10 @@ def toy_models(toy_base):
 
 def test_missing_reward_model_is_a_clear_error(toy_models):
     _, _, path = toy_models
-    proc = subprocess.run(
-        [sys.executable, "ppo.py", "--model-name", path, "--reward-model-name", os.path.join("runs", "models", "nope")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    message = script_error(
+        ["ppo.py", "--model-name", path, "--reward-model-name", os.path.join("runs", "models", "nope")]
     )
-    assert proc.returncode != 0 and "run `python reward_model.py` first" in proc.stderr
+    assert "run `python reward_model.py` first" in message
 
 
 def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
@@ -298,9 +292,10 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_models):
     )
     demos = write_jsonl(tmp_path / "demos.jsonl", toy_task.make_dataset("sft", "train", num_examples=32).to_list())
     flags = (
-        f"ppo.py --model-name {path} --reward-model-name {rm_path} --dataset-name {data} --batch-size 8 --num-minibatches 1"
-        f" --num-ppo-epochs 2 --num-epochs 1 --max-length 64 --response-length 24 --learning-rate 3e-3 --kl-coef 0.5"
-        f" --target-kl 0.5 --kl-horizon 100 --ptx-coef 0.1 --ptx-dataset-name {demos}"
+        f"ppo.py --model-name {path} --reward-model-name {rm_path} --dataset-name {data} --batch-size 8"
+        f" --num-minibatches 1 --num-ppo-epochs 2 --num-epochs 1 --max-length 64 --response-length 24"
+        f" --learning-rate 3e-3 --kl-coef 0.5 --target-kl 0.5 --kl-horizon 100 --ptx-coef 0.1"
+        f" --ptx-dataset-name {demos}"
     ).split()
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
     run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)  # 4 per rank

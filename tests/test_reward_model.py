@@ -4,18 +4,16 @@ and the script through its command line."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
 from conftest import (
-    ROOT,
     assert_same_weights,
     read_json,
     result_of,
     run_script,
+    script_error,
     toy_data_file,
     toy_reward_model,
     write_jsonl,
@@ -88,15 +86,9 @@ def test_reward_is_read_at_eos_whatever_the_padding(toy_rm):
     assert padded.any() and ((last_slot - batched).abs()[padded] > 1e-3).all()
 
 
-def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "reward_model.py", "--model-name", os.path.join("runs", "models", "nope")],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and "run `python sft.py` first" in proc.stderr
+def test_missing_sft_checkpoint_is_a_clear_error():
+    message = script_error(["reward_model.py", "--model-name", os.path.join("runs", "models", "nope")])
+    assert "run `python sft.py` first" in message
 
 
 def test_smoke_toy_and_normalisation(tmp_path):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, markov_llama, read_json, result_of, run_script, toy_data_file
+from conftest import ROOT, markov_llama, read_json, result_of, run_script, script_error, toy_data_file
 from safetensors.torch import load_file
 
 import common
@@ -370,8 +370,7 @@ def test_nan_loss_stops_every_rank_before_the_update(tmp_path):
 
 
 def test_fsdp_needs_torchrun():
-    proc = subprocess.run([sys.executable, "sft.py", "--fsdp"], check=False, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and "--fsdp runs under torchrun" in proc.stderr
+    assert "--fsdp runs under torchrun" in script_error(["sft.py", "--fsdp"])
 
 
 def test_checkpoint_round_trip_and_resume_errors(tmp_path):
@@ -460,13 +459,5 @@ def test_resume_is_bit_identical_with_dropout_and_samples(tmp_path):
 
 
 def test_toy_max_length_too_short_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "sft.py", "--max-length", "3", "--output-dir", str(tmp_path)],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        proc.returncode != 0 and "--max-length 3 cuts toy examples" in proc.stderr and "use at least 30" in proc.stderr
-    )
+    message = script_error(["sft.py", "--max-length", "3", "--output-dir", str(tmp_path)])
+    assert "--max-length 3 cuts toy examples" in message and "use at least 30" in message

@@ -1,0 +1,641 @@
+"""Online RL without a value model: GRPO, Dr. GRPO and RLOO, picked by --advantage.
+
+Each prompt is answered G times (--group-size) and each response's advantage comes from its group's rewards:
+GRPO (Shao et al. 2024) subtracts the group mean and divides by the group's std, Dr. GRPO (Liu et al. 2025) only
+subtracts the mean, RLOO (Ahmadian et al. 2024) subtracts the mean of the other G − 1. The response is one action:
+its advantage is every token's. The KL to the SFT model goes into the reward as k1 (as in ppo.py), or into the
+loss as k3 (GRPO's, whose gradient is that of KL(π_ref ‖ π)). Each iteration:
+1. sample G responses to each prompt of a batch from the policy; all after its first end token is padding;
+2. score them with the reward model (reward_model.py) or, on the toy task with --gold-reward, the exact reward;
+3. the KL penalty: −β Σ_t log π/π_ref in the reward (k1), or nothing here (k3 in the loss);
+4. advantages from each group's rewards;
+5. PPO's clipped surrogate (Schulman et al. 2017) for a few epochs over shuffled minibatches, its per-token losses
+   summed with the weights of --loss-aggregation;
+6. log means over every response or valid token of the whole iteration.
+
+    python grpo.py  # GRPO from runs/models/sft and runs/models/reward_model on the toy task, CPU, ~2 minutes
+    python grpo.py --advantage rloo --output-dir runs/models/rloo  # RLOO
+    torchrun --nproc_per_node 8 grpo.py --dataset-name trl-lib/tldr --max-length 565 --response-length 53 \
+        --group-size 8 --batch-size 512 --learning-rate 3e-6 --kl-coef 0.05 --per-device-batch-size 16 --bf16
+"""
+
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- shared by every script ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of Python, NumPy and PyTorch (rank r uses seed + r)"""
+    device: str = "auto"
+    """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
+    bf16: bool = False
+    """bfloat16 autocast for the forward passes (weights and AdamW state stay float32)"""
+    fsdp: bool = False
+    """shard weights, gradients and AdamW state over the ranks (FSDP2) instead of copying them (DDP)"""
+    track: bool = False
+    """also log to Weights & Biases (pip install wandb; project and team from WANDB_PROJECT, WANDB_ENTITY)"""
+    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
+    """folder the trained model and its tokenizer are saved to"""
+    checkpoint_every: int = 0
+    """optimizer steps between checkpoints for --resume, in {output_dir}/resume (0: none)"""
+    resume: bool = False
+    """continue from the latest complete checkpoint (same flags, same number of ranks)"""
+
+    # ---- model, data, optimisation: the same names in every script ----
+    model_name: str = os.path.join("runs", "models", "sft")
+    """Hub id or local folder of the model to start from (default: sft.py's); also the frozen reference"""
+    dataset_name: str = "toy"
+    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt (or messages)"""
+    dataset_train_split: str = "train"
+    """split whose prompts are trained on"""
+    max_length: int | None = None
+    """tokens per sequence (prompt + response); default 64 on the toy task, else 1024"""
+    truncation_mode: Literal["drop", "keep_end"] = "drop"
+    """a prompt over --max-length − --response-length is dropped, or loses its oldest tokens after the BOS"""
+    batch_size: int = 256
+    """responses per iteration (episodes; --group-size per prompt), summed over ranks"""
+    per_device_batch_size: int | None = None
+    """sequences per forward pass on one device in the update; default a minibatch / ranks"""
+    num_epochs: float | None = None
+    """episodes in all, as a multiple of the number of training prompts; default 0.1 on the toy task, else 1"""
+    learning_rate: float | None = None
+    """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """decay after the warmup, to 0 at the last iteration"""
+    warmup_ratio: float = 0.0
+    """share of the iterations spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW's epsilon (Huang et al. 2024)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more compute"""
+
+    # ---- GRPO ----
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """grpo: (r − group mean) / group std; dr_grpo: r − group mean; rloo: r − the mean of the other G − 1"""
+    group_size: int = 4
+    """responses sampled per prompt (G)"""
+    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    """the per-token losses' sum: each response's token mean, then their mean (GRPO); one mean over every token
+    (DAPO); or the sum over a constant, responses × --response-length (Dr. GRPO)"""
+    kl_penalty: Literal["k1_reward", "k3_loss"] = "k1_reward"
+    """the KL to the SFT model: k1 summed into each response's reward (as in ppo.py), or GRPO's k3 in the loss"""
+    kl_coef: float | None = None
+    """β, the KL penalty's weight; default 0.5 on the toy task (unit-scale rewards), else 0.05"""
+    reward_model_name: str = os.path.join("runs", "models", "reward_model")
+    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
+    gold_reward: bool = False
+    """toy task only: the exact gold reward instead of the reward model (a verifiable reward)"""
+    response_length: int | None = None
+    """most tokens per response, its end token included (cut there); default 24 on the toy task, else 256"""
+    temperature: float = 1.0
+    """sampling temperature, applied to the logits in rollout and update alike"""
+    missing_eos_penalty: float = 1.0
+    """taken off the score of a response cut without an end token"""
+    num_ppo_epochs: int = 4
+    """passes of updates over each batch of responses"""
+    num_minibatches: int = 4
+    """optimizer steps per epoch (shuffled minibatches of the batch)"""
+    cliprange: float = 0.2
+    """the ratio is clipped to [1 − ε, 1 + ε]"""
+    save_every: int = 0
+    """iterations between intermediate policies saved to {output_dir}/checkpoints (0: the final one only)"""
+    generation_batch_size: int | None = None
+    """responses per generate call (samples are seeded per call); default --per-device-batch-size"""
+    rollout_forward_batch_size: int | None = None
+    """sequences per no-gradient forward pass scoring a rollout; default --per-device-batch-size"""
+
+    # ---- derived after parsing, not flags ----
+    world_size: tyro.conf.Suppress[int] = 1
+    grad_accum_steps: tyro.conf.Suppress[int] = 1
+    num_iterations: tyro.conf.Suppress[int] = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
+
+
+# ---- pure math (tested by hand in tests/test_grpo.py) ----
+def group_advantages(rewards, group_size, kind="grpo"):
+    """Advantages (B,) of rewards (B,) that come in groups of `group_size` consecutive responses to one prompt:
+    grpo:    (r − mean) / (std + 1e-4)       Shao et al. 2024 (the group's sample std, as TRL)
+    dr_grpo: r − mean                        Liu et al. 2025: no std, which would weigh prompts by how little
+                                             their rewards vary
+    rloo:    r − mean of the other G − 1     Ahmadian et al. 2024: = G/(G − 1) · (r − mean)"""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if kind == "grpo":
+        return (centred / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    if kind == "dr_grpo":
+        return centred.view(-1)
+    if kind == "rloo":
+        return (centred * group_size / (group_size - 1)).view(-1)
+    raise ValueError(f"unknown advantage {kind!r}")
+
+
+def token_weights(mask, aggregation, num_responses, num_tokens, response_length):
+    """(B, T) weights w of the valid tokens (mask (B, T)) such that the loss is Σ w · per-token loss, where
+    num_responses and num_tokens count the whole minibatch (every micro-batch and rank):
+      sequence_mean: 1 / (|y_i| · N)       each response's token mean, then the mean over responses (GRPO)
+      token_mean:    1 / Σ|y|              one mean over every token of the minibatch (DAPO)
+      constant:      1 / (N · max |y|)     Dr. GRPO: a constant normaliser, so no response length is favoured"""
+    mask = mask.float()
+    if aggregation == "sequence_mean":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * num_responses)
+    if aggregation == "token_mean":
+        return mask / num_tokens
+    if aggregation == "constant":
+        return mask / (num_responses * response_length)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
+def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_range):
+    """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) with ρ = exp(log π − log π_old),
+    summed with `weights` (B, T), 0 on padding; logprobs, old_logprobs (B, T), advantages (B,) one per response.
+    Returns (loss, detached means over the valid tokens: surrogate, clipfrac, approxkl = ½(log ρ)², ratio = ρ)."""
+    mask = weights > 0
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio, A = log_ratio.exp(), advantages[:, None]
+    unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)
+    surrogate = torch.max(unclipped, clipped)
+    stats = {
+        "surrogate": surrogate,
+        "clipfrac": (clipped > unclipped).float(),
+        "approxkl": 0.5 * log_ratio**2,
+        "ratio": ratio,
+    }
+    return (weights * surrogate).sum(), {k: masked_mean(v, mask).detach() for k, v in stats.items()}
+
+
+def k3(logprobs, ref_logprobs):
+    """Schulman's k3 estimate of KL(π ‖ π_ref) at each sampled token, (ρ − 1) − log ρ with ρ = π_ref/π: ≥ 0 and
+    unbiased as a value. As a loss differentiated on samples of π (GRPO) its expected gradient is that of
+    KL(π_ref ‖ π), the reverse of the KL the objective names (tested on a categorical)."""
+    log_rho = ref_logprobs - logprobs
+    return torch.expm1(log_rho) - log_rho
+
+
+def masked_mean(x, mask):
+    """Mean of x where mask holds (bool or 0/1); whatever x holds elsewhere is ignored."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def truncate_after_eos(responses, stop_ids, pad_id):
+    """responses (B, T), stop_ids (the ids that end a response) -> (responses with PAD after the first end token,
+    mask (B, T) true up to and including it, has_eos (B,)). A row without one was cut at T and is valid throughout."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
+    has_eos = is_eos.any(1)
+    last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,)
+    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
+    return torch.where(mask, responses, pad_id), mask, has_eos
+
+
+def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
+    """logits (R, V) predicting tokens (R,) -> float32 (log-probabilities (R,), entropies (R,)) of the sampling
+    distribution softmax(logits / T) with PAD excluded. In chunks of rows, each cast to float32 alone and
+    recomputed in backward; the entropy has a gradient only with `entropy_grad` (a bonus), else it is a statistic."""
+
+    def chunk(x, y, entropy=True):  # (r, V), (r,) -> (r,), (r,) or None
+        x = x.float() / temperature
+        x[:, pad_id] = -1e9  # finite, so that p log p is 0 (not NaN) for PAD
+        logp = x - x.logsumexp(-1, keepdim=True)
+        return logp.gather(1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1) if entropy else None
+
+    out = []
+    for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            out.append(chunk(x, y))
+        elif entropy_grad:
+            out.append(torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False))
+        else:
+            lp, _ = torch.utils.checkpoint.checkpoint(chunk, x, y, False, use_reentrant=False)
+            with torch.no_grad():
+                out.append((lp, chunk(x, y)[1]))
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
+
+
+# ---- small model helpers ----
+def model_inputs(query_ids, query_mask, responses, mask):
+    """Inputs of one forward pass over left-padded prompts (B, Lq) and right-padded responses (B, T), all (B, Lq +
+    T): positions count each row's real tokens, as generate numbers them; logits are kept where a valid response
+    token is predicted (position Lq − 1 + t predicts token t), in the row-major order of responses[mask]. Rollout
+    and update both use it, so that they compute the same log-probabilities."""
+    seq_mask = torch.cat([query_mask.bool(), mask], 1).long()
+    return {
+        "input_ids": torch.cat([query_ids, responses], 1),
+        "attention_mask": seq_mask,
+        "position_ids": (seq_mask.cumsum(1) - 1).clamp(min=0),
+        "logits_to_keep": F.pad(mask.bool(), (query_ids.shape[1] - 1, 1)),
+    }
+
+
+def scatter(values, mask):
+    """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+def lr_multiplier(step, num_steps, args):
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
+        args.lr_schedule
+    ]
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP, every weight all-gathered once for the whole block (every rank must enter it): generate then
+    needs no collective per token, at the cost of one full copy in the compute dtype. Else nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    yield
+    for m in groups:
+        m.reshard()
+        m.set_reshard_after_forward(True, recurse=False)
+
+
+@torch.no_grad()
+def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed):
+    """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
+    j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
+    passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref and the entropy at
+    each response token, and the reward model's score at the last one (none without a reward model)."""
+    pad_id = tokenizer.pad_token_id
+    batch = {k: v.to(device) for k, v in common.collate_prompts(queries, pad_id).items()}  # (B, Lq), left-padded
+    chunks = []
+    with gathered(policy), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        for j, i in enumerate(range(0, len(queries), args.generation_batch_size)):
+            torch.manual_seed(seed + j)
+            ids, mask = (v[i : i + args.generation_batch_size] for v in batch.values())
+            chunks.append(common.generate(policy, ids, mask, tokenizer, args.response_length, args.temperature))
+    T = max(c.shape[1] for c in chunks)  # generate stops once every row of a call has ended
+    responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
+    responses, mask, has_eos = truncate_after_eos(responses, common.stop_token_ids(tokenizer, policy), pad_id)
+    out = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "scores")}
+    for i in range(0, len(queries), args.rollout_forward_batch_size):
+        s = slice(i, i + args.rollout_forward_batch_size)
+        fwd = model_inputs(batch["input_ids"][s], batch["attention_mask"][s], responses[s], mask[s])
+        tokens = responses[s][mask[s]]  # (R,)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logprobs, entropy = logprobs_and_entropy(policy(**fwd).logits, tokens, args.temperature, pad_id)
+            ref_logprobs, _ = logprobs_and_entropy(ref_model(**fwd).logits, tokens, args.temperature, pad_id)
+            fwd.pop("logits_to_keep")
+            if reward_model is not None:  # read at the last real token (right padding)
+                out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - reward_model.config.reward_bias)
+        out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
+        out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
+        out["entropy"].append(scatter(entropy, mask[s]))
+    out = {k: torch.cat(v) for k, v in out.items() if v}
+    return out | {
+        "queries": batch["input_ids"],
+        "query_mask": batch["attention_mask"],
+        "responses": responses,
+        "mask": mask,
+        "has_eos": has_eos,
+    }
+
+
+# token-weighted means over every epoch and minibatch of an update
+UPDATE_NAMES = ["loss/policy", "policy/approxkl", "policy/clipfrac", "policy/ratio", "policy/k3", "policy/entropy"]
+
+
+# ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
+def setup(args):
+    """(rank, device): under torchrun the process group and this rank's device; seeds (seed + rank)."""
+    rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+    if "LOCAL_RANK" in os.environ:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    elif args.fsdp:
+        raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    return rank, device
+
+
+def to_device(model, device, args):
+    """Whole onto the device (DDP), or FSDP2: a group per decoder layer, then the root; each rank keeps 1/N of
+    every weight, gradient and AdamW moment (--bf16: weights gathered in bfloat16, gradients reduced in float32)."""
+    if not args.fsdp:
+        return model.to(device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = dist.init_device_mesh(device.type, (args.world_size,))
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    for m in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())] + [model]:
+        fully_shard(m, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def save(model, tokenizer, path, rank):
+    """save_pretrained on rank 0 (every rank calls it: FSDP gathers the weights to its CPU), a tied head once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+    if rank == 0:
+        model.save_pretrained(path, state_dict={k: v for k, v in state.items() if k not in tied})
+        tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(path, model, optimizer, state, rank):
+    """For --resume: weights and AdamW moments (each rank writes its shards), then trainer_state.json. No random
+    state: the training loop reseeds every step from (seed, rank, step)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
+    if rank == 0:  # written last: it marks the checkpoint complete
+        with open(f"{path}/trainer_state.json", "w") as f:
+            json.dump(state, f)
+
+
+def load_checkpoint(output_dir, model, optimizer, run):
+    """The latest complete checkpoint into model and optimizer; its trainer state. Only from a run of the same
+    ranks, steps and seed (`run`), to which each rank's data and random numbers belong."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    done = sorted(glob.glob(f"{output_dir}/resume/*/trainer_state.json"))
+    if not done:
+        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; write some with --checkpoint-every")
+    path = os.path.dirname(done[-1])
+    with open(done[-1]) as f:
+        state = json.load(f)
+    if state["run"] != run:
+        raise SystemExit(f"--resume: {path} is from a run of {state['run']}, not {run}: resume with its flags")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dist.checkpoint.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+# ---- end of plumbing ----
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    on_toy = args.dataset_name == "toy"
+    toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.1, 1.0)}
+    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (0.5, 0.05)}
+    for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
+        if getattr(args, name) is None:
+            setattr(args, name, toy if on_toy else other)
+    if args.gold_reward and not on_toy:
+        raise ValueError("--gold-reward is the toy task's exact reward: off the toy task, use --reward-model-name")
+    if args.group_size < 2 or args.batch_size % args.group_size:
+        raise ValueError("--group-size must be at least 2 and divide --batch-size (responses per iteration)")
+    if args.temperature <= 0 or args.response_length >= args.max_length:
+        raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
+    rank, device = setup(args)
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.per_device_batch_size = args.per_device_batch_size or max(1, args.minibatch_size // args.world_size)
+    args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
+    args.rollout_forward_batch_size = args.rollout_forward_batch_size or args.per_device_batch_size
+    args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
+    per_rank, mb_per_rank = args.batch_size // args.world_size, args.minibatch_size // args.world_size
+    if args.batch_size % (args.num_minibatches * args.world_size * args.per_device_batch_size) or (
+        per_rank % args.generation_batch_size or per_rank % args.group_size
+    ):
+        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
+
+    # the policy and its frozen reference from the SFT model, the frozen reward model (none with --gold-reward);
+    # dropout off in all three (else the first ratio is not 1)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
+    pad_id = tokenizer.pad_token_id
+    if not args.gold_reward:
+        hint = ": run `python reward_model.py` first, or pass --reward-model-name"
+        if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
+
+    def load(cls, name, trained, **kwargs):
+        """On the CPU with dropout off, then onto the device whole or in FSDP shards (the frozen models too)."""
+        config = common.without_dropout(AutoConfig.from_pretrained(name, **kwargs))
+        model = cls.from_pretrained(name, config=config, dtype=torch.float32)
+        common.fit_model(model, tokenizer, args.max_length)
+        if args.gradient_checkpointing and trained:
+            model.gradient_checkpointing_enable()
+        return to_device(model.train(trained).requires_grad_(trained), device, args)
+
+    policy = load(AutoModelForCausalLM, args.model_name, trained=True)
+    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
+    reward_model = None
+    if not args.gold_reward:
+        reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
+    train_policy = (
+        torch.nn.parallel.DistributedDataParallel(policy) if args.world_size > 1 and not args.fsdp else policy
+    )
+
+    # the prompts: every rank answers its slice of the same seeded batch, --group-size times each
+    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
+    prompt_length = args.max_length - args.response_length
+    prompts, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
+    if args.num_iterations < 1:
+        raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
+    prompts_per_rank = per_rank // args.group_size
+    schedule = common.batch_schedule(len(prompts), args.batch_size // args.group_size, args.num_iterations, args.seed)
+    steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
+    if rank == 0:
+        common.report("train prompts", stats)
+    if on_toy:
+        import toy_task  # the exact gold reward and log P_ref of every sample
+
+    # TRY NOT TO MODIFY: logging
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        if args.track:
+            import wandb
+
+            wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
+        print(
+            f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size} episodes, "
+            f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        )
+
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
+    run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
+    first_iteration = load_checkpoint(args.output_dir, policy, optimizer, run)["step"] if args.resume else 0
+    all_reduce, start = dist.all_reduce if dist.is_initialized() else None, time.time()
+    for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
+        lr = args.learning_rate * lr_multiplier(iteration, args.num_iterations, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1.–2. rollout: each of this rank's prompts answered --group-size times (a group's responses side by
+        # side), scored; sampling seeded per generate call of the global batch, so 1 rank or N draw the same
+        mine = schedule[iteration][rank * prompts_per_rank : (rank + 1) * prompts_per_rank]
+        queries = [prompts[i] for i in mine for _ in range(args.group_size)]
+        seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
+        r = rollout(policy.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
+        policy.train()
+        mask, Lq = r["mask"], r["queries"].shape[1]  # (b, T) the valid response tokens; the prompts' width
+        texts = tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
+        questions = tokenizer.batch_decode(
+            [q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True
+        )
+        if args.gold_reward:  # toy task: the exact reward, a verifiable one
+            r["scores"] = torch.tensor([toy_task.gold_reward(q, t) for q, t in zip(questions, texts)], device=device)
+        scores = r["scores"] - args.missing_eos_penalty * (~r["has_eos"]).float()
+
+        # 3. the KL penalty: k1 summed over each response, in its reward (with k3_loss, in the loss instead)
+        seq_kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], 0.0).sum(1)  # (b,)
+        rewards = scores - args.kl_coef * seq_kl if args.kl_penalty == "k1_reward" else scores
+        # 4. advantages: each response's reward against its group's
+        advantages = group_advantages(rewards, args.group_size, args.advantage)  # (b,)
+
+        # 5. epochs over shuffled minibatches of responses; a minibatch is one optimizer step, accumulated over
+        # micro-batches, its loss the per-token losses summed with --loss-aggregation's weights (every rank's)
+        update = torch.zeros(len(UPDATE_NAMES), device=device)  # token-weighted sums
+        for ppo_step in range(steps_per_iteration):
+            if ppo_step % args.num_minibatches == 0:
+                perm = torch.randperm(per_rank, device=device)
+            mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]
+            mb_tokens = mask[mb].sum().float()
+            if all_reduce:
+                all_reduce(mb_tokens)
+            for k in range(args.grad_accum_steps):
+                i = mb[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
+                m = mask[i]
+                train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once a step
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    logits = train_policy(
+                        **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m)
+                    ).logits
+                # the same positions, temperature and PAD handling as in the rollout: the first ratio is 1
+                logprobs, entropy = logprobs_and_entropy(logits, r["responses"][i][m], args.temperature, pad_id)
+                logprobs, entropy = scatter(logprobs, m), scatter(entropy, m)
+                w = token_weights(m, args.loss_aggregation, args.minibatch_size, mb_tokens, args.response_length)
+                pg_loss, pg_stats = grpo_policy_loss(logprobs, r["logprobs"][i], advantages[i], w, args.cliprange)
+                kl = k3(logprobs, r["ref_logprobs"][i])  # (b, T) per token; in the loss with --kl-penalty k3_loss
+                kl_loss = args.kl_coef * (w * kl).sum() * (args.kl_penalty == "k3_loss")
+                ((pg_loss + kl_loss) * args.world_size).backward()  # DDP averages over ranks
+                if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
+                    first_ratio = pg_stats["ratio"]
+                stats = [pg_stats[k] for k in ("surrogate", "approxkl", "clipfrac", "ratio")]
+                stats += [masked_mean(kl, m).detach(), masked_mean(entropy, m).detach()]
+                update += torch.stack(stats) * m.sum()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
+            if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
+                raise FloatingPointError(
+                    f"non-finite gradient at iteration {iteration}, before the update: lower --learning-rate"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
+        groups = rewards.view(-1, args.group_size)
+        per_response = {
+            "objective/scores": r["scores"],
+            "objective/kl": seq_kl,
+            "objective/rlhf_reward": scores - args.kl_coef * seq_kl,
+            "charts/eos_rate": r["has_eos"].float(),
+            "charts/response_length": mask.sum(1).float(),
+            "charts/zero_std_groups": (groups.std(1) == 0).float().repeat_interleave(args.group_size),
+        }
+        if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
+            logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
+            per_response["toy/gold_reward"] = torch.tensor(
+                [toy_task.gold_reward(q, t) for q, t in zip(questions, texts)]
+            )
+            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(questions, texts)]
+            per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
+        sums = [x.float().sum().to(device) for x in per_response.values()]
+        sums = torch.cat(
+            [
+                torch.stack(
+                    sums
+                    + [torch.where(mask, r["entropy"], 0.0).sum(), mask.sum().float(), first_ratio / args.world_size]
+                ),
+                update,
+            ]
+        )
+        if all_reduce:
+            all_reduce(sums)
+        sums, (entropy, n_tokens, first_ratio), update = sums.split([len(per_response), 3, len(update)])
+        logged = dict(zip(per_response, (sums / args.batch_size).tolist()))
+        logged |= dict(zip(UPDATE_NAMES, (update / (args.num_ppo_epochs * n_tokens)).tolist()))  # every epoch
+        logged |= {
+            "objective/entropy": (entropy / n_tokens).item(),
+            "objective/kl_coef": args.kl_coef,
+            "policy/first_minibatch_ratio": first_ratio.item(),  # 1: rollout and update compute π alike
+            "charts/learning_rate": lr,
+            "charts/episodes_per_sec": (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start),
+        }
+        episodes = (iteration + 1) * args.batch_size
+        if writer:
+            for name, value in logged.items():
+                writer.add_scalar(name, value, episodes)
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(questions, texts, r["scores"].tolist())]
+            writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
+            tqdm.write(
+                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {logged['objective/kl']:.3f}, "
+                f"first minibatch ratio {logged['policy/first_minibatch_ratio']:.6f}"
+            )
+        if args.save_every and (iteration + 1) % args.save_every == 0:
+            save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
+        if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
+            path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
+            save_checkpoint(path, policy, optimizer, {"step": iteration + 1, "run": run}, rank)
+
+    # the policy, its tokenizer and the last iteration's statistics, where evaluate.py looks
+    save(policy, tokenizer, args.output_dir, rank)
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)
+        peak = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        print(f"saved to {args.output_dir}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
+        writer.close()
+    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+        dist.barrier()
+        del train_policy
+        dist.destroy_process_group()
