@@ -15,13 +15,11 @@ import glob
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint
@@ -38,7 +36,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of Python, NumPy and PyTorch (rank r uses seed + r)"""
+    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
@@ -211,13 +209,8 @@ def pair_logprobs(model, batch, bf16=False, average=False):
         else:
             # a) the prompts once (B rows), keeping their keys and values; their last position (column P − 1
             # for every row) predicts response token 0
-            prompt = model(
-                input_ids=batch["prompt_ids"],
-                attention_mask=batch["prompt_mask"],
-                position_ids=batch["prompt_positions"],
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            prompt_inputs = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_mask"]}
+            prompt = model(**prompt_inputs, position_ids=batch["prompt_positions"], use_cache=True, logits_to_keep=1)
             cache = prompt.past_key_values
             cache.batch_repeat_interleave(2)  # (B, ...) -> (2B, ...): each prompt's keys and values for both
             # b) both responses on top; gradients flow back through the cache into the shared prompt
@@ -236,15 +229,12 @@ def pair_logprobs(model, batch, bf16=False, average=False):
     return logprobs[0::2], logprobs[1::2], counts[0::2]  # rows interleaved: chosen at even, rejected at odd
 
 
-def lr_multiplier(step, args):
-    """Learning rate at optimizer step `step` (from 0) over the peak: linear warmup, then decay to 0."""
-    warmup = int(args.warmup_ratio * args.num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.num_steps - warmup)
-    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
-        args.lr_schedule
-    ]
+def lr_multiplier(step, num_steps, args):
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * num_steps)
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
 @torch.no_grad()
@@ -267,29 +257,20 @@ def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
     return out
 
 
-def metrics(losses, rc, rr, pc, pr, nll):
+def pair_metrics(losses, rc, rr, pc, pr, nll):
     """The logged statistics of a set of pairs, as sums over the pairs (divided by their number when logged)."""
-    return torch.stack(
-        [losses.sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(), pc.sum(), pr.sum(), nll.sum()]
-    )
+    stats = [losses.sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(), pc.sum(), pr.sum()]
+    return torch.stack(stats + [nll.sum()])
 
 
 # loss: the preference loss alone; nll/chosen: the chosen responses' token-mean NLL (RPO adds α × it)
-STAT_NAMES = [
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logprobs/chosen",
-    "logprobs/rejected",
-    "nll/chosen",
-]
+STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+STAT_NAMES += ["logprobs/chosen", "logprobs/rejected", "nll/chosen"]
 
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; seeds (seed + rank)."""
+    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
     rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
@@ -299,8 +280,6 @@ def setup(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
         raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -331,8 +310,8 @@ def save(model, tokenizer, path, rank):
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights and AdamW moments (each rank writes its shards), then trainer_state.json. No random
-    state: the training loop reseeds every step from (seed, rank, step)."""
+    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
+    step reseeds from (seed, rank, step))."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
@@ -425,7 +404,7 @@ if __name__ == "__main__":
         pc, pr = all_pair_logprobs(model, eval_pairs, tokenizer.pad_token_id, args, device, rank)
         losses, rc, rr = dpo_loss(pc, pr, *ref_eval, args.beta, args.loss_type, args.label_smoothing)
         nll = -(pc if args.loss_type == "ipo" else pc / eval_chosen_tokens)
-        return dict(zip(STAT_NAMES, (metrics(losses, rc, rr, pc, pr, nll) / len(eval_pairs)).tolist()))
+        return dict(zip(STAT_NAMES, (pair_metrics(losses, rc, rr, pc, pr, nll) / len(eval_pairs)).tolist()))
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -438,17 +417,14 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-        print(
-            f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, "
-            f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}, "
-            + ("each prompt run once for both responses" if args.share_prompt else "prompt and response concatenated")
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        how = "each prompt run once for both responses" if args.share_prompt else "prompt and response concatenated"
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval, {args.num_steps} steps, {sizes}, {how}")
 
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+        model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
     first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
@@ -459,7 +435,7 @@ if __name__ == "__main__":
     per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), 0, 0, 0
     for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, step)))  # random numbers from (seed, rank, step): resumable
-        lr = args.learning_rate * lr_multiplier(step, args)
+        lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -469,9 +445,8 @@ if __name__ == "__main__":
         step_stats = torch.zeros(len(STAT_NAMES), device=device)
         for k in range(args.grad_accum_steps):
             idx = mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-            batch = {
-                key: v.to(device) for key, v in collate([train_pairs[i] for i in idx], tokenizer.pad_token_id).items()
-            }
+            batch = collate([train_pairs[i] for i in idx], tokenizer.pad_token_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
             if ref_train is not None:
                 ref_c, ref_r = ref_train[0, idx], ref_train[1, idx]
             else:
@@ -483,23 +458,19 @@ if __name__ == "__main__":
             chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)  # a token mean per pair
             loss = (losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size  # RPO adds α × the chosen NLL
             (loss * args.world_size).backward()  # DDP averages gradients over ranks
-            step_stats += metrics(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
+            step_stats += pair_metrics(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
         if dist.is_initialized():
             dist.all_reduce(step_stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
         if not math.isfinite(step_stats[0].item() + grad_norm.item()):  # the same on every rank: all stop together
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {step}, before the update: lower --learning-rate"
-            )
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # 5. log: pair-weighted means over all steps since the last log
         log_stats, log_pairs = log_stats + step_stats, log_pairs + args.batch_size
-        tokens_seen += sum(
-            2 * len(train_pairs[i]["prompt"]) + len(train_pairs[i]["chosen"]) + len(train_pairs[i]["rejected"])
-            for i in schedule[step]
-        )
+        pairs = [train_pairs[i] for i in schedule[step]]
+        tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
         pairs_seen = (step + 1) * args.batch_size
         if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
             for name, value in zip(STAT_NAMES, (log_stats / log_pairs).tolist()):
@@ -515,9 +486,9 @@ if __name__ == "__main__":
             if writer:
                 for name, value in final.items():
                     writer.add_scalar(f"eval/{name}", value, pairs_seen)
+                accuracy, margin = final["rewards/accuracies"], final["rewards/margins"]
                 tqdm.write(
-                    f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {final['rewards/accuracies']:.4f}, "
-                    f"margin {final['rewards/margins']:.4f}"
+                    f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {accuracy:.4f}, margin {margin:.4f}"
                 )
 
     # 6. save the policy, its tokenizer and the results (evaluate.py measures it against the optimum)
@@ -525,11 +496,8 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
-        peak = (
-            torch.cuda.max_memory_allocated(device)
-            if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
         print(f"saved to {args.output_dir}: {final}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
     if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group

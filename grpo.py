@@ -24,13 +24,11 @@ import glob
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint
@@ -47,7 +45,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of Python, NumPy and PyTorch (rank r uses seed + r)"""
+    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
@@ -260,12 +258,9 @@ def scatter(values, mask):
 def lr_multiplier(step, num_steps, args):
     """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
     warmup = int(args.warmup_ratio * num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
     progress = (step - warmup) / max(1, num_steps - warmup)
-    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
-        args.lr_schedule
-    ]
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
 @contextlib.contextmanager
@@ -285,7 +280,7 @@ def gathered(model):
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed):
+def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, device, seed):
     """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
     j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
     passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref and the entropy at
@@ -316,13 +311,8 @@ def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, s
         out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
         out["entropy"].append(scatter(entropy, mask[s]))
     out = {k: torch.cat(v) for k, v in out.items() if v}
-    return out | {
-        "queries": batch["input_ids"],
-        "query_mask": batch["attention_mask"],
-        "responses": responses,
-        "mask": mask,
-        "has_eos": has_eos,
-    }
+    out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
+    return out | {"mask": mask, "has_eos": has_eos}
 
 
 # token-weighted means over every epoch and minibatch of an update
@@ -331,7 +321,7 @@ UPDATE_NAMES = ["loss/policy", "policy/approxkl", "policy/clipfrac", "policy/rat
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; seeds (seed + rank)."""
+    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
     rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
@@ -341,8 +331,6 @@ def setup(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
         raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -373,8 +361,8 @@ def save(model, tokenizer, path, rank):
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights and AdamW moments (each rank writes its shards), then trainer_state.json. No random
-    state: the training loop reseeds every step from (seed, rank, step)."""
+    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
+    step reseeds from (seed, rank, step))."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
@@ -487,16 +475,13 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-        print(
-            f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size} episodes, "
-            f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
 
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+        policy.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     first_iteration = load_checkpoint(args.output_dir, policy, optimizer, run)["step"] if args.resume else 0
@@ -512,7 +497,7 @@ if __name__ == "__main__":
         mine = schedule[iteration][rank * prompts_per_rank : (rank + 1) * prompts_per_rank]
         queries = [prompts[i] for i in mine for _ in range(args.group_size)]
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
-        r = rollout(policy.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
+        r = sample_and_score(policy.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
         policy.train()
         mask, Lq = r["mask"], r["queries"].shape[1]  # (b, T) the valid response tokens; the prompts' width
         texts = tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
@@ -562,22 +547,16 @@ if __name__ == "__main__":
                 update += torch.stack(stats) * m.sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                raise FloatingPointError(
-                    f"non-finite gradient at iteration {iteration}, before the update: lower --learning-rate"
-                )
+                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
-        groups = rewards.view(-1, args.group_size)
-        per_response = {
-            "objective/scores": r["scores"],
-            "objective/kl": seq_kl,
-            "objective/rlhf_reward": scores - args.kl_coef * seq_kl,
-            "charts/eos_rate": r["has_eos"].float(),
-            "charts/response_length": mask.sum(1).float(),
-            "charts/zero_std_groups": (groups.std(1) == 0).float().repeat_interleave(args.group_size),
-        }
+        per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
+        per_response["objective/rlhf_reward"] = scores - args.kl_coef * seq_kl
+        per_response |= {"charts/eos_rate": r["has_eos"].float(), "charts/response_length": mask.sum(1).float()}
+        zero_std = rewards.view(-1, args.group_size).std(1) == 0  # groups whose responses all tie: no signal
+        per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(args.group_size)
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
             per_response["toy/gold_reward"] = torch.tensor(
@@ -586,36 +565,26 @@ if __name__ == "__main__":
             ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(questions, texts)]
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
         sums = [x.float().sum().to(device) for x in per_response.values()]
-        sums = torch.cat(
-            [
-                torch.stack(
-                    sums
-                    + [torch.where(mask, r["entropy"], 0.0).sum(), mask.sum().float(), first_ratio / args.world_size]
-                ),
-                update,
-            ]
-        )
+        sums += [torch.where(mask, r["entropy"], 0.0).sum(), mask.sum().float(), first_ratio / args.world_size]
+        sums = torch.cat([torch.stack(sums), update])
         if all_reduce:
             all_reduce(sums)
         sums, (entropy, n_tokens, first_ratio), update = sums.split([len(per_response), 3, len(update)])
         logged = dict(zip(per_response, (sums / args.batch_size).tolist()))
         logged |= dict(zip(UPDATE_NAMES, (update / (args.num_ppo_epochs * n_tokens)).tolist()))  # every epoch
-        logged |= {
-            "objective/entropy": (entropy / n_tokens).item(),
-            "objective/kl_coef": args.kl_coef,
-            "policy/first_minibatch_ratio": first_ratio.item(),  # 1: rollout and update compute π alike
-            "charts/learning_rate": lr,
-            "charts/episodes_per_sec": (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start),
-        }
-        episodes = (iteration + 1) * args.batch_size
+        logged |= {"objective/entropy": (entropy / n_tokens).item(), "objective/kl_coef": args.kl_coef}
+        logged["policy/first_minibatch_ratio"] = first_ratio.item()  # 1: rollout and update compute π alike
+        episodes, speed = (iteration + 1) * args.batch_size, (iteration + 1 - first_iteration) / (time.time() - start)
+        speed *= args.batch_size  # episodes per second
+        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed}
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
             samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(questions, texts, r["scores"].tolist())]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
+            ratio, kl = logged["policy/first_minibatch_ratio"], logged["objective/kl"]
             tqdm.write(
-                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {logged['objective/kl']:.3f}, "
-                f"first minibatch ratio {logged['policy/first_minibatch_ratio']:.6f}"
+                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {kl:.3f}, ratio {ratio:.6f}"
             )
         if args.save_every and (iteration + 1) % args.save_every == 0:
             save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
@@ -628,11 +597,8 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)
-        peak = (
-            torch.cuda.max_memory_allocated(device)
-            if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
         print(f"saved to {args.output_dir}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
     if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group

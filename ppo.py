@@ -20,13 +20,11 @@ import glob
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint
@@ -43,7 +41,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of Python, NumPy and PyTorch (rank r uses seed + r)"""
+    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
@@ -213,9 +211,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
     ratio = torch.exp(log_ratio)
     unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     stats = {"clipfrac": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio**2, "ratio": ratio}
-    return masked_mean(torch.max(unclipped, clipped), mask), {
-        k: masked_mean(v, mask).detach() for k, v in stats.items()
-    }
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, {k: masked_mean(v, mask).detach() for k, v in stats.items()}
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
@@ -308,15 +305,12 @@ def scatter(values, mask):
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
-def lr_multiplier(step, args):
-    """Learning rate at iteration `step` (from 0) over the peak: linear warmup, then decay to 0."""
-    warmup = int(args.warmup_ratio * args.num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.num_iterations - warmup)
-    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
-        args.lr_schedule
-    ]
+def lr_multiplier(step, num_steps, args):
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * num_steps)
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
 @contextlib.contextmanager
@@ -365,35 +359,23 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
         logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
         out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
         out["entropy"].append(scatter(entropy, mask[s]))
-        out["ref_logprobs"].append(
-            scatter(logprobs_and_entropy(ref_logits, tokens, args.temperature, pad_id)[0], mask[s])
-        )
+        ref_logprobs, _ = logprobs_and_entropy(ref_logits, tokens, args.temperature, pad_id)
+        out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
         out["values"].append(values[:, Lq - 1 : -1])  # V(state before response token t), (b, T)
         out["scores"].append(scores - getattr(reward_model.config, "reward_bias", 0.0))
-    return {k: torch.cat(v) for k, v in out.items()} | {
-        "queries": batch["input_ids"],
-        "query_mask": batch["attention_mask"],
-        "responses": responses,
-        "mask": mask,
-        "has_eos": has_eos,
-    }
+    out = {k: torch.cat(v) for k, v in out.items()}
+    out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
+    return out | {"mask": mask, "has_eos": has_eos}
 
 
 # token-weighted means over every epoch and minibatch of an update
-UPDATE_NAMES = [
-    "loss/policy",
-    "loss/value",
-    "policy/approxkl",
-    "policy/clipfrac",
-    "val/clipfrac",
-    "policy/ratio",
-    "policy/entropy",
-]
+UPDATE_NAMES = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "policy/ratio"]
+UPDATE_NAMES += ["policy/entropy"]
 
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; seeds (seed + rank)."""
+    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
     rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
@@ -403,8 +385,6 @@ def setup(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
         raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -435,8 +415,8 @@ def save(model, tokenizer, path, rank):
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights and AdamW moments (each rank writes its shards), then trainer_state.json. No random
-    state: the training loop reseeds every step from (seed, rank, step)."""
+    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
+    step reseeds from (seed, rank, step))."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
@@ -549,26 +529,21 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-        print(
-            f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size} episodes, "
-            f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
 
     optimizer = torch.optim.AdamW(
-        agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+        agent.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
-    state = (
-        load_checkpoint(args.output_dir, agent, optimizer, run) if args.resume else {"step": 0, "kl_coef": args.kl_coef}
-    )
-    first_iteration, kl_coef, start = state["step"], state["kl_coef"], time.time()
+    state = load_checkpoint(args.output_dir, agent, optimizer, run) if args.resume else {"step": 0}
+    first_iteration, kl_coef, start = state["step"], state.get("kl_coef", args.kl_coef), time.time()
     all_reduce = dist.all_reduce if dist.is_initialized() else None
     for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
-        lr = args.learning_rate * lr_multiplier(iteration, args)
+        lr = args.learning_rate * lr_multiplier(iteration, args.num_iterations, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -600,13 +575,11 @@ if __name__ == "__main__":
             mb_tokens = mask[mb].sum().float()
             if all_reduce:
                 all_reduce(mb_tokens)
-            ptx_batch = (
-                [ptx_examples[j] for j in ptx_schedule[iteration * steps_per_iteration + ppo_step]]
-                if args.ptx_coef
-                else []
-            )
+            ptx_batch = []  # PPO-ptx: each rank's share of an SFT batch, its loss a mean over that batch's tokens
+            if args.ptx_coef:
+                ptx_batch = [ptx_examples[j] for j in ptx_schedule[iteration * steps_per_iteration + ppo_step]]
             ptx_tokens = max(1, sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in ptx_batch))
-            ptx_batch = ptx_batch[rank * mb_per_rank : (rank + 1) * mb_per_rank]  # its mean over the SFT batch's tokens
+            ptx_batch = ptx_batch[rank * mb_per_rank : (rank + 1) * mb_per_rank]
             for k in range(args.grad_accum_steps):
                 micro = slice(k * args.per_device_batch_size, (k + 1) * args.per_device_batch_size)
                 i, ptx = mb[micro], None
@@ -618,9 +591,8 @@ if __name__ == "__main__":
                     inputs = model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m)
                     logits, values, ptx_logits = train_agent(**inputs, ptx=ptx)
                 # the same positions, temperature and PAD handling as in the rollout: the first ratio is 1
-                logprobs, entropy = logprobs_and_entropy(
-                    logits, r["responses"][i][m], args.temperature, pad_id, args.ent_coef > 0
-                )
+                tokens = r["responses"][i][m]
+                logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id, args.ent_coef > 0)
                 logprobs, entropy, values = scatter(logprobs, m), scatter(entropy, m), values[:, Lq - 1 : -1]
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, r["logprobs"][i], advantages[i], m, args.cliprange)
                 vf_loss, vf_stats = ppo_value_loss(values, r["values"][i], returns[i], m, args.cliprange_value)
@@ -634,38 +606,24 @@ if __name__ == "__main__":
                 ((loss + args.ptx_coef * ptx_loss * n_ptx / ptx_tokens) * args.world_size).backward()
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
-                stats = [
-                    pg_loss,
-                    vf_loss,
-                    pg_stats["approxkl"],
-                    pg_stats["clipfrac"],
-                    vf_stats["clipfrac"],
-                    pg_stats["ratio"],
-                    entropy,
-                ]
+                stats = [pg_loss, vf_loss, pg_stats["approxkl"], pg_stats["clipfrac"], vf_stats["clipfrac"]]
+                stats += [pg_stats["ratio"], entropy]
                 ptx_stats = [ptx_loss.detach() * n_ptx, torch.tensor(float(n_ptx), device=device)]
                 update += torch.stack([x.detach() * m.sum() for x in stats] + ptx_stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                raise FloatingPointError(
-                    f"non-finite gradient at iteration {iteration}, before the update: lower --learning-rate"
-                )
+                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
-        queries = tokenizer.batch_decode(
-            [q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True
-        )
-        texts = tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
+        decode = tokenizer.batch_decode
+        queries = decode([q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True)
+        texts = decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
         seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
-        per_response = {
-            "objective/scores": r["scores"],
-            "objective/kl": seq_kl,
-            "objective/rlhf_reward": scores - kl_coef * seq_kl,
-            "charts/eos_rate": r["has_eos"].float(),
-            "charts/response_length": mask.sum(1).float(),
-        }
+        per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
+        per_response |= {"objective/rlhf_reward": scores - kl_coef * seq_kl, "charts/eos_rate": r["has_eos"].float()}
+        per_response["charts/response_length"] = mask.sum(1).float()
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
             per_response["toy/gold_reward"] = torch.tensor([toy_task.gold_reward(q, t) for q, t in zip(queries, texts)])
@@ -681,29 +639,25 @@ if __name__ == "__main__":
         logged = dict(zip(per_response, (sums[: len(per_response)] / args.batch_size).tolist()))
         entropy, ret, ret_sq, res, res_sq = (sums[len(per_response) :] / n_tokens).tolist()
         logged |= dict(zip(UPDATE_NAMES, (update[:-2] / (args.num_ppo_epochs * n_tokens)).tolist()))  # every epoch
-        logged |= {
-            "objective/entropy": entropy,
-            "val/explained_variance": 1 - (res_sq - res**2) / (ret_sq - ret**2),
-            "policy/first_minibatch_ratio": first_ratio.item(),  # 1: rollout and update compute π alike
-            "objective/kl_coef": kl_coef,
-            "charts/learning_rate": lr,
-            "charts/episodes_per_sec": (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start),
-        }
+        logged |= {"objective/entropy": entropy, "val/explained_variance": 1 - (res_sq - res**2) / (ret_sq - ret**2)}
+        logged |= {"policy/first_minibatch_ratio": first_ratio.item(), "objective/kl_coef": kl_coef}  # ratio 1: π alike
+        episodes = (iteration + 1) * args.batch_size
+        speed = (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start)  # episodes per second
+        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed}
         if args.ptx_coef:
             logged["loss/ptx"] = (update[-2] / update[-1]).item()  # per labelled token of the SFT batches
         if args.target_kl is not None:  # Ziegler et al.'s adaptive β, from this batch's mean KL per response
             kl_coef = adaptive_kl_coef(
                 kl_coef, logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size
             )
-        episodes = (iteration + 1) * args.batch_size
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
             samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(queries, texts, r["scores"].tolist())]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
+            ratio, kl = logged["policy/first_minibatch_ratio"], logged["objective/kl"]
             tqdm.write(
-                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {logged['objective/kl']:.3f}, "
-                f"first minibatch ratio {logged['policy/first_minibatch_ratio']:.6f}"
+                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {kl:.3f}, ratio {ratio:.6f}"
             )
         if args.save_every and (iteration + 1) % args.save_every == 0:
             save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
@@ -716,11 +670,8 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)
-        peak = (
-            torch.cuda.max_memory_allocated(device)
-            if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
         print(f"saved to {args.output_dir}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
     if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group

@@ -14,13 +14,11 @@ import glob
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint
@@ -36,7 +34,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of Python, NumPy and PyTorch (rank r uses seed + r)"""
+    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
@@ -132,15 +130,12 @@ def labelled_nll(model, batch, bf16=False):
     return -token_logprobs(logits, labels[keep]).sum(), keep.sum()
 
 
-def lr_multiplier(step, args):
-    """Learning rate at optimizer step `step` (from 0) over the peak: linear warmup, then decay to 0."""
-    warmup = int(args.warmup_ratio * args.num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.num_steps - warmup)
-    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[
-        args.lr_schedule
-    ]
+def lr_multiplier(step, num_steps, args):
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    warmup = int(args.warmup_ratio * num_steps)
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
 @torch.no_grad()
@@ -174,7 +169,7 @@ def sample_completions(model, tokenizer, prompts, args, device):
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; seeds (seed + rank)."""
+    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
     rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
@@ -184,8 +179,6 @@ def setup(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
         raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -216,8 +209,8 @@ def save(model, tokenizer, path, rank):
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights and AdamW moments (each rank writes its shards), then trainer_state.json. No random
-    state: the training loop reseeds every step from (seed, rank, step)."""
+    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
+    step reseeds from (seed, rank, step))."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
@@ -318,23 +311,20 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-        print(
-            f"{run_name}: {len(train_examples)} train / {len(eval_examples)} eval examples, {args.num_steps} steps, "
-            f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        )
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        print(f"{run_name}: {len(train_examples)} train / {len(eval_examples)} eval, {args.num_steps} steps, {sizes}")
 
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+        model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
     first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
     per_rank, start, log_loss, log_tokens, tokens_seen = args.batch_size // args.world_size, time.time(), 0.0, 0, 0
     for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, step)))  # dropout's random numbers: a resumed run draws the same
-        lr = args.learning_rate * lr_multiplier(step, args)
+        lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -356,9 +346,7 @@ if __name__ == "__main__":
             dist.all_reduce(step_loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
         if not math.isfinite(step_loss.item() + grad_norm.item()):  # the same on every rank: all stop together
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {step}, before the update: lower --learning-rate"
-            )
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -393,11 +381,8 @@ if __name__ == "__main__":
         result = {"eval_loss": eval_loss, **({"ref_nll": ref_nll, "excess_nll": eval_loss - ref_nll} if on_toy else {})}
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": result}, f, indent=2, default=str)
-        peak = (
-            torch.cuda.max_memory_allocated(device)
-            if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
         print(f"saved to {args.output_dir}: {result}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
     if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group

@@ -65,6 +65,26 @@ def workloads(out):
             ),
             trl("ppo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10 --rollout-batch-size 256"),
         ),
+        "toy_grpo": (
+            "GRPO, toy model, 10 iterations of 64 prompts x 4 responses, 4 minibatches x 4 epochs (TRL 1.16)",
+            ours(
+                "grpo.py",
+                f"--model-name {toy}/model --reward-model-name {toy}/model --dataset-name {toy}/prompts "
+                f"{ppo} --group-size 4 --learning-rate 3e-4 --kl-coef 0.5 --kl-penalty k3_loss "
+                "--generation-batch-size 256 --rollout-forward-batch-size 256",
+            ),
+            trl("grpo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10"),
+        ),
+        "toy_rloo": (
+            "RLOO, toy model, 10 iterations of 64 prompts x 4 responses, 4 minibatches x 4 epochs (TRL 1.16)",
+            ours(
+                "grpo.py",
+                f"--model-name {toy}/model --reward-model-name {toy}/model --dataset-name {toy}/prompts "
+                f"{ppo} --group-size 4 --learning-rate 3e-4 --kl-coef 0.5 --advantage rloo "
+                "--generation-batch-size 256 --rollout-forward-batch-size 256",
+            ),
+            trl("rloo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10"),
+        ),
         "smol_sft": (
             "SFT, SmolLM2-135M architecture, 64 chat-shaped examples (prompt ~150 tokens masked, answer ~50), batch 8",
             ours(

@@ -1,8 +1,10 @@
 """The peer's side of the benchmark: TRL's trainers on the same model folder, data files and batch shapes as
 our scripts, in TRL's own environment (see setup_trl.sh; never a requirement of this project):
-    PY benchmark/trl_side.py {sft,reward,dpo,ppo} MODEL DATA --batch-size B --max-length L [--iterations N]
+    PY benchmark/trl_side.py {sft,reward,dpo,ppo,grpo,rloo} MODEL DATA --batch-size B --max-length L [--iterations N]
 sft/reward/dpo: one epoch over DATA/train.jsonl (TRL 1.16); ppo: N iterations of 256 episodes from DATA's
-prompts, 4 minibatches, 4 epochs, 24 response tokens (TRL 1.12, the last release with PPOTrainer)."""
+prompts, 4 minibatches, 4 epochs, 24 response tokens (TRL 1.12, the last release with PPOTrainer); grpo/rloo
+(TRL 1.16): N iterations of 64 prompts answered 4 times each, 4 minibatches, 4 epochs, 24 response tokens, the
+reward model MODEL."""
 
 import argparse
 import os
@@ -13,7 +15,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("mode", choices=["sft", "reward", "dpo", "ppo"])
+p.add_argument("mode", choices=["sft", "reward", "dpo", "ppo", "grpo", "rloo"])
 p.add_argument("model")
 p.add_argument("data")
 p.add_argument("--batch-size", type=int, default=64)
@@ -70,6 +72,31 @@ elif a.mode == "reward":
         args=args,
         train_dataset=train,
         processing_class=tok,
+    )
+elif a.mode in ("grpo", "rloo"):
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if a.mode == "grpo" else (RLOOConfig, RLOOTrainer)
+    # a generation of 256 responses (64 prompts x 4), reused for 4 epochs of 4 minibatches of 64: 16 steps each
+    args = Config(
+        per_device_train_batch_size=64,
+        steps_per_generation=4,
+        num_generations=4,
+        num_iterations=4,
+        max_completion_length=24,
+        temperature=1.0,
+        beta=0.5,
+        max_steps=16 * a.iterations,
+        **common,
+    )
+    rm = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(a.model),
+        reward_funcs=rm,
+        args=args,
+        train_dataset=train.select(range(64 * a.iterations)),
+        processing_class=tok,
+        reward_processing_classes=tok,
     )
 else:
     from trl.experimental.ppo import PPOConfig, PPOTrainer

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-TRAINERS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
+TRAINERS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py"]
 SCRIPTS = TRAINERS + ["evaluate.py"]
 
 
@@ -33,6 +33,19 @@ def test_plumbing_and_shared_args_are_the_same_text_everywhere(script):
         ("@dataclass\nclass Args:", "# ---- model, data"),
     ):
         assert between(source(script), start, end) == between(source("sft.py"), start, end), (script, start)
+
+
+def test_a_function_of_one_name_is_one_function():
+    """A helper copied into several scripts (single files, each self-contained) is the same text in each: copies
+    that drift apart, or two functions that share a name but not a meaning, fail here."""
+    seen = {}
+    for script in SCRIPTS:
+        text = source(script)
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.FunctionDef):
+                seen.setdefault(node.name, {})[script] = ast.get_source_segment(text, node)
+    for name, copies in seen.items():
+        assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
 
 
 def test_the_plumbing_block_stays_small():

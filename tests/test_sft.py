@@ -365,7 +365,7 @@ def test_nan_loss_stops_every_rank_before_the_update(tmp_path):
     optimizer would fail on a non-finite gradient), with a message that says what to do."""
     proc, _ = run_with_fault(tmp_path, "nan", [])
     assert proc.returncode != 0
-    assert proc.stderr.count("FloatingPointError: non-finite loss or gradient at step 2, before the update") == 2
+    assert proc.stderr.count("FloatingPointError: non-finite loss or gradient at step 2, not applied") == 2
     assert "stepped on non-finite" not in proc.stderr
 
 
