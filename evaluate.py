@@ -411,10 +411,14 @@ if __name__ == "__main__":
     if args.write_best_of_n:  # expert iteration's data: the reward model's best of N samples of each prompt
         ds = common.load_splits(args.dataset_name, "prompt", seed=args.seed)[0]
         ds = ds.select(range(min(args.num_samples, len(ds))))
-        queries = common.tokenize_prompts(tokenizer, ds, args.max_length - args.response_length)[0]
+        lengths = [len(p) for p in common.encode_dataset(tokenizer, ds, "prompt")[0]]
+        ds = ds.select([i for i, n in enumerate(lengths) if n <= args.max_length - args.response_length])  # as below
+        queries = common.tokenize_prompts(tokenizer, ds, args.max_length - args.response_length)[0]  # (len(ds),)
         responses = sample(ref_model, [q for q in queries for _ in range(N)], tokenizer, args, device)
         scores = reward_scores(reward_model, [q for q in queries for _ in range(N)], responses, tokenizer, args, device)
+        scores = np.asarray(scores) - 1e9 * np.array([not r or r[-1] not in stops for r in responses])  # cut: last
         best = [responses[i * N + int(np.argmax(scores[i * N : (i + 1) * N]))] for i in range(len(queries))]
+        os.makedirs(os.path.dirname(args.write_best_of_n) or ".", exist_ok=True)
         with open(args.write_best_of_n, "w") as f:
             for row, q, b in zip(ds, queries, best):  # the text after the prompt's: decoded together, as tokenized
                 text = tokenizer.decode(q + b, skip_special_tokens=True)[
@@ -423,7 +427,8 @@ if __name__ == "__main__":
                 chat = isinstance(row["prompt"], list)
                 completion = [{"role": "assistant", "content": text.strip()}] if chat else text
                 f.write(json.dumps({"prompt": row["prompt"], "completion": completion}) + "\n")
-        print(f"wrote the best of {N} samples for {len(best)} prompts to {args.write_best_of_n}")
+        dropped = f"{len(lengths) - len(ds)} over the length limit dropped"
+        print(f"wrote the best of {N} samples for {len(best)} prompts ({dropped}) to {args.write_best_of_n}")
         raise SystemExit
 
     # 1. the held-out prompts, and their reference responses if the data has them (toy: P_ref's, in its SFT split)

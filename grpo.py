@@ -77,7 +77,7 @@ class Args:
     per_device_batch_size: int | None = None
     """sequences per forward pass on one device in the update; default a minibatch / ranks"""
     num_epochs: float | None = None
-    """episodes in all, as a multiple of the number of training prompts; default 0.1 on the toy task, else 1"""
+    """episodes, as a multiple of the training prompts; default 0.2 on the toy task (39 iterations), else 1"""
     learning_rate: float | None = None
     """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
@@ -104,7 +104,7 @@ class Args:
     kl_penalty: Literal["k1_reward", "k3_loss"] = "k1_reward"
     """the KL to the SFT model: k1 summed into each response's reward (as in ppo.py), or GRPO's k3 in the loss"""
     kl_coef: float | None = None
-    """β, the KL penalty's weight; default 0.5 on the toy task (unit-scale rewards), else 0.05"""
+    """β, the KL penalty's weight; default 1 on the toy task (unit-scale rewards), else 0.05"""
     reward_model_name: str = os.path.join("runs", "models", "reward_model")
     """reward model from reward_model.py (its config.reward_bias is subtracted)"""
     gold_reward: bool = False
@@ -305,8 +305,9 @@ def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, 
             logprobs, entropy = logprobs_and_entropy(policy(**fwd).logits, tokens, args.temperature, pad_id)
             ref_logprobs, _ = logprobs_and_entropy(ref_model(**fwd).logits, tokens, args.temperature, pad_id)
             fwd.pop("logits_to_keep")
-            if reward_model is not None:  # read at the last real token (right padding)
-                out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - reward_model.config.reward_bias)
+            if reward_model is not None:  # read at the last real token (right padding), minus the normalisation
+                bias = getattr(reward_model.config, "reward_bias", 0.0)
+                out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
         out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
         out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
         out["entropy"].append(scatter(entropy, mask[s]))
@@ -397,15 +398,17 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
-    toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.1, 1.0)}
-    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (0.5, 0.05)}
+    toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
+    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
     for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
     if args.gold_reward and not on_toy:
         raise ValueError("--gold-reward is the toy task's exact reward: off the toy task, use --reward-model-name")
-    if args.group_size < 2 or args.batch_size % args.group_size:
-        raise ValueError("--group-size must be at least 2 and divide --batch-size (responses per iteration)")
+    if args.group_size < 2 or args.batch_size % args.group_size or min(args.num_ppo_epochs, args.num_minibatches) < 1:
+        raise ValueError(
+            "--group-size must be at least 2 and divide --batch-size; --num-ppo-epochs, --num-minibatches >= 1"
+        )
     if args.temperature <= 0 or args.response_length >= args.max_length:
         raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
     rank, device = setup(args)
@@ -507,6 +510,8 @@ if __name__ == "__main__":
         if args.gold_reward:  # toy task: the exact reward, a verifiable one
             r["scores"] = torch.tensor([toy_task.gold_reward(q, t) for q, t in zip(questions, texts)], device=device)
         scores = r["scores"] - args.missing_eos_penalty * (~r["has_eos"]).float()
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
 
         # 3. the KL penalty: k1 summed over each response, in its reward (with k3_loss, in the loss instead)
         seq_kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], 0.0).sum(1)  # (b,)
@@ -555,7 +560,7 @@ if __name__ == "__main__":
         per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
         per_response["objective/rlhf_reward"] = scores - args.kl_coef * seq_kl
         per_response |= {"charts/eos_rate": r["has_eos"].float(), "charts/response_length": mask.sum(1).float()}
-        zero_std = rewards.view(-1, args.group_size).std(1) == 0  # groups whose responses all tie: no signal
+        zero_std = scores.view(-1, args.group_size).std(1) == 0  # scores all tie: only the KL term (k1) tells apart
         per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(args.group_size)
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()

@@ -142,7 +142,8 @@ def test_seed_records_and_their_mean_and_sd():
 
     records = []
     for seed, g in ((1, 1.0), (2, 2.0), (3, 6.0)):
-        ev = {"policies": [row("sft", 0.0, 0.0), row("ppo", g, 0.8), row("dpo", -g, 0.5)]}
+        ev = {"policies": [row("sft", 0.0, 0.0), row("ppo", g, 0.8), row("dpo", -g, 0.5), row("rloo", 3 * g, 0.7)]}
+        ev["policies"] += [row("grpo", 4 * g, 0.6), row("expert_iteration", 5 * g, 0.4)]
         records.append(
             seed_record(
                 seed, {"excess_nll": 0.01 * seed}, {"accuracy": 0.7, "bayes_accuracy": 0.75, "gold_pearson": 0.6}, ev
@@ -160,6 +161,16 @@ def test_seed_records_and_their_mean_and_sd():
     )
     assert records[2]["ppo_optimality_ratio_vs_sft"] == 3.0 and records[2]["dpo_optimality_ratio_vs_p_ref"] == -2.0
     assert records[2]["ppo_optimality_ratio_vs_sft_corrected"] == pytest.approx(3.0 * 0.9)
+    assert (
+        records[0]["grpo_gold_reward"],
+        records[0]["rloo_kl_to_sft"],
+        records[0]["expert_iteration_kl_to_p_ref"],
+    ) == (
+        4.0,
+        0.7,
+        0.7,
+    )
+    assert records[1]["expert_iteration_optimality_ratio_vs_sft_corrected"] == pytest.approx(5.0 * 0.9)
     assert mean_sd(records, "ppo_gold_reward") == pytest.approx(
         (3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
     )
@@ -287,7 +298,7 @@ def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
     rm_path = str(tmp_path / "rm")
     toy_task.save_base_model(rm_path)
     toy_reward_model(rm_path).save_pretrained(rm_path)
-    data = tmp_path / "best.jsonl"
+    data = tmp_path / "data" / "best.jsonl"  # a folder that is not there yet
     flags = f"evaluate.py --ref-policy {ref_path} --reward-model-name {rm_path} --num-samples 200"
     run_script(f"{flags} --best-of-n 8 --write-best-of-n {data}".split())
     rows = [json.loads(line) for line in data.read_text().splitlines()]
@@ -309,3 +320,16 @@ def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
 
     run_script(f"{flags} --best-of-n 1 --write-best-of-n {tmp_path / 'one.jsonl'}".split())
     assert mean_score(data) > mean_score(tmp_path / "one.jsonl") + 0.05
+    prompts = tmp_path / "prompts"  # an over-long prompt is dropped with its row, never paired with another's reply
+    prompts.mkdir()
+    for split in ("train", "test"):
+        rows = [
+            {"prompt": "the plot"},
+            {"prompt": " ".join(["the acting was wonderful"] * 12)},
+            {"prompt": "the acting"},
+        ]
+        (prompts / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = tmp_path / "short.jsonl"
+    flags += f" --dataset-name {prompts} --max-length 30 --response-length 8 --best-of-n 2 --write-best-of-n {short}"
+    run_script(flags.split())
+    assert [json.loads(line)["prompt"] for line in short.read_text().splitlines()] == ["the plot", "the acting"]

@@ -40,11 +40,9 @@ def test_token_weights_by_hand():
     }
     for how, w in want.items():
         torch.testing.assert_close(token_weights(mask, how, 3, 6, 4), torch.tensor(w))
-    # split into micro-batches with the minibatch's counts, the weights are those of the whole minibatch
-    parts = torch.cat(
-        [token_weights(mask[:2], "sequence_mean", 3, 6, 4), token_weights(mask[2:], "sequence_mean", 3, 6, 4)]
-    )
-    torch.testing.assert_close(parts, torch.tensor(want["sequence_mean"]))
+    for how, w in want.items():  # split into micro-batches with the minibatch's counts: the minibatch's weights
+        parts = torch.cat([token_weights(m, how, 3, 6, 4) for m in (mask[:2], mask[2:])])
+        torch.testing.assert_close(parts, torch.tensor(w))
 
 
 @pytest.mark.parametrize(
@@ -135,7 +133,7 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
     flags = (
         f"grpo.py --model-name {toy_base} --reward-model-name {toy_rm} --dataset-name {data} --batch-size 8 "
         "--group-size 2 --num-minibatches 1 --num-ppo-epochs 2 --num-epochs 2 --max-length 64 --response-length 24 "
-        "--learning-rate 3e-3 --kl-coef 0.5"
+        "--learning-rate 3e-3 --kl-coef 0.5 --loss-aggregation token_mean"  # token counts summed over ranks
     ).split()
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
     run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)
