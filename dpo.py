@@ -147,9 +147,9 @@ def token_logprobs(logits, targets, chunk_size=1024):
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
-def row_sums(values, mask):
-    """values (R,) in the row-major order of mask's (N, L) True entries -> (N,) each row's sum."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values).sum(-1)
+def scatter(values, mask):
+    """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def collate_concatenated(pairs, pad_id):
@@ -205,7 +205,7 @@ def pair_logprobs(model, batch, bf16=False, average=False):
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=F.pad(keep, (0, 1))
             ).logits  # (R, V): R response tokens, row-major
-            logprobs, counts = row_sums(token_logprobs(logits, labels[keep]), keep), keep.sum(-1)  # (2B,), (2B,)
+            logprobs, counts = scatter(token_logprobs(logits, labels[keep]), keep).sum(-1), keep.sum(-1)  # (2B,), (2B,)
         else:
             # a) the prompts once (B rows), keeping their keys and values; their last position (column P − 1
             # for every row) predicts response token 0
@@ -224,7 +224,7 @@ def pair_logprobs(model, batch, bf16=False, average=False):
                 logits_to_keep=F.pad(m[:, 1:], (0, 1)),  # response position t predicts response token t + 1
             ).logits  # (R', V): the response tokens after the first
             first = token_logprobs(prompt.logits[:, -1].repeat_interleave(2, 0), ids[:, 0])  # (2B,)
-            logprobs, counts = first + row_sums(token_logprobs(rest, ids[:, 1:][m[:, 1:]]), m[:, 1:]), m.sum(-1)
+            logprobs, counts = first + scatter(token_logprobs(rest, ids[:, 1:][m[:, 1:]]), m[:, 1:]).sum(-1), m.sum(-1)
     logprobs = logprobs / counts if average else logprobs
     return logprobs[0::2], logprobs[1::2], counts[0::2]  # rows interleaved: chosen at even, rejected at odd
 
