@@ -28,6 +28,10 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
+SMALL_RUN = ["--batch-size", "8", "--per-device-batch-size", "4", "--num-epochs", "2", "--learning-rate", "1e-3"]
+SMALL_RUN += ["--max-length", "64"]  # the flags of the two small runs below
+
+
 def test_reward_loss_by_hand():
     t = torch.tensor
     assert reward_loss(t([0.3, -2.0]), t([0.3, -2.0])).item() == pytest.approx(math.log(2))
@@ -175,16 +179,7 @@ def test_llama3_style_conversations(tmp_path, chat_models, chat_data):
             model,
             "--dataset-name",
             chat_data["preference"],
-            "--batch-size",
-            "8",
-            "--per-device-batch-size",
-            "4",
-            "--num-epochs",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--max-length",
-            "64",
+            *SMALL_RUN,
             "--output-dir",
             str(tmp_path / "rm"),
         ]
@@ -249,16 +244,7 @@ def test_hub_format_fixture(tmp_path, hub_model, chat_jsonl):
             str(prefs),
             "--reference-dataset-name",
             chat_jsonl,
-            "--batch-size",
-            "8",
-            "--per-device-batch-size",
-            "4",
-            "--num-epochs",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--max-length",
-            "64",
+            *SMALL_RUN,
             "--output-dir",
             str(tmp_path / "rm"),
         ]
