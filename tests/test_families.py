@@ -209,19 +209,37 @@ def grads(model, scalar):
     return torch.autograd.grad(scalar, list(model.parameters()), materialize_grads=True)
 
 
-def assert_close(got, want, what, atol=1e-5, rtol=1e-5):
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+# Tolerances (docs/tests.md, "How tolerances are chosen"). Two formulations of one float32 number differ by
+# rounding, which another summation order (CPU, BLAS build, thread count) changes: a float32 sum of n terms errs
+# by up to about n · eps times the terms' magnitude, which the largest value compared stands for. So each check
+# allows |got − want| ≤ n · eps · max|want|, n the float32 terms behind a value, counted generously. Beside
+# each n, in units of eps · max|want|: the largest error seen (every family, CPU capability, 1 or 2 threads) and
+# the smallest that a bug makes (a position off by one, attention to padding, a value read one token late).
+EPS = torch.finfo(torch.float32).eps  # 1.19e-7
+# a token's log-probability, reward or value: the sums it goes through (2 layers of 32-unit projections,
+# attention over up to 48 positions, a 64-unit MLP; then 75 logits or a 32-unit head); seen 12, bug ≥ 1e5
+TOKEN_TERMS = 300
+# a sequence's log-probability: the sum of up to 48 token log-probabilities, all ≤ 0, so that max|want| is
+# the terms' own magnitude; seen 2.3, a wrong position ≥ 5000 (0.15 nats of 190, Granite)
+SEQUENCE_TERMS = 48
+# a weight's gradient: a sum over every position of the batch (up to 520) on top of a token's sums; seen 16,
+# a wrong position ≥ 1e6
+GRAD_TERMS = 1000
 
 
-def assert_close_sums(got, want, what):
-    """Sums of ~50 log-probabilities (about −200): float32 noise is ~3e-5 absolute, whereas a wrong position
-    moves them by 0.1 or more in every family here."""
-    assert_close(got, want, what, atol=1e-4, rtol=0)
+def assert_close(got, want, what, terms, scale=None):
+    """|got − want| ≤ terms · eps · scale elementwise, scale max|want| unless given."""
+    scale = want.abs().max().item() if scale is None else scale
+    torch.testing.assert_close(got, want, atol=terms * EPS * scale, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
 def assert_grads_close(model, got, want, what):
+    """Every parameter's gradient, on the scale of the whole gradient (its largest element over all parameters,
+    not each parameter's own): a gradient that is 0 by symmetry (OPT's key bias: softmax ignores a shift of all
+    scores) is rounding noise left from terms as large as the other parameters' gradients."""
+    scale = max(w.abs().max().item() for w in want)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
-        assert_close(g, w, f"{what}: gradient of {name}", atol=1e-5, rtol=1e-4)
+        assert_close(g, w, f"{what}: gradient of {name}", GRAD_TERMS, scale)
 
 
 def alone_logps(model, ids, temperature=1.0, no_pad=False):
@@ -290,7 +308,7 @@ def test_sft_labelled_nll_equals_the_full_softmax(family):
         want = want - alone_logps(model, e["input_ids"])[labelled].sum()
         want_count += int(labelled.sum())
     assert count.item() == want_count
-    assert_close_sums(nll, want, f"{family}: labelled_nll")
+    assert_close(nll, want, f"{family}: labelled_nll", SEQUENCE_TERMS)
     assert_grads_close(model, grads(model, nll), grads(model, want), f"{family}: labelled_nll")
 
 
@@ -320,8 +338,8 @@ def test_dpo_prompt_once_and_concatenated_equal_one_by_one(family):
     for layout, batch in (("concatenated", dpo.collate_concatenated(PAIRS, PAD)), ("prompt-once", shared_batch)):
         chosen, rejected, n = dpo.pair_logprobs(model, batch)
         assert n.tolist() == counts
-        assert_close_sums(chosen, want[0], f"{family}: {layout} chosen")
-        assert_close_sums(rejected, want[1], f"{family}: {layout} rejected")
+        assert_close(chosen, want[0], f"{family}: {layout} chosen", SEQUENCE_TERMS)
+        assert_close(rejected, want[1], f"{family}: {layout} rejected", SEQUENCE_TERMS)
         assert_grads_close(model, grads(model, weighted(chosen, rejected)), want_grads, f"{family}: {layout}")
 
 
@@ -358,7 +376,7 @@ def test_the_sliding_window_binds(family):
     wide = make_model(make_config(family, sliding_window=1000))
     with torch.no_grad():
         narrow_logps, wide_logps = alone_logps(build(family), seq), alone_logps(wide, seq)
-    assert_close(narrow_logps[: WINDOW - 1], wide_logps[: WINDOW - 1], f"{family}: within the window")
+    assert_close(narrow_logps[: WINDOW - 1], wide_logps[: WINDOW - 1], f"{family}: within the window", TOKEN_TERMS)
     assert (narrow_logps - wide_logps).abs().max() > 1e-2
 
 
@@ -373,12 +391,13 @@ def test_reward_is_read_at_the_end_token(family):
         want = torch.stack([alone_head(rm, s, -1) for s in RM_SEQS])  # the head at the EOS of each sequence alone
         ids, mask = common.pad(RM_SEQS, PAD), common.attention_mask(RM_SEQS)
         assert (mask == 0).any()
-        assert_close(reward_model.rewards_at_eos(rm, ids, mask), want, f"{family}: rewards_at_eos")
+        assert_close(reward_model.rewards_at_eos(rm, ids, mask), want, f"{family}: rewards_at_eos", TOKEN_TERMS)
         for side in ("right", "left"):  # PPO scores left-padded prompts + right-padded responses
             ids, mask = common.pad(RM_SEQS, PAD, side), common.attention_mask(RM_SEQS, side)
             scores = ppo.token_scores(rm, ids, mask, (mask.cumsum(1) - 1).clamp(min=0))  # (B, L)
             last = mask.sum(1) - 1 if side == "right" else torch.full((len(RM_SEQS),), mask.shape[1] - 1)
-            assert_close(scores[torch.arange(len(RM_SEQS)), last], want, f"{family}: token_scores, {side} padding")
+            got = scores[torch.arange(len(RM_SEQS)), last]
+            assert_close(got, want, f"{family}: token_scores, {side} padding", TOKEN_TERMS)
 
 
 # ---- 4. PPO: the rollout against sequences alone; ratio 1 at the first update ------------------------
@@ -419,18 +438,19 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
     r = ppo.rollout(agent, ref, rm, QUERIES, tok, args, torch.device("cpu"), seed=0)
     mask, Lq = r["mask"], r["queries"].shape[1]
     assert (r["query_mask"] == 0).any() and (~mask).any()  # left-padded prompts; right-padded responses
+    want = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     with torch.no_grad():  # every row against its sequence alone
-        for b, q in enumerate(QUERIES):
-            resp = r["responses"][b][mask[b]].tolist()
-            n, seq = len(resp), q + resp
+        for q, row, row_mask in zip(QUERIES, r["responses"], mask):
+            resp = row[row_mask].tolist()
+            seq = q + resp
             assert PAD not in resp
             for model, key in ((policy, "logprobs"), (ref, "ref_logprobs")):
-                want = alone_logps(model, seq, args.temperature, no_pad=True)[len(q) - 1 :]
-                assert_close(r[key][b, :n], want, f"{family}: rollout {key}, row {b}")
-            assert_close(r["scores"][b], alone_head(rm, seq, -1), f"{family}: rollout score, row {b}")
-            assert_close(
-                r["values"][b, :n], alone_head(value, seq, slice(len(q) - 1, -1)), f"{family}: rollout values, row {b}"
-            )
+                want[key].append(alone_logps(model, seq, args.temperature, no_pad=True)[len(q) - 1 :])
+            want["values"].append(alone_head(value, seq, slice(len(q) - 1, -1)))
+            want["scores"].append(alone_head(rm, seq, -1)[None])
+    for key, rows in want.items():  # every row at once: (valid tokens,) in mask's row-major order, or (B,)
+        got = r[key] if key == "scores" else r[key][mask]
+        assert_close(got, torch.cat(rows), f"{family}: rollout {key}", TOKEN_TERMS)
     # the update's recomputation, as ppo.py's update does it: train mode, with gradients
     agent.train()
     try:
@@ -439,9 +459,11 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
     finally:
         agent.eval()
     assert logprobs.requires_grad
-    ratio = (ppo.scatter(logprobs, mask) - r["logprobs"]).exp()[mask]
-    assert (ratio - 1).abs().max() < 1e-5, f"{family}: first minibatch ratio {ratio.tolist()}"
-    assert_close(values.detach()[:, Lq - 1 : -1][mask], r["values"][mask], f"{family}: the update's values")
+    # ratio 1: log π of the update equals the rollout's (the log-ratio is 0) up to rounding
+    assert_close(logprobs.detach(), r["logprobs"][mask], f"{family}: first minibatch log-ratio", TOKEN_TERMS)
+    assert_close(
+        values.detach()[:, Lq - 1 : -1][mask], r["values"][mask], f"{family}: the update's values", TOKEN_TERMS
+    )
 
 
 # ---- 5. dropout-like config keys -----------------------------------------------------------------------
