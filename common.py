@@ -15,6 +15,7 @@ its own script. The conventions every script relies on:
 * nothing is cut silently: over-long examples are dropped or truncated, counted and reported.
 """
 
+import contextlib
 import inspect
 import os
 import re
@@ -104,11 +105,12 @@ def check_model_path(name, hint=""):
 def load_tokenizer(name, hint=""):
     """The tokenizer of `name` ("toy": toy_task's; else a folder save_pretrained wrote or a Hub id, see
     `check_model_path`), with an EOS and a PAD distinct from every end token. A tokenizer without PAD
-    (GPT-2, Pythia) or whose PAD is its EOS or its chat template's end-of-turn (many chat models)
-    gets a new PAD token; call `fit_model` on every model used with it. PAD's embedding is
-    never trained on or predicted (labels -100)."""
-    from transformers import AutoTokenizer
+    (GPT-2, Pythia), or whose PAD is its EOS, its chat template's end-of-turn or an end id the model's
+    generation_config.json declares (Qwen2.5 and Qwen3: PAD <|endoftext|>, also an end id), gets a new PAD
+    token; call `fit_model` on every model used with it. PAD's embedding is never trained on or predicted."""
+    from transformers import AutoTokenizer, GenerationConfig
 
+    declared = []
     if name == "toy":
         import toy_task
 
@@ -116,14 +118,17 @@ def load_tokenizer(name, hint=""):
     else:
         check_model_path(name, hint)
         tok = AutoTokenizer.from_pretrained(name)
+        with contextlib.suppress(OSError):  # OSError: the folder has no generation_config.json
+            declared = GenerationConfig.from_pretrained(name).eos_token_id
     if tok.eos_token_id is None:
         raise ValueError(
             f"tokenizer of {name!r} has no EOS token, so completions cannot be ended; "
             f"set one (tokenizer.eos_token = ...) and save_pretrained it, then pass that folder"
         )
-    if tok.pad_token_id is None or tok.pad_token_id in (tok.eos_token_id, end_of_turn_id(tok)):
+    ends = [tok.eos_token_id, end_of_turn_id(tok)] + (declared if isinstance(declared, list) else [declared])
+    if tok.pad_token_id is None or tok.pad_token_id in ends:
         tok.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
-    assert tok.pad_token_id not in (tok.eos_token_id, end_of_turn_id(tok))
+    assert tok.pad_token_id not in ends
     return tok
 
 
@@ -199,7 +204,8 @@ def stop_token_ids(tokenizer, model=None):
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     if tokenizer.pad_token_id in ids:
         raise ValueError(
-            f"PAD (id {tokenizer.pad_token_id}) is also an end token; load the tokenizer with common.load_tokenizer"
+            f"PAD (id {tokenizer.pad_token_id}) is also an end token of {type(model).__name__}'s generation_config; "
+            "load the tokenizer from the folder of the model it is used with (common.load_tokenizer)"
         )
     return ids
 
@@ -292,7 +298,7 @@ def _through_last(ids, token, start, what):
     raise ValueError(f"{what}: the chat template rendered an assistant reply without its end-of-turn token")
 
 
-def _prompt_and_responses(example, kind):
+def prompt_and_responses(example, kind):
     """(prompt, responses) of one example: prompt a string or messages, responses a list of strings
     or message lists ([completion] for sft, [chosen, rejected] for preference, [] for prompt)."""
     if "messages" in example and "prompt" not in example:
@@ -323,7 +329,7 @@ def encode_dataset(tokenizer, ds, kind):
     plain prompts given a start token (`start_token_added`).
     Returns (prompts, responses, stats): responses[k][i] is the k-th response column of example i."""
     rows = ds.to_list()
-    split = [_prompt_and_responses(r, kind) for r in rows]
+    split = [prompt_and_responses(r, kind) for r in rows]
     templated = {is_conversational(r) for r in rows}
     if len(templated) > 1:
         raise ValueError("mix of plain-text and conversational prompts in one dataset")

@@ -101,15 +101,61 @@ ALL_FAMILIES = dict(
 )
 
 
+# The exact special-token layouts of three chat models people post-train (their tokenizer_config.json and
+# generation_config.json): the tokenizer's EOS is the end-of-turn; PAD, where there is one, is an end id that the
+# generation config declares; the special tokens keep the real models' order (not their ids).
+_QWEN = {
+    "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "bos": None,
+    "eos": "<|im_end|>",
+    "pad": "<|endoftext|>",
+    "end_of_turn": "<|im_end|>",
+    "generation_eos": ["<|im_end|>", "<|endoftext|>"],  # eos_token_id: [151645, 151643]
+    "generation_pad": "<|endoftext|>",  # pad_token_id: 151643
+}
+_QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+LAYOUTS = {
+    "qwen2.5-instruct": dict(
+        _QWEN,
+        template="{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + _QWEN25_SYSTEM + "<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        + _GENERATION_PROMPT,
+    ),
+    "qwen3": dict(  # the think block before the last assistant turn after the last user message (loop.last)
+        _QWEN,
+        added=["<think>", "</think>"],  # added tokens that are not special
+        think="<think>\n\n</think>\n\n",
+        template=_LAST_USER + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user and loop.last %}<think>\n\n</think>\n\n"
+        "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT,
+    ),
+    "llama3.1-instruct": {  # a system header with dates in every conversation; three declared stop ids; no PAD
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]
+        + ["<|start_header_id|>", "<|end_header_id|>"],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "end_of_turn": "<|eot_id|>",
+        "generation_eos": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],  # [128001, 128008, 128009]
+        "template": "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 26 Jul 2024\n\n{% if messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] | trim }}{% endif %}<|eot_id|>{% for m in messages %}{% if m['role'] != 'system' %}"
+        "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    },
+}
+ALL_FAMILIES |= LAYOUTS
+
+
 def make_chat_tokenizer(family="chatml", pad_token=None):
     """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) trained on the fly, with the family's BOS (added
-    to plain text), EOS, end-of-turn and chat template. PAD: the family's own (Gemma), else `pad_token`
-    (None: no PAD at all, as GPT-2 and Pythia ship). Special tokens get ids 0 (BOS), 1 (EOS), 2 (end-of-turn)."""
+    to plain text, if it has one), EOS, end-of-turn and chat template. PAD: the family's own (Gemma, Qwen), else
+    `pad_token` (None: no PAD at all, as GPT-2 and Pythia ship). Special tokens get ids 0, 1, 2, ... in the
+    family's order (the stand-in families: BOS, EOS, end-of-turn)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     f = ALL_FAMILIES[family]
-    specials = [f["bos"], f["eos"], f["end_of_turn"]] + f["extra"]
+    specials = f.get("specials") or [f["bos"], f["eos"], f["end_of_turn"]] + f["extra"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -120,10 +166,12 @@ def make_chat_tokenizer(family="chatml", pad_token=None):
         "user assistant model system the plot was dull"
     ] * 3
     tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{f['bos']} $A", special_tokens=[(f["bos"], 0)])
+    if f["bos"]:
+        tok.post_processor = processors.TemplateProcessing(single=f"{f['bos']} $A", special_tokens=[(f["bos"], 0)])
     out = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=f["bos"], eos_token=f["eos"], pad_token=f.get("pad", pad_token)
     )
+    out.add_tokens(f.get("added", []))
     out.chat_template = f["template"]
     return out
 
@@ -159,10 +207,19 @@ def make_llama(vocab_size, path=None, eos_token_id=1):
 
 
 def save_chat_model(path, family):
-    """A local folder like a Hub chat model of `family`; Llama-3 and Gemma declare [EOS, end-of-turn] as stop ids."""
-    tok = make_chat_tokenizer(family)
+    """A local folder like a Hub chat model of `family`: Llama 3 and Gemma declare [EOS, end-of-turn] as stop ids;
+    the real layouts (LAYOUTS) their own end ids and PAD, in config.json and generation_config.json."""
+    f, tok = ALL_FAMILIES[family], make_chat_tokenizer(family)
     tok.save_pretrained(path)
-    make_llama(len(tok), path, eos_token_id=[1, 2] if ALL_FAMILIES[family].get("stop_ids_declared") else 1)
+    ids = [tok.convert_tokens_to_ids(t) for t in f.get("generation_eos", [])] or (
+        [1, 2] if f.get("stop_ids_declared") else 1
+    )
+    model = make_llama(len(tok), eos_token_id=ids)
+    if f.get("generation_pad"):
+        model.config.pad_token_id = model.generation_config.pad_token_id = tok.convert_tokens_to_ids(
+            f["generation_pad"]
+        )
+    model.save_pretrained(path)
     return path
 
 
@@ -273,18 +330,21 @@ def toy_reward_model(path, seed=0):
 
 
 def assert_same_weights(dir_a, dir_b, start_dir):
-    """The models saved in two folders are equal, and training moved them away from `start_dir`'s."""
+    """The models saved in two folders are equal up to float32 rounding, and training moved them away from
+    `start_dir`'s. Rounding (another reduction order) perturbs each update by a small fraction of it, and each
+    step rounds the weight to its last bit: the runs may differ by 2e-3 of the farthest any weight moved, plus
+    16 ulps of the weight (docs/tests.md, "How tolerances are chosen")."""
     import torch
     from safetensors.torch import load_file
 
     a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
     start = load_file(os.path.join(start_dir, "model.safetensors"))
     assert a.keys() == b.keys()
-    moved = 0
+    moved = [k for k in a if k in start and a[k].shape == start[k].shape and not torch.equal(a[k], start[k])]
+    assert len(moved) > len(a) // 2  # training moved the weights
+    atol = 2e-3 * max((a[k] - start[k]).abs().max().item() for k in moved)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-        moved += k in start and a[k].shape == start[k].shape and not torch.equal(a[k], start[k])
-    assert moved > len(a) // 2  # training moved the weights
+        torch.testing.assert_close(a[k], b[k], rtol=16 * torch.finfo(torch.float32).eps, atol=atol)
 
 
 def read_json(path):
@@ -329,6 +389,24 @@ def run_script(args, torchrun=0):
         sys.argv = argv
         os.chdir(cwd)
     return out.getvalue()
+
+
+def calls_of(function, args):
+    """Run a script as run_script does, recording each call of the function `function` that the script itself
+    defines: (the arguments of every call, {name: value}, in order; stdout). What a script passes to a tested
+    function, for the tests of how it is wired."""
+    script, seen = os.path.join(ROOT, args[0]), []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == function and frame.f_code.co_filename == script:
+            seen.append(dict(frame.f_locals))
+
+    sys.setprofile(profile)
+    try:
+        out = run_script(args)
+    finally:
+        sys.setprofile(None)
+    return seen, out
 
 
 def script_error(args):

@@ -10,6 +10,7 @@ from conftest import (
     ALL_FAMILIES,
     CONVERSATIONS,
     FAMILIES,
+    LAYOUTS,
     make_bpe_tokenizer,
     make_chat_tokenizer,
     make_llama,
@@ -151,7 +152,7 @@ def test_conversations_are_the_templates_own_ids(family):
     eot_text = ALL_FAMILIES[family]["end_of_turn"]
     think = "" if "{% generation %}" in ALL_FAMILIES[family]["template"] else ALL_FAMILIES[family].get("think", "")
     eot = tok.convert_tokens_to_ids(eot_text)
-    assert eot != tok.eos_token_id and common.end_of_turn_id(tok) == eot
+    assert common.end_of_turn_id(tok) == eot and (eot == tok.eos_token_id) == (family in LAYOUTS)
     convs = CONVERSATIONS[:4]
     examples, stats = common.tokenize_sft(tok, datasets.Dataset.from_list([{"messages": c} for c in convs]), 200)
     assert stats["prompt_not_prefix"] == 0
@@ -160,7 +161,7 @@ def test_conversations_are_the_templates_own_ids(family):
         ids = ex["input_ids"]
         assert ids == whole[: len(ids)] and ids[-1] == eot
         assert tok.decode(whole[len(ids) :]).strip() == ""  # only the template's trailing newline is left out
-        assert tok.eos_token_id not in ids
+        assert tok.eos_token_id not in ids or family in LAYOUTS
         replies = [conv[1]["content"] + eot_text, think + conv[3]["content"] + eot_text]
         assert [tok.decode(run) for run in labelled_runs(ex["labels"])] == replies
     # prompt/completion rows: only the completion's turn is taught, even with an assistant turn in the prompt
@@ -200,7 +201,7 @@ def test_pairs_and_prompts_are_rendered_the_same_way(family):
 def test_stop_ids_keep_every_declared_end_token(family, tmp_path):
     tok = common.load_tokenizer(save_chat_model(str(tmp_path), family))  # PAD added where missing
     eos, eot = tok.eos_token_id, common.end_of_turn_id(tok)
-    assert common.stop_token_ids(tok) == [eos, eot]
+    assert common.stop_token_ids(tok) == list(dict.fromkeys([eos, eot]))  # the real layouts' EOS is the end-of-turn
     model = make_llama(len(tok) + 5, eos_token_id=[7, eos])  # a model declaring another stop id too
     common.fit_model(model, tok)
     assert sorted(model.generation_config.eos_token_id) == sorted({7, eos, eot})  # the list was kept, extended
