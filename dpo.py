@@ -74,7 +74,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate; default 5e-4 on the toy task, else 3e-6 (Huang et al. 2024; 5e-7 for Zephyr)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup, to 0 at the last step"""
+    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -230,7 +230,8 @@ def pair_logprobs(model, batch, bf16=False, average=False):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
+    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
@@ -490,6 +491,9 @@ if __name__ == "__main__":
                 tqdm.write(
                     f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {accuracy:.4f}, margin {margin:.4f}"
                 )
+
+    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left to write
+        final = evaluate()
 
     # 6. save the policy, its tokenizer and the results (evaluate.py measures it against the optimum)
     save(model, tokenizer, args.output_dir, rank)

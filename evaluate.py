@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 
 import common
@@ -201,6 +202,10 @@ def mean_sd(records, key):
 
 
 # ---- helpers ----
+LOGITS_PER_PASS = 8192
+"""response tokens whose logits one scoring pass keeps (float32: 8192 × V × 4 bytes, 1.6 GB at a 49k vocabulary)"""
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -212,17 +217,17 @@ def load_model(cls, name, tokenizer, device):
     return model.requires_grad_(False).eval().to(device)
 
 
-def batches(args, *lists):
-    """Consecutive slices of --per-device-batch-size items of each list."""
-    for i in range(0, len(lists[0]), args.per_device_batch_size):
-        yield [x[i : i + args.per_device_batch_size] for x in lists]
+def batches(size, *lists):
+    """Consecutive slices of `size` items of each list."""
+    for i in range(0, len(lists[0]), size):
+        yield [x[i : i + size] for x in lists]
 
 
 @torch.no_grad()
 def sample(model, queries, tokenizer, args, device):
     """One response per prompt id list, cut after its first end token (one without reached the cap)."""
     stops, out = common.stop_token_ids(tokenizer, model), []
-    for (q,) in batches(args, queries):
+    for (q,) in batches(args.per_device_batch_size, queries):
         batch = {k: v.to(device) for k, v in common.collate_prompts(q, tokenizer.pad_token_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             new = common.generate(
@@ -232,23 +237,55 @@ def sample(model, queries, tokenizer, args, device):
     return out
 
 
+def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
+    """logits (R, V) predicting tokens (R,) -> float32 (log-probabilities (R,), entropies (R,)) of the sampling
+    distribution softmax(logits / T) with PAD excluded. In chunks of rows, each cast to float32 alone and
+    recomputed in backward; the entropy has a gradient only with `entropy_grad` (a bonus), else it is a statistic."""
+
+    def chunk(x, y, entropy=True):  # (r, V), (r,) -> (r,), (r,) or None
+        x = x.float() / temperature
+        x[:, pad_id] = -1e9  # finite, so that p log p is 0 (not NaN) for PAD
+        logp = x - x.logsumexp(-1, keepdim=True)
+        return logp.gather(1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1) if entropy else None
+
+    out = []
+    for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            out.append(chunk(x, y))
+        elif entropy_grad:
+            out.append(torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False))
+        else:
+            lp, _ = torch.utils.checkpoint.checkpoint(chunk, x, y, False, use_reentrant=False)
+            with torch.no_grad():
+                out.append((lp, chunk(x, y)[1]))
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
+
+
+def scatter(values, mask):
+    """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 @torch.no_grad()
 def response_logprobs(model, queries, responses, tokenizer, args, device):
     """(N,) Σ over response tokens of log softmax(logits / temperature) with PAD excluded, as sampled, and (N,)
-    the mean over each response's tokens of that distribution's entropy."""
+    the mean over each response's tokens of that distribution's entropy. As in the trainers, the LM head runs only
+    where a response token is predicted and its softmax in float32 chunks: no (N, L, V) tensor of logits, and each
+    pass over at most LOGITS_PER_PASS response tokens, whatever --per-device-batch-size."""
+    size = max(1, min(args.per_device_batch_size, LOGITS_PER_PASS // max(map(len, responses), default=1)))
     out = []
-    for q, r in batches(args, queries, responses):
+    for q, r in batches(size, queries, responses):
         seqs = [a + b for a, b in zip(q, r)]
-        labels = common.pad([[common.IGNORE_INDEX] * len(a) + b for a, b in zip(q, r)], common.IGNORE_INDEX)[:, 1:]
+        ids, mask = common.pad(seqs, tokenizer.pad_token_id).to(device), common.attention_mask(seqs).to(device)
+        labels = common.pad([[common.IGNORE_INDEX] * len(a) + b for a, b in zip(q, r)], common.IGNORE_INDEX)
+        labels = labels[:, 1:].to(device)  # (n, L − 1): position t predicts token t + 1
+        keep = labels != common.IGNORE_INDEX
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            ids, mask = common.pad(seqs, tokenizer.pad_token_id), common.attention_mask(seqs)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[:, :-1].float().cpu() / args.temperature  # position t predicts token t + 1
-        logits[..., tokenizer.pad_token_id] = -1e9  # finite, so that p log p is 0 (not NaN) for PAD
-        logp_all, mask = logits.log_softmax(-1), labels != common.IGNORE_INDEX  # (n, L-1, V), (n, L-1)
-        logp = logp_all.gather(2, labels.clamp(min=0)[..., None]).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        out.append(torch.stack([(logp * mask).sum(1), (entropy * mask).sum(1) / mask.sum(1).clamp(min=1)], 1))
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=F.pad(keep, (0, 1))).logits  # (R, V)
+        logp, entropy = logprobs_and_entropy(logits, labels[keep], args.temperature, tokenizer.pad_token_id)
+        n = keep.sum(1).clamp(min=1)
+        out.append(torch.stack([scatter(logp, keep).sum(1), scatter(entropy, keep).sum(1) / n], 1).cpu())
     out = torch.cat(out).numpy()
     return out[:, 0], out[:, 1]
 
@@ -257,7 +294,7 @@ def response_logprobs(model, queries, responses, tokenizer, args, device):
 def reward_scores(model, queries, responses, tokenizer, args, device):
     """(N,) the reward of prompt + response at its last real token (right padding), minus config.reward_bias."""
     out = []
-    for q, r in batches(args, queries, responses):
+    for q, r in batches(args.per_device_batch_size, queries, responses):
         seqs = [a + b for a, b in zip(q, r)]
         ids, mask = common.pad(seqs, tokenizer.pad_token_id).to(device), common.attention_mask(seqs).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -397,7 +434,8 @@ if __name__ == "__main__":
 
     if on_toy:
         import toy_task
-    args.policies = args.policies or [f"runs/models/{m}" for m in METHODS if os.path.isdir(f"runs/models/{m}")]
+    if not (args.policies or args.write_best_of_n):  # the default policies; none to write expert iteration's data
+        args.policies = [f"runs/models/{m}" for m in METHODS if os.path.isdir(f"runs/models/{m}")]
     tokenizer = common.load_tokenizer(args.ref_policy, ": run `python sft.py` first, or pass --ref-policy")
     for name in [args.reward_model_name, *args.policies, *([args.judge] if args.judge else [])]:
         hint = ": run its training script first, or pass another folder"
@@ -424,9 +462,9 @@ if __name__ == "__main__":
                 text = tokenizer.decode(q + b, skip_special_tokens=True)[
                     len(tokenizer.decode(q, skip_special_tokens=True)) :
                 ]
-                chat = isinstance(row["prompt"], list)
-                completion = [{"role": "assistant", "content": text.strip()}] if chat else text
-                f.write(json.dumps({"prompt": row["prompt"], "completion": completion}) + "\n")
+                prompt = common.prompt_and_responses(row, "prompt")[0]  # a string, or messages (a `messages` row's)
+                completion = [{"role": "assistant", "content": text.strip()}] if isinstance(prompt, list) else text
+                f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
         dropped = f"{len(lengths) - len(ds)} over the length limit dropped"
         print(f"wrote the best of {N} samples for {len(best)} prompts ({dropped}) to {args.write_best_of_n}")
         raise SystemExit
@@ -435,10 +473,12 @@ if __name__ == "__main__":
     kind = "sft" if on_toy else "prompt"
     eval_ds = common.load_splits(args.dataset_name, kind, eval_split=args.dataset_eval_split, seed=args.seed)[1]
     eval_ds = eval_ds.select(range(min(args.num_samples, len(eval_ds))))
-    kind = "sft" if "completion" in eval_ds.column_names else "prompt"
+    rows = eval_ds.to_list()  # reference responses: a completion column, or conversations that end with a reply
+    replies = "messages" in eval_ds.column_names and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    kind = "sft" if "completion" in eval_ds.column_names or replies else "prompt"
     prompt_ids, completions, _ = common.encode_dataset(tokenizer, eval_ds, kind)
     keep = [i for i, p in enumerate(prompt_ids) if len(p) <= args.max_length - args.response_length]
-    queries, prompts = [prompt_ids[i] for i in keep], [eval_ds["prompt"][i] for i in keep]
+    queries, prompts = [prompt_ids[i] for i in keep], [common.prompt_and_responses(rows[i], kind)[0] for i in keep]
     references = [completions[0][i] for i in keep] if completions else None
     if not queries:
         raise ValueError("every held-out prompt is over --max-length − --response-length tokens; raise --max-length")
@@ -560,7 +600,9 @@ if __name__ == "__main__":
     # 4. intermediate policies: over-optimisation (score rising, gold reward not) and learning curves
     checkpoints = {}
     for folder in args.checkpoints_dirs:
-        run = os.path.basename(os.path.dirname(folder.rstrip("/"))) or folder
+        run = os.path.dirname(os.path.normpath(folder)) or folder  # runs/seeds/1/ppo, not ppo: runs stay apart
+        if run in checkpoints:
+            raise ValueError(f"--checkpoints-dirs names {folder} twice")
         print(f"checkpoints of {run}:")
         names = sorted(os.listdir(folder))  # episode_0000512, ...: episodes seen
         checkpoints[run] = [evaluate_policy(f"{folder}/{c}") | {"episodes": int(c.split("_")[-1])} for c in names]

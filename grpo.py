@@ -81,7 +81,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after the warmup, to 0 at the last iteration"""
+    """decay after the warmup towards 0, reached one iteration after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
     """share of the iterations spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -95,12 +95,14 @@ class Args:
 
     # ---- GRPO ----
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    """grpo: (r − group mean) / group std; dr_grpo: r − group mean; rloo: r − the mean of the other G − 1"""
+    """the method, as its paper defines it: grpo (r − group mean) / group std, each response's token mean; dr_grpo
+    r − group mean, a constant normaliser; rloo r − the mean of the other G − 1, the sequence's summed log-probability
+    (a constant normaliser; REINFORCE at ratio 1)"""
     group_size: int = 4
     """responses sampled per prompt (G)"""
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] | None = None
     """the per-token losses' sum: each response's token mean, then their mean (GRPO); one mean over every token
-    (DAPO); or the sum over a constant, responses × --response-length (Dr. GRPO)"""
+    (DAPO); or the sum over a constant, responses × --response-length (Dr. GRPO); default --advantage's"""
     kl_penalty: Literal["k1_reward", "k3_loss"] = "k1_reward"
     """the KL to the SFT model: k1 summed into each response's reward (as in ppo.py), or GRPO's k3 in the loss"""
     kl_coef: float | None = None
@@ -256,7 +258,8 @@ def scatter(values, mask):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
+    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
@@ -403,6 +406,8 @@ if __name__ == "__main__":
     for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
+    if args.loss_aggregation is None:  # each method's paper: only GRPO divides a response's loss by its length
+        args.loss_aggregation = "sequence_mean" if args.advantage == "grpo" else "constant"
     if args.gold_reward and not on_toy:
         raise ValueError("--gold-reward is the toy task's exact reward: off the toy task, use --reward-model-name")
     if args.group_size < 2 or args.batch_size % args.group_size or min(args.num_ppo_epochs, args.num_minibatches) < 1:
@@ -487,7 +492,8 @@ if __name__ == "__main__":
         policy.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
-    first_iteration = load_checkpoint(args.output_dir, policy, optimizer, run)["step"] if args.resume else 0
+    state = load_checkpoint(args.output_dir, policy, optimizer, run) if args.resume else {"step": 0}
+    first_iteration, logged = state["step"], state.get("logged")  # a run resumed at its end has its statistics
     all_reduce, start = dist.all_reduce if dist.is_initialized() else None, time.time()
     for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
@@ -595,7 +601,8 @@ if __name__ == "__main__":
             save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
-            save_checkpoint(path, policy, optimizer, {"step": iteration + 1, "run": run}, rank)
+            state = {"step": iteration + 1, "run": run, "logged": logged}
+            save_checkpoint(path, policy, optimizer, state, rank)
 
     # the policy, its tokenizer and the last iteration's statistics, where evaluate.py looks
     save(policy, tokenizer, args.output_dir, rank)

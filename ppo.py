@@ -77,7 +77,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate of policy and value model; default 3e-4 on the toy task, else 3e-6"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after the warmup, to 0 at the last iteration (linear: Huang et al. 2024)"""
+    """decay after the warmup towards 0, reached one iteration after the last (linear: Huang et al.)"""
     warmup_ratio: float = 0.0
     """share of the iterations spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -306,7 +306,8 @@ def scatter(values, mask):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
+    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
@@ -542,6 +543,7 @@ if __name__ == "__main__":
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     state = load_checkpoint(args.output_dir, agent, optimizer, run) if args.resume else {"step": 0}
     first_iteration, kl_coef, start = state["step"], state.get("kl_coef", args.kl_coef), time.time()
+    logged = state.get("logged")  # the statistics of the checkpoint's iteration: a run resumed at its end has them
     all_reduce = dist.all_reduce if dist.is_initialized() else None
     for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
@@ -665,7 +667,8 @@ if __name__ == "__main__":
             save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
-            save_checkpoint(path, agent, optimizer, {"step": iteration + 1, "run": run, "kl_coef": kl_coef}, rank)
+            state = {"step": iteration + 1, "run": run, "kl_coef": kl_coef, "logged": logged}
+            save_checkpoint(path, agent, optimizer, state, rank)
 
     # the policy, its tokenizer and the last iteration's statistics, where evaluate.py looks
     save(policy, tokenizer, args.output_dir, rank)

@@ -75,7 +75,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate; default 1e-3 on the toy task, else 3e-6 (Huang et al. 2024)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup, to 0 at the last step"""
+    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -127,7 +127,8 @@ def collate_pairs(pairs, pad_id):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
+    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}

@@ -72,7 +72,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate; default 3e-3 on the toy task, else 3e-6 (Huang et al. 2024)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup, to 0 at the last step"""
+    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.05
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -131,7 +131,8 @@ def labelled_nll(model, batch, bf16=False):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: linear warmup, then decay to 0."""
+    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
+    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
@@ -374,6 +375,9 @@ if __name__ == "__main__":
                     f"step {step + 1}: eval/loss {eval_loss:.4f}"
                     + (f", excess over P_ref {eval_loss - ref_nll:.4f}" if ref_nll else "")
                 )
+
+    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left to write
+        eval_loss = evaluate(model, eval_examples, tokenizer.pad_token_id, args, device, rank)
 
     # 5. save the model, its tokenizer and the results where the next stages look
     save(model, tokenizer, args.output_dir, rank)
