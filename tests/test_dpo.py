@@ -15,6 +15,10 @@ from safetensors.torch import load_file
 import toy_task
 from dpo import collate_concatenated, collate_shared_prompts, dpo_loss, pair_logprobs, token_logprobs
 
+# AdamW's first steps as plain gradient descent (a step of 0.3 × the gradient; tests/test_wiring.py): an error
+# that only scales the loss changes the weights
+SGD_LIKE = ["--adam-eps", "1000", "--learning-rate", "300", "--max-grad-norm", "0"]
+
 
 def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
@@ -229,7 +233,8 @@ def test_hub_format_fixture_variants(tmp_path, hub_model):
 def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, chat_data):
     """2 processes × 2 micro-batches of 2 pairs take the same steps as 1 process with batches of 8 (the
     loss is a mean over the pairs of the global batch however it is split), with DDP and with FSDP
-    (policy and reference sharded). ChatML conversations, and a tokenizer that gets a PAD added: the
+    (policy and reference sharded), by gradient descent (SGD_LIKE), so that a loss averaged per micro-batch or
+    per rank, which only scales the step, shows. ChatML conversations, and a tokenizer that gets a PAD added: the
     embeddings grow by a row, which must come out the same on every rank (FSDP broadcasts nothing)."""
     base = chat_models["chatml"]
     flags = [
@@ -246,10 +251,9 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path, chat_models, c
         "64",
         "--beta",
         "1",
-        "--learning-rate",
-        "1e-3",
         "--rpo-alpha",
         "0.5",
+        *SGD_LIKE,
     ]
     outs = [
         run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "one")]),
@@ -317,8 +321,10 @@ def tensorboard_scalars(exp_name):
 
 def test_rpo_logged_apart_and_no_initialisation_claim_on_resume(tmp_path):
     """With learning rate 0 the policy stays the reference, so the preference loss is ln 2 at every step:
-    train/loss must be exactly that, RPO's NLL logged apart (train/nll/chosen); the reference model runs in
-    eval mode. A resumed run does not claim to be at initialisation."""
+    train/loss must be exactly that, and the implicit rewards β(log π − log π_ref) of both responses 0 (log π of
+    each response against its own reference, not of the other response), RPO's NLL logged apart
+    (train/nll/chosen); the reference model runs in eval mode. A resumed run does not claim to be at
+    initialisation."""
     base = toy_task.save_base_model(str(tmp_path / "base"))
     data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 48)
     exp = f"test_rpo_{os.getpid()}_{int(time.time())}"
@@ -345,6 +351,12 @@ def test_rpo_logged_apart_and_no_initialisation_claim_on_resume(tmp_path):
     logged = tensorboard_scalars(exp)
     assert logged["train/loss"] == pytest.approx([math.log(2)] * len(logged["train/loss"]), abs=1e-6)
     assert min(logged["train/nll/chosen"]) > 1.0  # a random model's NLL per token: far from 0
+    # float32 rounding of a sequence's log-probability: 48 eps of its magnitude (docs/tests.md, "How tolerances are
+    # chosen"); the rewards of the wrong differences (chosen against rejected) are 0.1 or more
+    logprobs = logged["train/logprobs/chosen"] + logged["train/logprobs/rejected"]
+    tol = 48 * torch.finfo(torch.float32).eps * max(abs(x) for x in logprobs)
+    for name in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins"):
+        assert logged[name] == pytest.approx([0.0] * len(logged[name]), abs=tol), name
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "dpo" / "resume" / "step_0000002", resumed / "resume" / "step_0000002")
     out = run_script(flags + ["--resume", "--exp-name", exp + "_resumed", "--output-dir", str(resumed)])

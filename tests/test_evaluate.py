@@ -94,9 +94,7 @@ def test_snis_optimum_matches_the_exact_frontier(markov_models):
     torch.manual_seed(0)
     args = Args(per_device_batch_size=2000, max_length=64, response_length=toy_task.MAX_RESPONSE_TOKENS)
     texts = tok.batch_decode(sample(model, queries, tok, args, torch.device("cpu")), skip_special_tokens=True)
-    gold = np.array(
-        [toy_task.gold_reward(p, t) for p, t in zip([p for p in prompts for _ in range(N)], texts)]
-    ).reshape(-1, N)
+    gold = np.array(toy_task.gold_reward([p for p in prompts for _ in range(N)], texts)).reshape(-1, N)
     kl, reward, ess = snis_optimum(gold, [2.0, 1.0])
     (_, kl2, r2), (_, kl1, r1) = toy_task.optimal_frontier(prompts, [2.0, 1.0])
     se = lambda x: x.std(ddof=1) / math.sqrt(len(x))
@@ -333,3 +331,34 @@ def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
     flags += f" --dataset-name {prompts} --max-length 30 --response-length 8 --best-of-n 2 --write-best-of-n {short}"
     run_script(flags.split())
     assert [json.loads(line)["prompt"] for line in short.read_text().splitlines()] == ["the plot", "the acting"]
+
+
+def end_token_judge(path):
+    """A reward model with no transformer layers (the one-hot embeddings of conftest.markov_llama) whose head is 1 at
+    the EOS and 0 at every other token: it scores a response 1 if it ended with the end token, 0 if it was cut."""
+    from transformers import AutoModelForSequenceClassification
+
+    judge = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    scale = 1 / math.sqrt(1 / judge.config.hidden_size + judge.config.rms_norm_eps)  # RMSNorm of a one-hot
+    with torch.no_grad():
+        judge.score.weight.zero_()
+        judge.score.weight[0, 1] = 1 / scale  # EOS is id 1
+    judge.config.reward_bias = 0.0
+    return judge.eval()
+
+
+def test_win_rate_is_the_policys_against_the_references(tmp_path, markov_models):
+    """Judged by end_token_judge, every reference response (a toy completion and its EOS) scores 1; a policy's
+    response capped at 3 tokens scores 1 if it ended, 0 if it was cut, so it wins no comparison and ties every one
+    where it ended: its win rate is exactly half its end-token rate (the other way round it would be 1 − that)."""
+    ref_path, _, _ = markov_models
+    judge = str(tmp_path / "judge")
+    end_token_judge(ref_path).save_pretrained(judge)
+    common.load_tokenizer(ref_path).save_pretrained(judge)
+    run_script(
+        f"evaluate.py --policies {ref_path} --ref-policy {ref_path} --reward-model-name {judge} --judge {judge} "
+        f"--num-samples 40 --best-of-n 1 --response-length 3 --output-dir {tmp_path / 'eval'}".split()
+    )
+    (row,) = read_json(tmp_path / "eval" / "results.json")["policies"]
+    assert 0 < row["eos_rate"] < 1 and row["score"] == pytest.approx(row["eos_rate"], abs=1e-6)
+    assert row["win_rate"] == pytest.approx(row["eos_rate"] / 2, abs=1e-9)

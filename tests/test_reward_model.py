@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     assert_same_weights,
+    calls_of,
     read_json,
     result_of,
     run_script,
@@ -168,6 +169,20 @@ def test_ddp_fsdp_and_accumulation_match_single_process(tmp_path):
         r1, r2 = result_of(tmp_path / "one"), result_of(tmp_path / run)
         assert r1["reward_bias"] == pytest.approx(r2["reward_bias"], rel=1e-4, abs=1e-6)
     assert read_json(tmp_path / "fsdp" / "config.json")["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_the_centring_coefficient_reaches_the_training_loss(tmp_path, toy_base):
+    """--center-rewards-coefficient weighs the centring term of the loss the script trains on: every reward_loss call
+    whose rewards carry a gradient gets it (the logged statistics' calls, without a gradient, plain Bradley–Terry)."""
+    data = toy_data_file(tmp_path / "pairs.jsonl", "preference", 20)
+    calls, _ = calls_of(
+        "reward_loss",
+        f"reward_model.py --model-name {toy_base} --dataset-name {data} --batch-size 8 --per-device-batch-size 4 "
+        f"--num-epochs 0.5 --max-length 64 --center-rewards-coefficient 0.25 --output-dir {tmp_path / 'rm'}".split(),
+    )
+    trained = [c for c in calls if c["chosen_rewards"].requires_grad]
+    assert len(trained) == 2 and all(c["center_rewards_coefficient"] == 0.25 for c in trained)
+    assert all(c["center_rewards_coefficient"] == 0.0 for c in calls if not c["chosen_rewards"].requires_grad)
 
 
 def test_llama3_style_conversations(tmp_path, chat_models, chat_data):

@@ -19,6 +19,10 @@ import common
 import toy_task
 from sft import labelled_nll
 
+# AdamW's first steps as plain gradient descent (a step of 0.3 × the gradient; tests/test_wiring.py): an error
+# that only scales the loss changes the weights
+SGD_LIKE = ["--adam-eps", "1000", "--learning-rate", "300", "--max-grad-norm", "0"]
+
 
 class FixedLogits(torch.nn.Module):
     """A stand-in causal LM with given logits (B, L, V), position t predicting token t + 1."""
@@ -222,7 +226,8 @@ def test_gemma_style_conversations_and_keep_end(tmp_path, chat_models, chat_data
 def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
     """2 CPU processes under torchrun (4 examples each) take the same steps as 1 process with one
     batch of 8, with DDP and with FSDP: the loss is a token-level mean over the global batch, however it
-    is split. The FSDP run, stopped after step 2 (its later checkpoint removed) and resumed, ends with
+    is split. By gradient descent (SGD_LIKE), so that a loss that is only scaled (DDP's average over ranks left
+    uncompensated) shows. The FSDP run, stopped after step 2 (its later checkpoint removed) and resumed, ends with
     bit-identical weights."""
     data = toy_data_file(tmp_path / "data.jsonl", "sft", 48)
     # the default model: the toy Llama from scratch, built in memory by every rank (no --per-device-batch-size:
@@ -239,10 +244,9 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path):
         "3",
         "--warmup-ratio",
         "0",
-        "--learning-rate",
-        "3e-3",
         "--num-sample-completions",
         "2",
+        *SGD_LIKE,
     ]
     run_script(flags + ["--output-dir", str(tmp_path / "one")])
     run_script(flags + ["--output-dir", str(tmp_path / "two")], torchrun=2)
