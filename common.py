@@ -520,25 +520,26 @@ def tokenize_preferences(tokenizer, ds, max_length, truncation_mode="drop"):
 
 
 def tokenize_prompts(tokenizer, ds, max_prompt_length, truncation_mode="drop"):
-    """Prompt-only data -> (list of prompt id lists, stats); a conversation is rendered up to the
-    template's generation prompt. Prompts over the limit are dropped, or with truncation_mode=
+    """Prompt-only data -> (list of prompt id lists, the index in `ds` of each, stats); a conversation is rendered
+    up to the template's generation prompt. Prompts over the limit are dropped, or with truncation_mode=
     "keep_end" lose their oldest tokens (after the BOS). Counted."""
     if truncation_mode not in ("drop", "keep_end"):
         raise ValueError(f"truncation_mode for prompts is drop or keep_end, not {truncation_mode!r}")
     prompts, _, _ = encode_dataset(tokenizer, ds, "prompt")
-    out, too_long, cut = [], 0, 0
-    for p in prompts:
+    out, kept, too_long, cut = [], [], 0, 0
+    for i, p in enumerate(prompts):
         if len(p) > max_prompt_length and truncation_mode == "drop":
             too_long += 1
             continue
         cut += len(p) > max_prompt_length
         out.append(_keep_end(p, max_prompt_length, tokenizer.bos_token_id))
+        kept.append(i)
     if not out:
         raise ValueError(
             f"every prompt is over max_prompt_length={max_prompt_length} tokens; "
             "raise --max-length or try --truncation-mode keep_end"
         )
-    return out, {"dropped_too_long": too_long, "truncated_prompt": cut, "total": len(ds)}
+    return out, kept, {"dropped_too_long": too_long, "truncated_prompt": cut, "total": len(ds)}
 
 
 def report(what, stats):

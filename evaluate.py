@@ -489,7 +489,7 @@ if __name__ == "__main__":
         """The judge's verdicts: the --judge reward model's, else (toy task) the exact gold reward, else None."""
         if judge is not None:
             return reward_scores(judge, queries, responses, tokenizer, args, device)
-        return np.array([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)]) if on_toy else None
+        return np.array(toy_task.gold_reward(prompts, texts)) if on_toy else None
 
     ref_texts = tokenizer.batch_decode(references or [], skip_special_tokens=True)
     ref_judged = judged(references, ref_texts) if references else None
@@ -504,7 +504,7 @@ if __name__ == "__main__":
         frontier = [(kl, r) for _, kl, r in toy_task.optimal_frontier(prompts, betas, args.response_length)]
         ref_gold = frontier[0][1]  # P_ref's exact expected gold reward (KL 0)
         bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
-        gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, bon_texts)]).reshape(P, N)
+        gold = np.array(toy_task.gold_reward(bon_prompts, bon_texts)).reshape(P, N)
         # best-of-n's KL to P_ref = its KL to the reference (the formula) + E_bon[log π_ref − log P_ref]
         lp, _ = response_logprobs(ref_model, bon_queries, bon_responses, tokenizer, args, device)
         ref_lp = [toy_task.ref_logprob(p, t, args.response_length) for p, t in zip(bon_prompts, bon_texts)]
@@ -517,7 +517,7 @@ if __name__ == "__main__":
         # estimate falls about as short: a ratio vs SFT times this share is the corrected ratio
         check_rng = np.random.default_rng(args.seed)
         check_texts = toy_task.TASK.sample_responses(check_rng, bon_prompts, args.response_length)
-        check_gold = np.array([toy_task.gold_reward(p, t) for p, t in zip(bon_prompts, check_texts)]).reshape(P, N)
+        check_gold = np.array(toy_task.gold_reward(bon_prompts, check_texts)).reshape(P, N)
         check_kl, check_reward, _ = (x.mean(0) for x in snis_optimum(check_gold, ref_betas))
         check = [
             (k, (r - check_reward[0]) / (frontier_reward_at(k, frontier) - ref_gold))
@@ -568,7 +568,7 @@ if __name__ == "__main__":
         if ref_judged is not None:
             with_se(row, win_rate=wins(judged(responses, texts), ref_judged))
         if on_toy:
-            gold_pp = np.array([toy_task.gold_reward(p, t) for p, t in zip(prompts, texts)])
+            gold_pp = np.array(toy_task.gold_reward(prompts, texts))
             ref_lp = np.array([toy_task.ref_logprob(p, t, args.response_length) for p, t in zip(prompts, texts)])
             add_toy(row, gold_pp, logp - ref_lp, logp - logp_ref)
         print("  " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.endswith("_se")))

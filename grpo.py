@@ -1,4 +1,5 @@
-"""Online RL without a value model: GRPO, Dr. GRPO and RLOO, picked by --advantage.
+"""Online RL without a value model: GRPO, Dr. GRPO and RLOO, picked by --advantage, with a reward model, reward
+functions (verifiable rewards: a math answer checked, a format matched) or both.
 
 Each prompt is answered G times (--group-size) and each response's advantage comes from its group's rewards:
 GRPO (Shao et al. 2024) subtracts the group mean and divides by the group's std, Dr. GRPO (Liu et al. 2025) only
@@ -6,7 +7,7 @@ subtracts the mean, RLOO (Ahmadian et al. 2024) subtracts the mean of the other 
 its advantage is every token's. The KL to the SFT model goes into the reward as k1 (as in ppo.py), or into the
 loss as k3 (GRPO's, whose gradient is that of KL(π_ref ‖ π)). Each iteration:
 1. sample G responses to each prompt of a batch from the policy; all after its first end token is padding;
-2. score them with the reward model (reward_model.py) or, on the toy task with --gold-reward, the exact reward;
+2. score them: the reward model (reward_model.py) and the --reward-fn functions (rewards.py), weighted and summed;
 3. the KL penalty: −β Σ_t log π/π_ref in the reward (k1), or nothing here (k3 in the loss);
 4. advantages from each group's rewards;
 5. PPO's clipped surrogate (Schulman et al. 2017) for a few epochs over shuffled minibatches, its per-token losses
@@ -15,19 +16,21 @@ loss as k3 (GRPO's, whose gradient is that of KL(π_ref ‖ π)). Each iteration
 
     python grpo.py  # GRPO from runs/models/sft and runs/models/reward_model on the toy task, CPU, ~2 minutes
     python grpo.py --advantage rloo --output-dir runs/models/rloo  # RLOO
-    torchrun --nproc_per_node 8 grpo.py --dataset-name trl-lib/tldr --max-length 565 --response-length 53 \
-        --group-size 8 --batch-size 512 --learning-rate 3e-6 --kl-coef 0.05 --per-device-batch-size 16 --bf16
+    python grpo.py --reward-fn toy_task:gold_reward --kl-coef 0  # the toy task's exact reward, no reference
+    torchrun --nproc_per_node 8 grpo.py --model-name Qwen/Qwen2.5-1.5B-Instruct --dataset-name gsm8k.jsonl \
+        --reward-fn rewards:exact_answer --group-size 8 --batch-size 512 --learning-rate 1e-6 --bf16
 """
 
 import contextlib
 import glob
+import importlib
 import json
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -94,10 +97,10 @@ class Args:
     """recompute activations in the backward pass: less memory, ~30% more compute"""
 
     # ---- GRPO ----
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    """the method, as its paper defines it: grpo (r − group mean) / group std, each response's token mean; dr_grpo
-    r − group mean, a constant normaliser; rloo r − the mean of the other G − 1, the sequence's summed log-probability
-    (a constant normaliser; REINFORCE at ratio 1)"""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "batch_std"] = "grpo"
+    """the method as its paper defines it: grpo (r − group mean) / group std, each response's token mean; dr_grpo
+    r − group mean, a constant normaliser; rloo r − the mean of the other G − 1, a constant normaliser (REINFORCE on
+    the sequence at ratio 1); batch_std (r − group mean) / the batch's std, one token mean (Lite PPO)"""
     group_size: int = 4
     """responses sampled per prompt (G)"""
     loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] | None = None
@@ -106,23 +109,36 @@ class Args:
     kl_penalty: Literal["k1_reward", "k3_loss"] = "k1_reward"
     """the KL to the SFT model: k1 summed into each response's reward (as in ppo.py), or GRPO's k3 in the loss"""
     kl_coef: float | None = None
-    """β, the KL penalty's weight; default 1 on the toy task (unit-scale rewards), else 0.05"""
-    reward_model_name: str = os.path.join("runs", "models", "reward_model")
-    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
-    gold_reward: bool = False
-    """toy task only: the exact gold reward instead of the reward model (a verifiable reward)"""
+    """β, the KL penalty's weight; default 1 on the toy task (unit-scale rewards), else 0.05; 0: no reference model"""
+    reward_model_name: str | None = None
+    """reward model from reward_model.py (its config.reward_bias is subtracted); default runs/models/reward_model
+    unless --reward-fn is given"""
+    reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> a float or None per sample (TRL's
+    convention): rewards.py's, or toy_task:gold_reward, the toy task's exact reward"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weights of the rewards, summed: the reward model's first (if any), then each --reward-fn's; default 1 each"""
     response_length: int | None = None
     """most tokens per response, its end token included (cut there); default 24 on the toy task, else 256"""
     temperature: float = 1.0
     """sampling temperature, applied to the logits in rollout and update alike"""
     missing_eos_penalty: float = 1.0
     """taken off the score of a response cut without an end token"""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: the last tokens before --response-length, over which a score loses 0 to 1"""
+    mask_truncated: bool = False
+    """DAPO: responses cut without an end token carry no loss (their rewards still count in their group's)"""
     num_ppo_epochs: int = 4
     """passes of updates over each batch of responses"""
     num_minibatches: int = 4
     """optimizer steps per epoch (shuffled minibatches of the batch)"""
     cliprange: float = 0.2
-    """the ratio is clipped to [1 − ε, 1 + ε]"""
+    """ε: the ratio is clipped to [1 − ε, 1 + ε_high]"""
+    cliprange_high: float | None = None
+    """ε_high, the clip's upper side (DAPO's clip-higher: 0.28); default --cliprange"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: each token's ratio (PPO's); sequence: GSPO's, the geometric mean of a response's token ratios, clipped
+    once per response (Zheng et al. 2025, who clip to about ±3e-4)"""
     save_every: int = 0
     """iterations between intermediate policies saved to {output_dir}/checkpoints (0: the final one only)"""
     generation_batch_size: int | None = None
@@ -138,12 +154,15 @@ class Args:
 
 
 # ---- pure math (tested by hand in tests/test_grpo.py) ----
-def group_advantages(rewards, group_size, kind="grpo"):
+def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
     """Advantages (B,) of rewards (B,) that come in groups of `group_size` consecutive responses to one prompt:
-    grpo:    (r − mean) / (std + 1e-4)       Shao et al. 2024 (the group's sample std, as TRL)
-    dr_grpo: r − mean                        Liu et al. 2025: no std, which would weigh prompts by how little
+    grpo:      (r − mean) / (std + 1e-4)     Shao et al. 2024 (the group's sample std, as TRL)
+    dr_grpo:   r − mean                      Liu et al. 2025: no std, which would weigh prompts by how little
                                              their rewards vary
-    rloo:    r − mean of the other G − 1     Ahmadian et al. 2024: = G/(G − 1) · (r − mean)"""
+    rloo:      r − mean of the other G − 1   Ahmadian et al. 2024: = G/(G − 1) · (r − mean)
+    batch_std: (r − mean) / (std + 1e-4)     the std of every reward of the batch (of all ranks: `all_reduce`),
+                                             Lite PPO (Liu et al. 2025, "Tricks or Traps?"), TRL's scale_rewards="batch"
+    """
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     if kind == "grpo":
@@ -152,6 +171,12 @@ def group_advantages(rewards, group_size, kind="grpo"):
         return centred.view(-1)
     if kind == "rloo":
         return (centred * group_size / (group_size - 1)).view(-1)
+    if kind == "batch_std":
+        s = torch.stack([r.sum(), (r**2).sum(), torch.tensor(r.numel(), dtype=r.dtype, device=r.device)])
+        if all_reduce is not None:
+            all_reduce(s)
+        std = ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1)).clamp(min=0).sqrt()  # the sample std of all B rewards
+        return (centred / (std + 1e-4)).view(-1)
     raise ValueError(f"unknown advantage {kind!r}")
 
 
@@ -171,14 +196,18 @@ def token_weights(mask, aggregation, num_responses, num_tokens, response_length)
     raise ValueError(f"unknown loss aggregation {aggregation!r}")
 
 
-def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_range):
-    """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) with ρ = exp(log π − log π_old),
-    summed with `weights` (B, T), 0 on padding; logprobs, old_logprobs (B, T), advantages (B,) one per response.
-    Returns (loss, detached means over the valid tokens: surrogate, clipfrac, approxkl = ½(log ρ)², ratio = ρ)."""
+def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip_high, level="token"):
+    """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), summed with `weights` (B, T),
+    0 on padding; logprobs, old_logprobs (B, T), advantages (B,) one per response. ρ = exp(log π − log π_old) of each
+    token, or with level="sequence" (GSPO, Zheng et al. 2025) exp of the mean of a response's token log-ratios,
+    the same for all its tokens. Returns (loss, detached means over the valid tokens: surrogate, clipfrac,
+    approxkl = ½(log ρ)², ratio = ρ)."""
     mask = weights > 0
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    if level == "sequence":
+        log_ratio = torch.where(mask, log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1), 0.0)
     ratio, A = log_ratio.exp(), advantages[:, None]
-    unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)
+    unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)
     surrogate = torch.max(unclipped, clipped)
     stats = {
         "surrogate": surrogate,
@@ -195,6 +224,12 @@ def k3(logprobs, ref_logprobs):
     KL(π_ref ‖ π), the reverse of the KL the objective names (tested on a categorical)."""
     log_rho = ref_logprobs - logprobs
     return torch.expm1(log_rho) - log_rho
+
+
+def overlong_penalty(lengths, max_tokens, buffer):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens (B,), at most
+    `max_tokens`: 0 up to max_tokens − buffer, then falling linearly to −1 at max_tokens."""
+    return ((max_tokens - buffer - lengths) / buffer).clamp(-1.0, 0.0)
 
 
 def masked_mean(x, mask):
@@ -238,6 +273,49 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
 
 
 # ---- small model helpers ----
+def load_reward_fns(specs, columns):
+    """The --reward-fn functions (MODULE:FUNCTION), each called once on no samples with the dataset's `columns`:
+    a missing module, function, package or argument stops the run here, before any model is loaded."""
+    fns = []
+    for spec in specs:
+        module, _, name = spec.partition(":")
+        try:
+            fns.append(getattr(importlib.import_module(module), name))
+            fns[-1]([], [], **{c: [] for c in columns})
+        except (ImportError, AttributeError, TypeError) as e:
+            raise SystemExit(f"--reward-fn {spec}: {type(e).__name__}: {e} (the data's columns: {columns})") from None
+    return fns
+
+
+def reward_fn_values(fn, rows, texts):
+    """(N,) a reward function's values for N responses (texts) to dataset rows, NaN where it returned None: called
+    as fn(prompts, completions, **columns), TRL's convention (message lists for conversational rows). Stops, naming
+    the function and the sample, if it raises, returns another number of values, NaN or inf."""
+    prompts = [common.prompt_and_responses(row, "prompt")[0] for row in rows]
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    name = f"--reward-fn {fn.__module__}:{fn.__name__}"
+
+    def sample(i):
+        return f"sample {i} ({prompts[i]!r} -> {completions[i]!r})"
+
+    try:
+        values = list(fn(prompts, completions, **columns))
+    except Exception:  # find the sample: the first that fails alone
+        for i in range(len(rows)):
+            try:
+                fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
+            except Exception as e:
+                raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
+        raise
+    if len(values) != len(rows):
+        raise ValueError(f"{name} returned {len(values)} values for {len(rows)} samples")
+    for i, v in enumerate(values):
+        if v is not None and not math.isfinite(v):
+            raise FloatingPointError(f"{name} returned {v} for {sample(i)}")
+    return torch.tensor([math.nan if v is None else float(v) for v in values])
+
+
 def model_inputs(query_ids, query_mask, responses, mask):
     """Inputs of one forward pass over left-padded prompts (B, Lq) and right-padded responses (B, T), all (B, Lq +
     T): positions count each row's real tokens, as generate numbers them; logits are kept where a valid response
@@ -266,6 +344,20 @@ def lr_multiplier(step, num_steps, args):
     return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
+def accumulate(sums, stats, weight=1):
+    """sums[name] += stats[name] · weight for every name: statistics kept by name, as sums."""
+    for name, value in stats.items():
+        sums[name] = sums.get(name, 0) + value * weight
+
+
+def all_reduce_sums(sums, device):
+    """{name: sum} -> {name: float}, each summed over every rank (one all-reduce for them all)."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
 @contextlib.contextmanager
 def gathered(model):
     """Under FSDP, every weight all-gathered once for the whole block (every rank must enter it): generate then
@@ -286,8 +378,8 @@ def gathered(model):
 def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, device, seed):
     """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
     j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
-    passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref and the entropy at
-    each response token, and the reward model's score at the last one (none without a reward model)."""
+    passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref (none without a
+    reference) and the entropy at each response token, the reward model's score at the last one (none without)."""
     pad_id = tokenizer.pad_token_id
     batch = {k: v.to(device) for k, v in common.collate_prompts(queries, pad_id).items()}  # (B, Lq), left-padded
     chunks = []
@@ -306,21 +398,18 @@ def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, 
         tokens = responses[s][mask[s]]  # (R,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logprobs, entropy = logprobs_and_entropy(policy(**fwd).logits, tokens, args.temperature, pad_id)
-            ref_logprobs, _ = logprobs_and_entropy(ref_model(**fwd).logits, tokens, args.temperature, pad_id)
+            out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
+            out["entropy"].append(scatter(entropy, mask[s]))
+            if ref_model is not None:
+                ref_logprobs, _ = logprobs_and_entropy(ref_model(**fwd).logits, tokens, args.temperature, pad_id)
+                out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
             fwd.pop("logits_to_keep")
             if reward_model is not None:  # read at the last real token (right padding), minus the normalisation
                 bias = getattr(reward_model.config, "reward_bias", 0.0)
                 out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
-        out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
-        out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
-        out["entropy"].append(scatter(entropy, mask[s]))
     out = {k: torch.cat(v) for k, v in out.items() if v}
     out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
     return out | {"mask": mask, "has_eos": has_eos}
-
-
-# token-weighted means over every epoch and minibatch of an update
-UPDATE_NAMES = ["loss/policy", "policy/approxkl", "policy/clipfrac", "policy/ratio", "policy/k3", "policy/entropy"]
 
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
@@ -406,16 +495,25 @@ if __name__ == "__main__":
     for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
-    if args.loss_aggregation is None:  # each method's paper: only GRPO divides a response's loss by its length
-        args.loss_aggregation = "sequence_mean" if args.advantage == "grpo" else "constant"
-    if args.gold_reward and not on_toy:
-        raise ValueError("--gold-reward is the toy task's exact reward: off the toy task, use --reward-model-name")
+    # each method's paper: GRPO a token mean per response, Lite PPO one over the minibatch, the others a constant
+    args.loss_aggregation = args.loss_aggregation or {"grpo": "sequence_mean", "batch_std": "token_mean"}.get(
+        args.advantage, "constant"
+    )
+    args.cliprange_high = args.cliprange if args.cliprange_high is None else args.cliprange_high
+    if args.reward_model_name is None and not args.reward_fn:
+        args.reward_model_name = os.path.join("runs", "models", "reward_model")
+    reward_names = ["reward_model"] * bool(args.reward_model_name) + [s.partition(":")[2] for s in args.reward_fn]
+    args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
+    if len(args.reward_weights) != len(reward_names):
+        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per reward ({', '.join(reward_names)})")
     if args.group_size < 2 or args.batch_size % args.group_size or min(args.num_ppo_epochs, args.num_minibatches) < 1:
         raise ValueError(
             "--group-size must be at least 2 and divide --batch-size; --num-ppo-epochs, --num-minibatches >= 1"
         )
     if args.temperature <= 0 or args.response_length >= args.max_length:
         raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
+    if not 0 <= args.overlong_buffer < args.response_length:
+        raise ValueError("--overlong-buffer is a number of tokens below --response-length (0: no overlong penalty)")
     rank, device = setup(args)
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.per_device_batch_size = args.per_device_batch_size or max(1, args.minibatch_size // args.world_size)
@@ -428,13 +526,31 @@ if __name__ == "__main__":
     ):
         raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
 
-    # the policy and its frozen reference from the SFT model, the frozen reward model (none with --gold-reward);
-    # dropout off in all three (else the first ratio is not 1)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    # the prompts, each rank answering its slice of the same seeded batch --group-size times; the reward functions,
+    # checked against the data's other columns (which they are given) before any model is loaded
     tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
-    if not args.gold_reward:
+    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
+    reward_fns = load_reward_fns(args.reward_fn, [c for c in train_ds.column_names if c not in ("prompt", "messages")])
+    prompt_length = args.max_length - args.response_length
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    rows = train_ds.select(kept).to_list()  # each prompt's row
+    args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
+    if args.num_iterations < 1:
+        raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
+    prompts_per_rank = per_rank // args.group_size
+    schedule = common.batch_schedule(len(prompts), args.batch_size // args.group_size, args.num_iterations, args.seed)
+    steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
+    if rank == 0:
+        common.report("train prompts", stats)
+    if on_toy:
+        import toy_task  # the exact gold reward and log P_ref of every sample
+
+    # the policy and its frozen reference from the SFT model (no reference at β = 0), the frozen reward model (none
+    # without --reward-model-name); dropout off in all three (else the first ratio is not 1)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if args.reward_model_name:
         hint = ": run `python reward_model.py` first, or pass --reward-model-name"
         if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
@@ -449,28 +565,13 @@ if __name__ == "__main__":
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
     policy = load(AutoModelForCausalLM, args.model_name, trained=True)
-    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
+    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False) if args.kl_coef else None
     reward_model = None
-    if not args.gold_reward:
+    if args.reward_model_name:
         reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
     train_policy = (
         torch.nn.parallel.DistributedDataParallel(policy) if args.world_size > 1 and not args.fsdp else policy
     )
-
-    # the prompts: every rank answers its slice of the same seeded batch, --group-size times each
-    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
-    prompt_length = args.max_length - args.response_length
-    prompts, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
-    args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
-    if args.num_iterations < 1:
-        raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
-    prompts_per_rank = per_rank // args.group_size
-    schedule = common.batch_schedule(len(prompts), args.batch_size // args.group_size, args.num_iterations, args.seed)
-    steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
-    if rank == 0:
-        common.report("train prompts", stats)
-    if on_toy:
-        import toy_task  # the exact gold reward and log P_ref of every sample
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -486,7 +587,12 @@ if __name__ == "__main__":
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        models = "policy, reference" if ref_model else "policy (β = 0: no reference)"
+        models += ", reward model" if reward_model else ""
         print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
+        print(
+            f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
+        )
 
     optimizer = torch.optim.AdamW(
         policy.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
@@ -501,61 +607,80 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1.–2. rollout: each of this rank's prompts answered --group-size times (a group's responses side by
-        # side), scored; sampling seeded per generate call of the global batch, so 1 rank or N draw the same
+        # 1. rollout: each of this rank's prompts answered --group-size times (a group's responses side by side);
+        # sampling seeded per generate call of the global batch, so 1 rank or N draw the same
         mine = schedule[iteration][rank * prompts_per_rank : (rank + 1) * prompts_per_rank]
         queries = [prompts[i] for i in mine for _ in range(args.group_size)]
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
         r = sample_and_score(policy.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
         policy.train()
-        mask, Lq = r["mask"], r["queries"].shape[1]  # (b, T) the valid response tokens; the prompts' width
+        mask = r["mask"]  # (b, T) the valid response tokens
         texts = tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
         questions = tokenizer.batch_decode(
             [q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True
         )
-        if args.gold_reward:  # toy task: the exact reward, a verifiable one
-            r["scores"] = torch.tensor([toy_task.gold_reward(q, t) for q, t in zip(questions, texts)], device=device)
-        scores = r["scores"] - args.missing_eos_penalty * (~r["has_eos"]).float()
-        if not torch.isfinite(scores).all():
+
+        # 2. score: the reward model's score and each reward function's value (each rank its own samples), weighted
+        # and summed; then the penalties for a response cut without an end token, and DAPO's for nearing the cap
+        by_reward = [r["scores"].cpu()] if reward_model else []
+        if reward_model and not torch.isfinite(by_reward[0]).all():
             raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
+        rows_b = [rows[i] for i in mine for _ in range(args.group_size)]
+        by_reward = torch.stack(by_reward + [reward_fn_values(fn, rows_b, texts) for fn in reward_fns])  # (K, b)
+        unscored = by_reward.isnan().all(0)  # NaN: a function that does not apply
+        if unscored.any():
+            i = int(unscored.nonzero()[0])
+            raise ValueError(f"no reward applies to sample {i} ({rows_b[i]} -> {texts[i]!r}): each returned None")
+        scores = (torch.tensor(args.reward_weights)[:, None] * by_reward).nansum(0).to(device)  # (b,)
+        penalised = scores - args.missing_eos_penalty * (~r["has_eos"]).float()
+        if args.overlong_buffer:
+            penalised += overlong_penalty(mask.sum(1).float(), args.response_length, args.overlong_buffer)
 
         # 3. the KL penalty: k1 summed over each response, in its reward (with k3_loss, in the loss instead)
-        seq_kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], 0.0).sum(1)  # (b,)
-        rewards = scores - args.kl_coef * seq_kl if args.kl_penalty == "k1_reward" else scores
+        seq_kl = torch.zeros_like(scores)
+        if ref_model:
+            seq_kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], 0.0).sum(1)  # (b,)
+        rewards = penalised - args.kl_coef * seq_kl if args.kl_penalty == "k1_reward" else penalised
         # 4. advantages: each response's reward against its group's
-        advantages = group_advantages(rewards, args.group_size, args.advantage)  # (b,)
+        advantages = group_advantages(rewards, args.group_size, args.advantage, all_reduce)  # (b,)
 
         # 5. epochs over shuffled minibatches of responses; a minibatch is one optimizer step, accumulated over
         # micro-batches, its loss the per-token losses summed with --loss-aggregation's weights (every rank's)
-        update = torch.zeros(len(UPDATE_NAMES), device=device)  # token-weighted sums
+        loss_mask = mask & r["has_eos"][:, None] if args.mask_truncated else mask  # DAPO: cut ones carry no loss
+        update = {}  # token-weighted sums, by name
         for ppo_step in range(steps_per_iteration):
             if ppo_step % args.num_minibatches == 0:
                 perm = torch.randperm(per_rank, device=device)
             mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]
-            mb_tokens = mask[mb].sum().float()
+            mb_tokens = loss_mask[mb].sum().float()
             if all_reduce:
                 all_reduce(mb_tokens)
             for k in range(args.grad_accum_steps):
                 i = mb[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-                m = mask[i]
+                valid, m = mask[i], loss_mask[i]
                 train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     logits = train_policy(
-                        **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m)
+                        **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], valid)
                     ).logits
                 # the same positions, temperature and PAD handling as in the rollout: the first ratio is 1
-                logprobs, entropy = logprobs_and_entropy(logits, r["responses"][i][m], args.temperature, pad_id)
-                logprobs, entropy = scatter(logprobs, m), scatter(entropy, m)
+                logprobs, entropy = logprobs_and_entropy(logits, r["responses"][i][valid], args.temperature, pad_id)
+                logprobs, entropy = scatter(logprobs, valid), scatter(entropy, valid)
                 w = token_weights(m, args.loss_aggregation, args.minibatch_size, mb_tokens, args.response_length)
-                pg_loss, pg_stats = grpo_policy_loss(logprobs, r["logprobs"][i], advantages[i], w, args.cliprange)
-                kl = k3(logprobs, r["ref_logprobs"][i])  # (b, T) per token; in the loss with --kl-penalty k3_loss
-                kl_loss = args.kl_coef * (w * kl).sum() * (args.kl_penalty == "k3_loss")
+                clips = (args.cliprange, args.cliprange_high, args.importance_sampling_level)
+                pg_loss, pg_stats = grpo_policy_loss(logprobs, r["logprobs"][i], advantages[i], w, *clips)
+                stats = {"loss/policy": pg_stats["surrogate"], "policy/entropy": masked_mean(entropy, m).detach()}
+                stats |= {f"policy/{k}": pg_stats[k] for k in ("approxkl", "clipfrac", "ratio")}
+                kl_loss = 0.0
+                if ref_model:
+                    kl = k3(logprobs, r["ref_logprobs"][i])  # (b, T) per token
+                    stats["policy/k3"] = masked_mean(kl, m).detach()
+                    if args.kl_penalty == "k3_loss":
+                        kl_loss = args.kl_coef * (w * kl).sum()
                 ((pg_loss + kl_loss) * args.world_size).backward()  # DDP averages over ranks
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
-                stats = [pg_stats[k] for k in ("surrogate", "approxkl", "clipfrac", "ratio")]
-                stats += [masked_mean(kl, m).detach(), masked_mean(entropy, m).detach()]
-                update += torch.stack(stats) * m.sum()
+                accumulate(update, stats, m.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
                 raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
@@ -563,40 +688,39 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
 
         # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
-        per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
-        per_response["objective/rlhf_reward"] = scores - args.kl_coef * seq_kl
+        per_response = {"objective/scores": scores, "objective/rlhf_reward": penalised - args.kl_coef * seq_kl}
+        if ref_model:
+            per_response["objective/kl"] = seq_kl
         per_response |= {"charts/eos_rate": r["has_eos"].float(), "charts/response_length": mask.sum(1).float()}
         zero_std = scores.view(-1, args.group_size).std(1) == 0  # scores all tie: only the KL term (k1) tells apart
         per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(args.group_size)
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
-            per_response["toy/gold_reward"] = torch.tensor(
-                [toy_task.gold_reward(q, t) for q, t in zip(questions, texts)]
-            )
+            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(questions, texts))
             ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(questions, texts)]
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
-        sums = [x.float().sum().to(device) for x in per_response.values()]
-        sums += [torch.where(mask, r["entropy"], 0.0).sum(), mask.sum().float(), first_ratio / args.world_size]
-        sums = torch.cat([torch.stack(sums), update])
-        if all_reduce:
-            all_reduce(sums)
-        sums, (entropy, n_tokens, first_ratio), update = sums.split([len(per_response), 3, len(update)])
-        logged = dict(zip(per_response, (sums / args.batch_size).tolist()))
-        logged |= dict(zip(UPDATE_NAMES, (update / (args.num_ppo_epochs * n_tokens)).tolist()))  # every epoch
-        logged |= {"objective/entropy": (entropy / n_tokens).item(), "objective/kl_coef": args.kl_coef}
-        logged["policy/first_minibatch_ratio"] = first_ratio.item()  # 1: rollout and update compute π alike
+        sums = {k: v.float().sum() for k, v in per_response.items()}
+        for name, v in zip(reward_names, by_reward):  # each reward's mean over the samples it applies to
+            sums[f"rewards/{name}"], sums[f"applies/{name}"] = v.nansum(), (~v.isnan()).sum()
+        sums |= {"tokens": mask.sum(), "loss_tokens": loss_mask.sum(), "entropy": r["entropy"][mask].sum()}
+        totals = all_reduce_sums(sums | update | {"first_ratio": first_ratio / args.world_size}, device)
+        logged = {k: totals[k] / args.batch_size for k in per_response}
+        logged |= {f"rewards/{n}": totals[f"rewards/{n}"] / max(1, totals[f"applies/{n}"]) for n in reward_names}
+        loss_tokens = args.num_ppo_epochs * max(1, totals["loss_tokens"])  # none if --mask-truncated and all are cut
+        logged |= {k: v / loss_tokens for k, v in totals.items() if k in update}
+        logged |= {"objective/entropy": totals["entropy"] / totals["tokens"], "objective/kl_coef": args.kl_coef}
+        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: rollout and update compute π alike
         episodes, speed = (iteration + 1) * args.batch_size, (iteration + 1 - first_iteration) / (time.time() - start)
-        speed *= args.batch_size  # episodes per second
-        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed}
+        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed * args.batch_size}
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
-            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(questions, texts, r["scores"].tolist())]
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(questions, texts, scores.tolist())]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
-            ratio, kl = logged["policy/first_minibatch_ratio"], logged["objective/kl"]
-            tqdm.write(
-                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {kl:.3f}, ratio {ratio:.6f}"
+            score, kl, ratio = (
+                logged.get(k, 0.0) for k in ("objective/scores", "objective/kl", "policy/first_minibatch_ratio")
             )
+            tqdm.write(f"iteration {iteration + 1}: score {score:.3f}, kl {kl:.3f}, ratio {ratio:.6f}")
         if args.save_every and (iteration + 1) % args.save_every == 0:
             save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:

@@ -3,9 +3,11 @@
 Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), with the details of Huang et al.
 2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
 1. sample a response to each prompt of a batch from the policy; all after its first end token is padding;
-2. score prompt + response with the frozen reward model (reward_model.py) at the response's last token;
+2. score prompt + response: the frozen reward model (reward_model.py) at the response's last token, and the
+   --reward-fn functions (verifiable rewards, rewards.py), weighted and summed;
 3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, the score added on the last token;
-4. GAE advantages (Schulman et al. 2016) from a separate value model, initialised from the reward model;
+4. GAE advantages (Schulman et al. 2016) from a separate value model, initialised from the reward model (from the
+   SFT model, its head at 0, with reward functions alone);
 5. PPO's clipped policy and value losses (Schulman et al. 2017), a few epochs over shuffled minibatches;
 6. log means over every response or valid token of the whole iteration.
 
@@ -17,13 +19,14 @@ Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), wit
 
 import contextlib
 import glob
+import importlib
 import json
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -90,8 +93,14 @@ class Args:
     """recompute activations in the backward pass: less memory, ~30% more compute"""
 
     # ---- PPO ----
-    reward_model_name: str = os.path.join("runs", "models", "reward_model")
-    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
+    reward_model_name: str | None = None
+    """reward model from reward_model.py (its config.reward_bias is subtracted); default runs/models/reward_model
+    unless --reward-fn is given"""
+    reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> a float or None per sample (TRL's
+    convention): rewards.py's, or toy_task:gold_reward, the toy task's exact reward"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weights of the rewards, summed: the reward model's first (if any), then each --reward-fn's; default 1 each"""
     response_length: int | None = None
     """most tokens per response, its end token included (cut there); default 24 on the toy task, else 256"""
     temperature: float = 1.0
@@ -255,6 +264,49 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
 
 
 # ---- small model helpers ----
+def load_reward_fns(specs, columns):
+    """The --reward-fn functions (MODULE:FUNCTION), each called once on no samples with the dataset's `columns`:
+    a missing module, function, package or argument stops the run here, before any model is loaded."""
+    fns = []
+    for spec in specs:
+        module, _, name = spec.partition(":")
+        try:
+            fns.append(getattr(importlib.import_module(module), name))
+            fns[-1]([], [], **{c: [] for c in columns})
+        except (ImportError, AttributeError, TypeError) as e:
+            raise SystemExit(f"--reward-fn {spec}: {type(e).__name__}: {e} (the data's columns: {columns})") from None
+    return fns
+
+
+def reward_fn_values(fn, rows, texts):
+    """(N,) a reward function's values for N responses (texts) to dataset rows, NaN where it returned None: called
+    as fn(prompts, completions, **columns), TRL's convention (message lists for conversational rows). Stops, naming
+    the function and the sample, if it raises, returns another number of values, NaN or inf."""
+    prompts = [common.prompt_and_responses(row, "prompt")[0] for row in rows]
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    name = f"--reward-fn {fn.__module__}:{fn.__name__}"
+
+    def sample(i):
+        return f"sample {i} ({prompts[i]!r} -> {completions[i]!r})"
+
+    try:
+        values = list(fn(prompts, completions, **columns))
+    except Exception:  # find the sample: the first that fails alone
+        for i in range(len(rows)):
+            try:
+                fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
+            except Exception as e:
+                raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
+        raise
+    if len(values) != len(rows):
+        raise ValueError(f"{name} returned {len(values)} values for {len(rows)} samples")
+    for i, v in enumerate(values):
+        if v is not None and not math.isfinite(v):
+            raise FloatingPointError(f"{name} returned {v} for {sample(i)}")
+    return torch.tensor([math.nan if v is None else float(v) for v in values])
+
+
 def token_scores(model, input_ids, attention_mask, position_ids):
     """A sequence classifier's scalar head at every position (B, L), minus config.reward_bias: the value before
     each token. Hugging Face's forward returns it at one position only; a hook on the head keeps them all."""
@@ -314,6 +366,20 @@ def lr_multiplier(step, num_steps, args):
     return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
+def accumulate(sums, stats, weight=1):
+    """sums[name] += stats[name] · weight for every name: statistics kept by name, as sums."""
+    for name, value in stats.items():
+        sums[name] = sums.get(name, 0) + value * weight
+
+
+def all_reduce_sums(sums, device):
+    """{name: sum} -> {name: float}, each summed over every rank (one all-reduce for them all)."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
 @contextlib.contextmanager
 def gathered(model):
     """Under FSDP, every weight all-gathered once for the whole block (every rank must enter it): generate then
@@ -335,7 +401,8 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
     """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
     j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
     passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref and the entropy at
-    each response token, the value before it, the reward at the last one. Returns a dict of (B, ...) tensors."""
+    each response token, the value before it, the reward model's score at the last one (none without a reward
+    model). Returns a dict of (B, ...) tensors."""
     policy, pad_id = agent.policy, tokenizer.pad_token_id
     batch = {k: v.to(device) for k, v in common.collate_prompts(queries, pad_id).items()}  # (B, Lq), left-padded
     chunks = []
@@ -355,7 +422,9 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
             logits, values, _ = agent(**fwd)  # logits (R, V) predicting the valid response tokens
             ref_logits = ref_model(**fwd).logits
             fwd.pop("logits_to_keep")
-            scores = reward_model(**fwd).logits.squeeze(-1).float()  # at the last real token (right padding)
+            if reward_model is not None:  # read at the last real token (right padding), minus the normalisation
+                bias = getattr(reward_model.config, "reward_bias", 0.0)
+                out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
         tokens = responses[s][mask[s]]  # (R,)
         logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
         out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
@@ -363,15 +432,9 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
         ref_logprobs, _ = logprobs_and_entropy(ref_logits, tokens, args.temperature, pad_id)
         out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
         out["values"].append(values[:, Lq - 1 : -1])  # V(state before response token t), (b, T)
-        out["scores"].append(scores - getattr(reward_model.config, "reward_bias", 0.0))
-    out = {k: torch.cat(v) for k, v in out.items()}
+    out = {k: torch.cat(v) for k, v in out.items() if v}
     out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
     return out | {"mask": mask, "has_eos": has_eos}
-
-
-# token-weighted means over every epoch and minibatch of an update
-UPDATE_NAMES = ["loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "policy/ratio"]
-UPDATE_NAMES += ["policy/entropy"]
 
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
@@ -459,6 +522,12 @@ if __name__ == "__main__":
             setattr(args, name, toy if on_toy else other)
     if args.ptx_coef and args.ptx_dataset_name is None:
         raise ValueError("--ptx-coef needs --ptx-dataset-name: the SFT data whose likelihood PPO-ptx keeps up")
+    if args.reward_model_name is None and not args.reward_fn:
+        args.reward_model_name = os.path.join("runs", "models", "reward_model")
+    reward_names = ["reward_model"] * bool(args.reward_model_name) + [s.partition(":")[2] for s in args.reward_fn]
+    args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
+    if len(args.reward_weights) != len(reward_names):
+        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per reward ({', '.join(reward_names)})")
     if args.temperature <= 0 or args.response_length >= args.max_length:
         raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
     if min(args.num_ppo_epochs, args.num_minibatches) < 1:
@@ -475,16 +544,24 @@ if __name__ == "__main__":
     ):
         raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
 
-    # the policy and its frozen reference from the SFT model, the frozen reward model and a value model from it;
-    # dropout off in all four (Huang et al. 2024; else the first ratio is not 1)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    # the prompts (every rank rolls out its slice of the same seeded batch); the reward functions, checked against
+    # the data's other columns (which they are given) before any model is loaded
     tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
-    hint = ": run `python reward_model.py` first, or pass --reward-model-name"
-    reward_vocab = common.load_tokenizer(args.reward_model_name, hint).get_vocab()
-    if reward_vocab != tokenizer.get_vocab():  # the policy's token ids go to the reward and value models
-        raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
+    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
+    reward_fns = load_reward_fns(args.reward_fn, [c for c in train_ds.column_names if c not in ("prompt", "messages")])
+    prompt_length = args.max_length - args.response_length
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    rows = train_ds.select(kept).to_list()  # each prompt's row
+
+    # the policy and its frozen reference from the SFT model, the frozen reward model and a value model from it
+    # (without one: from the SFT model, its head at 0); dropout off in all (Huang et al. 2024; else ratio ≠ 1)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if args.reward_model_name:  # the policy's token ids go to the reward and value models
+        hint = ": run `python reward_model.py` first, or pass --reward-model-name"
+        if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
 
     def load(cls, name, trained, **kwargs):
         """On the CPU with dropout off, then onto the device whole or in FSDP shards (the frozen models too)."""
@@ -497,15 +574,18 @@ if __name__ == "__main__":
 
     policy = load(AutoModelForCausalLM, args.model_name, trained=True)
     ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
-    reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
-    value_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=True, num_labels=1)
+    reward_model = None
+    if args.reward_model_name:
+        reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
+    value_model = load(
+        AutoModelForSequenceClassification, args.reward_model_name or args.model_name, True, num_labels=1
+    )
+    if not args.reward_model_name:
+        torch.nn.init.zeros_(value_model.score.weight)  # V = 0 everywhere to start, on every rank
     agent = PolicyAndValue(policy, value_model)
     train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 and not args.fsdp else agent
 
-    # the prompts (every rank rolls out its slice of the same seeded batch); PPO-ptx's demonstrations
-    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
-    prompt_length = args.max_length - args.response_length
-    prompts, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    # the schedule of the prompts; PPO-ptx's demonstrations
     args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
     if args.num_iterations < 1:
         raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
@@ -536,6 +616,11 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
         print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
+        value = "value model (from the reward model)" if reward_model else "value model (from the SFT model, head 0)"
+        models = f"policy, reference, {value}" + (", reward model" if reward_model else "")
+        print(
+            f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
+        )
 
     optimizer = torch.optim.AdamW(
         agent.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
@@ -553,11 +638,24 @@ if __name__ == "__main__":
 
         # 1.–2. rollout: a response to each of this rank's prompts, scored; sampling seeded per generate call of
         # the global batch, so 1 rank or N draw the same responses
-        queries = [prompts[i] for i in schedule[iteration][rank * per_rank : (rank + 1) * per_rank]]
+        mine = schedule[iteration][rank * per_rank : (rank + 1) * per_rank]
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
-        r = rollout(agent.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
+        r = rollout(agent.eval(), ref_model, reward_model, [prompts[i] for i in mine], tokenizer, args, device, seed)
         agent.train()
         mask, Lq = r["mask"], r["queries"].shape[1]  # (b, T) the valid response tokens; the prompts' width
+        decode = tokenizer.batch_decode
+        queries = decode([q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True)
+        texts = decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
+        # the reward model's score and each reward function's value (each rank its own samples), weighted, summed
+        by_reward = [r["scores"].cpu()] if reward_model else []
+        if reward_model and not torch.isfinite(by_reward[0]).all():
+            raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
+        by_reward = torch.stack(by_reward + [reward_fn_values(fn, [rows[i] for i in mine], texts) for fn in reward_fns])
+        unscored = by_reward.isnan().all(0)  # (K, b), NaN: a function that does not apply
+        if unscored.any():
+            i = int(unscored.nonzero()[0])
+            raise ValueError(f"no reward applies to sample {i} ({rows[mine[i]]} -> {texts[i]!r}): each returned None")
+        r["scores"] = (torch.tensor(args.reward_weights)[:, None] * by_reward).nansum(0).to(device)  # (b,)
 
         # 3. the KL penalty: −β·KL_t on every token; the score, less the missing-end penalty, on the last one
         kl_inputs = (r["logprobs"], r["ref_logprobs"], mask, r["has_eos"], kl_coef, args.missing_eos_penalty)
@@ -571,7 +669,7 @@ if __name__ == "__main__":
 
         # 5. PPO epochs: each a pass over shuffled minibatches; a minibatch is one optimizer step, accumulated over
         # micro-batches, its loss a mean over all its valid tokens (of every rank)
-        update = torch.zeros(len(UPDATE_NAMES) + 2, device=device)  # token-weighted sums; PPO-ptx's NLL, tokens
+        update = {}  # token-weighted sums by name; PPO-ptx's NLL summed over its tokens
         for ppo_step in range(steps_per_iteration):
             if ppo_step % args.num_minibatches == 0:
                 perm = torch.randperm(per_rank, device=device)
@@ -610,10 +708,12 @@ if __name__ == "__main__":
                 ((loss + args.ptx_coef * ptx_loss * n_ptx / ptx_tokens) * args.world_size).backward()
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
-                stats = [pg_loss, vf_loss, pg_stats["approxkl"], pg_stats["clipfrac"], vf_stats["clipfrac"]]
-                stats += [pg_stats["ratio"], entropy]
-                ptx_stats = [ptx_loss.detach() * n_ptx, torch.tensor(float(n_ptx), device=device)]
-                update += torch.stack([x.detach() * m.sum() for x in stats] + ptx_stats)
+                stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "val/clipfrac": vf_stats["clipfrac"]}
+                stats |= {f"policy/{k}": pg_stats[k] for k in ("approxkl", "clipfrac", "ratio")}
+                accumulate(
+                    update, {k: v.detach() for k, v in stats.items()} | {"policy/entropy": entropy.detach()}, m.sum()
+                )
+                accumulate(update, {"loss/ptx": ptx_loss.detach() * n_ptx, "ptx_tokens": n_ptx})
             grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
                 raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
@@ -621,36 +721,38 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
 
         # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
-        decode = tokenizer.batch_decode
-        queries = decode([q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True)
-        texts = decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
         seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
         per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
         per_response |= {"objective/rlhf_reward": scores - kl_coef * seq_kl, "charts/eos_rate": r["has_eos"].float()}
         per_response["charts/response_length"] = mask.sum(1).float()
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
-            per_response["toy/gold_reward"] = torch.tensor([toy_task.gold_reward(q, t) for q, t in zip(queries, texts)])
+            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(queries, texts))
             ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(queries, texts)]
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
+        sums = {k: v.float().sum() for k, v in per_response.items()}
+        for name, v in zip(reward_names, by_reward):  # each reward's mean over the samples it applies to
+            sums[f"rewards/{name}"], sums[f"applies/{name}"] = v.nansum(), (~v.isnan()).sum()
         res = returns - r["values"]  # for the explained variance 1 − Var(returns − values) / Var(returns)
-        per_token = [torch.where(mask, x, 0.0).sum() for x in (r["entropy"], returns, returns**2, res, res**2)]
-        sums = [x.float().sum().to(device) for x in per_response.values()] + per_token
-        sums = torch.cat([torch.stack(sums + [mask.sum().float(), first_ratio / args.world_size]), update])
-        if all_reduce:
-            all_reduce(sums)
-        sums, (n_tokens, first_ratio), update = sums.split([len(sums) - len(update) - 2, 2, len(update)])
-        logged = dict(zip(per_response, (sums[: len(per_response)] / args.batch_size).tolist()))
-        entropy, ret, ret_sq, res, res_sq = (sums[len(per_response) :] / n_tokens).tolist()
-        logged |= dict(zip(UPDATE_NAMES, (update[:-2] / (args.num_ppo_epochs * n_tokens)).tolist()))  # every epoch
-        logged |= {"objective/entropy": entropy, "val/explained_variance": 1 - (res_sq - res**2) / (ret_sq - ret**2)}
-        logged |= {"policy/first_minibatch_ratio": first_ratio.item(), "objective/kl_coef": kl_coef}  # ratio 1: π alike
+        per_token = {"entropy": r["entropy"], "ret": returns, "ret_sq": returns**2, "res": res, "res_sq": res**2}
+        sums |= {k: v[mask].sum() for k, v in per_token.items()} | {"tokens": mask.sum()}
+        totals = all_reduce_sums(sums | update | {"first_ratio": first_ratio / args.world_size}, device)
+        logged = {k: totals[k] / args.batch_size for k in per_response}
+        logged |= {f"rewards/{n}": totals[f"rewards/{n}"] / max(1, totals[f"applies/{n}"]) for n in reward_names}
+        logged |= {k: totals[k] / (args.num_ppo_epochs * totals["tokens"]) for k in update if "ptx" not in k}
+        ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in ("ret", "ret_sq", "res", "res_sq"))
+        var_returns = ret_sq - ret**2  # 0 when every return ties (a constant reward): nothing to explain
+        logged["val/explained_variance"] = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
+        logged |= {"objective/entropy": totals["entropy"] / totals["tokens"], "objective/kl_coef": kl_coef}
+        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: rollout and update compute π alike
         episodes = (iteration + 1) * args.batch_size
         speed = (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start)  # episodes per second
         logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed}
         if args.ptx_coef:
-            logged["loss/ptx"] = (update[-2] / update[-1]).item()  # per labelled token of the SFT batches
-        if args.target_kl is not None:  # Ziegler et al.'s adaptive β, from this batch's mean KL per response
+            logged["loss/ptx"] = totals["loss/ptx"] / totals["ptx_tokens"]  # per labelled token of the SFT batches
+
+        # 7. the adaptive KL controller (Ziegler et al. 2019): β for the next iteration, from this one's mean KL
+        if args.target_kl is not None:
             kl_coef = adaptive_kl_coef(
                 kl_coef, logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size
             )

@@ -378,7 +378,7 @@ if __name__ == "__main__":
         samples = toy_task.make_dataset("sft", "eval", seed=args.seed)
         seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, samples, args.max_length)[0]]
         rm = score(model, seqs, tokenizer.pad_token_id, args, device, rank).numpy()
-        gold = [toy_task.gold_reward(p, c) for p, c in zip(samples["prompt"], samples["completion"])]
+        gold = toy_task.gold_reward(samples["prompt"], samples["completion"])
         final.update(bayes_accuracy=toy_task.bayes_accuracy(eval_ds), gold_pearson=float(np.corrcoef(rm, gold)[0, 1]))
 
     # 6. save the model (config.reward_bias in its config.json), tokenizer and results

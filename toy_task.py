@@ -6,7 +6,7 @@ human. Because both are known exactly, everything an alignment method aims for c
 exactly instead of estimated:
 
 * `ref_logprob(prompt, response)`: log P_ref(response | prompt), the response's words then EOS;
-* `gold_reward(prompt, response)`: r(x, y) = sum_t g(w_{t-1}, w_t), w_0 the last prompt word,
+* `gold_reward(prompts, responses)`: r(x, y) = sum_t g(w_{t-1}, w_t), w_0 the last prompt word,
   g = sentiment(w_t) - REPEAT_PENALTY * [w_t == w_{t-1}], and g = 0 for EOS;
 * `entropy_floor(prompts)`: the per-token cross-entropy a perfect SFT model reaches on P_ref samples;
 * `optimal_frontier(prompts, betas)`: expected gold reward and KL(pi*_beta || P_ref) of the
@@ -304,7 +304,14 @@ def build_task(seed=0, concentration=0.5):
 
 TASK = build_task()
 ref_logprob = TASK.ref_logprob
-gold_reward = TASK.gold_reward
+
+
+def gold_reward(prompts, completions, **columns):
+    """The exact gold reward as a reward function (grpo.py, ppo.py: --reward-fn toy_task:gold_reward): a list of
+    r(x, y) for the (prompt, completion) pairs, strings; a verifiable reward, with nothing learned."""
+    return [TASK.gold_reward(p, c) for p, c in zip(prompts, completions)]
+
+
 entropy_floor = TASK.entropy_floor
 optimal_frontier = TASK.optimal_frontier
 
@@ -409,7 +416,7 @@ if __name__ == "__main__":
     prompts = TASK.sample_prompts(rng, 6, "train")
     print("P_ref samples (gold reward, log P_ref):")
     for p, y in zip(prompts, TASK.sample_responses(rng, prompts)):
-        print(f"  [{p}] {y} <eos>   r={gold_reward(p, y):+.1f}  logp={ref_logprob(p, y):.2f}")
+        print(f"  [{p}] {y} <eos>   r={TASK.gold_reward(p, y):+.1f}  logp={ref_logprob(p, y):.2f}")
     sft = make_dataset("sft", "train")
     floor = entropy_floor(sft["prompt"])
     lengths = np.array([len(c.split()) for c in sft["completion"]])

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import runpy
+import socket
 import subprocess
 import sys
 
@@ -369,7 +370,16 @@ def run_script(args, torchrun=0):
     this process (as `python script.py args` would, from the project root: runpy, sys.argv), which spares the
     seconds of importing torch and transformers again; with `torchrun` N processes under torch.distributed.run."""
     if torchrun:
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]
+        with socket.socket() as free:  # a free port: other jobs on the machine may be running torchrun too
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            f"--master_port={port}",
+        ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         proc = subprocess.run(
             launch + args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env

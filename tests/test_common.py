@@ -291,7 +291,7 @@ def test_empty_prompts_get_a_start_token(toy_tok):
         word_ids(toy_tok, "a film") + [eos],
     ]
     assert out[0]["labels"] == [-100, toy_tok.convert_tokens_to_ids("film"), eos] and stats["start_token_added"] == 1
-    out, stats = common.tokenize_prompts(toy_tok, datasets.Dataset.from_dict({"prompt": ["", "a"]}), 64)
+    out, _, stats = common.tokenize_prompts(toy_tok, datasets.Dataset.from_dict({"prompt": ["", "a"]}), 64)
     assert out == [[eos], word_ids(toy_tok, "a")] and stats["dropped_too_long"] == 0
     bos_tok = make_bpe_tokenizer()
     [pair], stats = common.tokenize_preferences(
@@ -344,7 +344,7 @@ def test_keep_end_keeps_the_bos_and_drops_the_oldest_prompt_tokens():
     [cut], stats = common.tokenize_preferences(tok, datasets.Dataset.from_list(rows), n - 3, truncation_mode="keep_end")
     assert stats["truncated_prompt"] == 1 and cut["chosen"] == full["chosen"]
     assert cut["prompt"] == full["prompt"][:1] + full["prompt"][4:] and cut["prompt"][0] == tok.bos_token_id
-    prompts, stats = common.tokenize_prompts(tok, datasets.Dataset.from_list(rows), 10, truncation_mode="keep_end")
+    prompts, _, stats = common.tokenize_prompts(tok, datasets.Dataset.from_list(rows), 10, truncation_mode="keep_end")
     assert prompts == [full["prompt"][:1] + full["prompt"][-9:]] and stats["truncated_prompt"] == 1
 
 
@@ -412,19 +412,19 @@ def test_model_paths_that_hold_no_model_fail_in_one_line(tmp_path, monkeypatch):
 def test_preferences_drop_ties_and_long_pairs(toy_tok):
     ds = datasets.Dataset.from_dict(
         {
-            "prompt": ["the plot", "the plot", "a"],
-            "chosen": [" was great", " was dull", " film was very very great"],
-            "rejected": [" was dull", " was dull", " film"],
+            "prompt": ["the plot", "the plot", "a", "a"],
+            "chosen": [" was great", " was dull", " film was very very great", " film"],
+            "rejected": [" was dull", " was dull", " film", " film was very very great"],
         }
     )
     pairs, stats = common.tokenize_preferences(toy_tok, ds, max_length=5)
     assert stats == {
-        "dropped_too_long": 1,
+        "dropped_too_long": 2,  # the chosen response too long, or the rejected one
         "dropped_ties": 1,
         "start_token_added": 0,
         "truncated_prompt": 0,
         "prompt_not_prefix": 0,
-        "total": 3,
+        "total": 4,
     }
     assert pairs[0]["chosen"] == word_ids(toy_tok, "was great") + [toy_tok.eos_token_id]
 

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_weights, result_of, run_script, toy_reward_model, write_jsonl
+from conftest import assert_same_weights, calls_of, markov_llama, result_of, run_script, toy_reward_model, write_jsonl
 from safetensors.torch import load_file
 
 import toy_task
-from grpo import group_advantages, grpo_policy_loss, k3, token_weights
+from grpo import group_advantages, grpo_policy_loss, k3, overlong_penalty, token_weights
 
 
 def test_group_advantages_by_hand():
@@ -54,7 +54,7 @@ def test_policy_loss_clipping_regimes_and_weights(adv, ratio, want, clipped):
     hand per regime (ε = 0.2), the gradient 0.5 × −A·ρ where unclipped, 0 where the clip binds."""
     old = torch.tensor([[-2.0, -1.0]])
     logprobs = torch.tensor([[-2.0 + math.log(ratio), 123.0]], requires_grad=True)
-    loss, stats = grpo_policy_loss(logprobs, old, torch.tensor([adv]), torch.tensor([[0.5, 0.0]]), 0.2)
+    loss, stats = grpo_policy_loss(logprobs, old, torch.tensor([adv]), torch.tensor([[0.5, 0.0]]), 0.2, 0.2)
     assert loss.item() == pytest.approx(0.5 * want, rel=1e-5) and stats["surrogate"].item() == pytest.approx(
         want, rel=1e-5
     )
@@ -107,7 +107,7 @@ def test_smoke_toy_gold_reward_rloo_k3(tmp_path, toy_base):
     constant normaliser: the first minibatch has ratio 1, the statistics are finite."""
     out = tmp_path / "grpo"
     run_script(
-        f"grpo.py --model-name {toy_base} --gold-reward --advantage rloo --kl-penalty k3_loss "
+        f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --advantage rloo --kl-penalty k3_loss "
         f"--loss-aggregation constant --batch-size 32 --group-size 4 --num-minibatches 2 --num-epochs 0.0013 "
         f"--save-every 1 --output-dir {out}".split()
     )
@@ -120,9 +120,10 @@ def test_smoke_toy_gold_reward_rloo_k3(tmp_path, toy_base):
 
 
 def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
-    """2 processes take the same steps as 1 (groups stay on one rank; sampling seeded per generate call of the
-    global batch; the losses' weights count the whole minibatch), with DDP and with FSDP; a DDP run resumed after
-    iteration 1 ends bit-identical."""
+    """A reward model and a reward function together: 2 processes take the same steps as 1 (groups stay on one
+    rank; sampling seeded per generate call of the global batch; each rank scores its own samples; the losses'
+    weights count the whole minibatch), with DDP and with FSDP; a DDP run resumed after iteration 1 ends
+    bit-identical."""
     data = tmp_path / "prompts"
     data.mkdir()
     write_jsonl(
@@ -134,6 +135,7 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
         f"grpo.py --model-name {toy_base} --reward-model-name {toy_rm} --dataset-name {data} --batch-size 8 "
         "--group-size 2 --num-minibatches 1 --num-ppo-epochs 2 --num-epochs 2 --max-length 64 --response-length 24 "
         "--learning-rate 3e-3 --kl-coef 0.5 --loss-aggregation token_mean"  # token counts summed over ranks
+        " --reward-fn toy_task:gold_reward --reward-weights 0.5 1"  # each rank scores its own samples
     ).split()
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
     run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)
@@ -148,3 +150,90 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
         load_file(str(resumed / "model.safetensors")),
     )
     assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_clip_higher_by_hand():
+    """DAPO's clip-higher: with ε_low 0.2 and ε_high 0.28, a ratio of 1.25 on a positive advantage is inside the clip
+    (surrogate −1.25, gradient −ρ), where the symmetric ±0.2 clips it to 1.2 (gradient 0); the lower side is
+    unchanged: a ratio of 0.75 on a negative advantage is clipped at 0.8 either way."""
+    for adv, ratio, high, want, grad in [(1.0, 1.25, 0.28, -1.25, -1.25), (1.0, 1.25, 0.2, -1.2, 0.0)]:
+        logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
+        loss, stats = grpo_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), 0.2, high)
+        loss.backward()
+        assert loss.item() == pytest.approx(want) and logprobs.grad.item() == pytest.approx(grad, abs=1e-7)
+    logprobs = torch.tensor([[math.log(0.75)]], requires_grad=True)
+    loss, stats = grpo_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.28)
+    assert loss.item() == pytest.approx(0.8) and stats["clipfrac"].item() == 1.0  # max(0.75, 0.8)
+
+
+def test_sequence_level_ratio_by_hand():
+    """GSPO: one ratio per response, the geometric mean of its token ratios, s = (1.1 · 1.3)^(1/2) = 1.19583 for the
+    first response (inside ±0.2), 1.5 for the second (clipped); each of its tokens carries −A·s. With each
+    response's token mean (weights 1/2 per token, one response each) the loss is −s, and each token's gradient is
+    −A·s/|y| = −0.59791; the clipped response's is 0. Padding (the 123) plays no part."""
+    old = torch.zeros(2, 3)
+    logprobs = torch.tensor([[math.log(1.1), math.log(1.3), 123.0], [math.log(1.5)] * 2 + [123.0]], requires_grad=True)
+    weights = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    loss, stats = grpo_policy_loss(logprobs, old, torch.tensor([1.0, 1.0]), weights, 0.2, 0.2, "sequence")
+    s = math.sqrt(1.1 * 1.3)
+    assert loss.item() == pytest.approx(-s - 1.2, rel=1e-6)
+    assert stats["ratio"].item() == pytest.approx((2 * s + 2 * 1.5) / 4, rel=1e-6)  # the mean over valid tokens
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-s / 2, -s / 2, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_batch_std_advantages_by_hand_and_across_ranks():
+    """(r − group mean) / (the batch's sample std + 1e-4): the std of all 8 rewards, not each group's; split over
+    two ranks, the all-reduced sums give the same std."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    mean = sum(rewards.tolist()) / 8  # 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards.tolist()) / 7)  # (9 + 4 + 1 + 4 + 1 + 1 + 1 + 1) / 7
+    want = torch.tensor([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4, "batch_std"), want)
+
+    def other_rank(stats):  # the second rank's sums: Σr, Σr², n
+        stats += torch.tensor([20.0, 100.0, 4.0])
+
+    torch.testing.assert_close(group_advantages(rewards[:4], 4, "batch_std", other_rank), want[:4])
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft penalty, cap 24, buffer 4: none up to 20 tokens, then −(n − 20)/4, −1 at the cap."""
+    lengths = torch.tensor([10.0, 20.0, 21.0, 23.0, 24.0])
+    torch.testing.assert_close(overlong_penalty(lengths, 24, 4), torch.tensor([0.0, 0.0, -0.25, -0.75, -1.0]))
+
+
+def never_ending_policy(path):
+    """P_ref as a layer-free Llama (conftest.markov_llama) whose EOS logit is −30 whatever the token: every response
+    runs to the cap, cut without an end token."""
+    from transformers import AutoModelForCausalLM
+
+    markov_llama(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    scale = 1 / math.sqrt(1 / model.config.hidden_size + model.config.rms_norm_eps)  # RMSNorm of a one-hot
+    with torch.no_grad():
+        model.lm_head.weight[1] = -30 / scale  # EOS is id 1
+    model.save_pretrained(path)
+    return path
+
+
+def test_mask_truncated_and_no_reference_at_beta_0(tmp_path):
+    """β = 0 loads the policy alone (no reference, no reward model with only a reward function) and logs no KL.
+    With every response cut, --mask-truncated leaves no token in the loss: the policy is exactly where it started,
+    while without it the same run moves it."""
+    policy = never_ending_policy(str(tmp_path / "policy"))
+    data = tmp_path / "prompts.jsonl"
+    write_jsonl(data, toy_task.make_dataset("prompt", "train", num_examples=16).to_list())
+    flags = (
+        f"grpo.py --model-name {policy} --dataset-name {data} --reward-fn toy_task:gold_reward --kl-coef 0 "
+        "--batch-size 8 --num-epochs 1 --max-length 64 --response-length 4 --learning-rate 1e-2"
+    ).split()
+    loads, out = calls_of("load", flags + ["--mask-truncated", "--output-dir", str(tmp_path / "masked")])
+    assert [(c["name"], c["trained"]) for c in loads] == [(policy, True)] and "no reference" in out
+    result = result_of(tmp_path / "masked")
+    assert result["charts/eos_rate"] == 0 and "objective/kl" not in result and "policy/k3" not in result
+    start, masked = load_file(f"{policy}/model.safetensors"), load_file(str(tmp_path / "masked" / "model.safetensors"))
+    assert all(torch.equal(start[k], masked[k]) for k in start)
+    run_script(flags + ["--output-dir", str(tmp_path / "unmasked")])
+    unmasked = load_file(str(tmp_path / "unmasked" / "model.safetensors"))
+    assert not torch.equal(start["lm_head.weight"], unmasked["lm_head.weight"])

@@ -8,7 +8,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_weights, read_json, run_script, script_error, toy_reward_model, write_jsonl
+from conftest import (
+    assert_same_weights,
+    markov_llama,
+    read_json,
+    run_script,
+    script_error,
+    toy_reward_model,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 import common
@@ -25,6 +33,8 @@ from ppo import (
 )
 
 NAN = float("nan")
+# AdamW's first steps as plain gradient descent (a step of 0.3 × the gradient; tests/test_wiring.py)
+SGD_LIKE = ["--adam-eps", "1000", "--learning-rate", "300", "--max-grad-norm", "0"]
 
 
 def test_gae_by_hand():
@@ -242,6 +252,8 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
             "1",
             "--kl-coef",
             "0.2",
+            "--temperature",
+            "0.7",
             "--target-kl",
             "1.0",
             "--ptx-coef",
@@ -253,7 +265,8 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
         ]
     )
     result = read_json(out_dir / "training_args.json")["result"]
-    assert result["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)  # logged each iteration
+    # logged each iteration; 1 only if the update computes log π at the rollout's temperature (0.7) too
+    assert result["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
     # the adaptive controller moved β by at most ±0.2 · 16 / 10000 per iteration (it was logged before the last update)
     assert result["objective/kl_coef"] != 0.2 and abs(result["objective/kl_coef"] / 0.2 - 1) <= 0.2 * 16 / 10000 + 1e-9
     for k in [
@@ -273,10 +286,11 @@ def test_smoke_toy_first_minibatch_invariant(tmp_path, toy_models):
 
 def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_models):
     """2 processes × 4 episodes (the default per-device size) take the same PPO steps as 1 process with 8 (2
-    micro-batches of 4), with DDP and with FSDP (all four models sharded, generation on gathered weights):
-    sampling is seeded per chunk of the global batch, advantages are whitened over all ranks, losses are means
-    over the valid tokens of the whole minibatch. The DDP run, resumed after iteration 1 (its later checkpoint removed),
-    ends bit-identical: optimizer, random numbers (minibatch shuffling), adaptive β and the PPO-ptx position."""
+    micro-batches of 4, and one of 8), with DDP and with FSDP (all four models sharded, generation on gathered
+    weights): sampling is seeded per chunk of the global batch, advantages are whitened over all ranks, losses are
+    means over the valid tokens of the whole minibatch, PPO-ptx's over the labelled tokens of its whole SFT batch.
+    The DDP run, resumed after iteration 1 (its later checkpoint removed), ends bit-identical: optimizer, random
+    numbers (minibatch shuffling), adaptive β and the PPO-ptx position."""
     tok, rm, path = toy_models
     rm_path = str(tmp_path / "rm")
     rm.save_pretrained(rm_path)
@@ -295,9 +309,12 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_models):
         f"ppo.py --model-name {path} --reward-model-name {rm_path} --dataset-name {data} --batch-size 8"
         f" --num-minibatches 1 --num-ppo-epochs 2 --num-epochs 1 --max-length 64 --response-length 24"
         f" --learning-rate 3e-3 --kl-coef 0.5 --target-kl 0.5 --kl-horizon 100 --ptx-coef 0.1"
-        f" --ptx-dataset-name {demos}"
+        f" --ptx-dataset-name {demos} --reward-fn toy_task:gold_reward --reward-weights 1 0.5"
     ).split()
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
+    one_micro = ["--per-device-batch-size", "8", "--generation-batch-size", "4"]  # the same samples
+    run_script(flags + one_micro + ["--output-dir", str(tmp_path / "one_micro")])
+    assert_same_weights(str(tmp_path / "one"), str(tmp_path / "one_micro"), path)
     run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)  # 4 per rank
     run_script(flags + ["--fsdp", "--output-dir", str(tmp_path / "fsdp")], torchrun=2)
     for run in ("two", "fsdp"):
@@ -374,3 +391,48 @@ def test_chunked_logprobs_and_entropy_equal_the_full_softmax():
     lp, ent = logprobs_and_entropy(logits, tokens, 0.7, pad_id=0, entropy_grad=True, chunk_size=3)
     (g_got,) = torch.autograd.grad((lp * w + ent).sum(), logits)
     torch.testing.assert_close(g_got, g_want)
+
+
+def next_token_entropies(path):
+    """The exact entropy of a layer-free Llama's next-token distribution after each word (PAD excluded, as sampled):
+    its logits depend on the current token alone (conftest.markov_llama)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(3, model.config.vocab_size)[:, None]).logits[:, 0]  # after PAD, EOS, UNK
+    logp = logits.double().index_fill(1, torch.tensor([0]), -math.inf).log_softmax(-1)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+
+
+def test_the_entropy_bonus_raises_the_entropy(tmp_path):
+    """One gradient-descent step (SGD_LIKE) on the same rollout with and without an entropy bonus: the bonus adds
+    +0.3 · ent_coef · ∇H to the step, which to first order raises the entropy after every word the samples visit
+    (a layer-free Llama: each word's next-token distribution has weights of its own), so the mean entropy over the
+    words ends higher. The reward model's head is 0 and its reward_bias 0.5: every response scores exactly −0.5."""
+    from transformers import AutoModelForSequenceClassification
+
+    policy, rm = str(tmp_path / "policy"), str(tmp_path / "rm")
+    markov_llama(policy)
+    zero = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    with torch.no_grad():
+        zero.score.weight.zero_()
+    zero.config.reward_bias = 0.5
+    zero.save_pretrained(rm)
+    common.load_tokenizer(policy).save_pretrained(rm)
+    data = tmp_path / "prompts"
+    data.mkdir()
+    for split in ("train", "test"):
+        write_jsonl(data / f"{split}.jsonl", toy_task.make_dataset("prompt", "train", num_examples=32).to_list())
+    entropies = []
+    for ent_coef in (0, 0.1):
+        out = tmp_path / str(ent_coef)
+        run_script(
+            f"ppo.py --model-name {policy} --reward-model-name {rm} --dataset-name {data} --batch-size 32 "
+            f"--num-epochs 1 --num-minibatches 1 --num-ppo-epochs 1 --max-length 64 --response-length 6 "
+            f"--ent-coef {ent_coef} --output-dir {out}".split()
+            + SGD_LIKE
+        )
+        assert read_json(out / "training_args.json")["result"]["objective/scores"] == -0.5  # 0 − reward_bias
+        entropies.append(next_token_entropies(str(out)))
+    assert entropies[1].mean() > entropies[0].mean() + 0.01

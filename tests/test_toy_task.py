@@ -144,11 +144,8 @@ def test_datasets_deterministic_disjoint_and_labelled():
     assert not train & evals
     pairs = toy_task.make_dataset("preference", "eval", num_examples=4000, seed=1)
     assert all(c != r for c, r in zip(pairs["chosen"], pairs["rejected"]))
-    d = np.array(
-        [
-            toy_task.gold_reward(p, c) - toy_task.gold_reward(p, r)
-            for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
-        ]
+    d = np.array(toy_task.gold_reward(pairs["prompt"], pairs["chosen"])) - toy_task.gold_reward(
+        pairs["prompt"], pairs["rejected"]
     )
     # Bradley-Terry labels: among pairs with different rewards, the better response is chosen with
     # probability sigmoid(|d|); the empirical rate must match the Bayes accuracy computed from the rewards

@@ -126,12 +126,12 @@ def markov_and_random_rm(tmp_path_factory):
     [("ppo.py", []), ("grpo.py", ["--kl-penalty", "k1_reward"]), ("grpo.py", ["--kl-penalty", "k3_loss"])],
 )
 def test_a_larger_kl_coefficient_gives_a_smaller_kl(script, extra, tmp_path, markov_and_random_rm, data):
-    """Eight iterations from the same seed: the policy drifts from the reference with β = 0 (to a KL of 5–12 nats
+    """Eight iterations from the same seed: the policy drifts from the reference with β ≈ 0 (to a KL of 5–12 nats
     over seeds 1–3) and stays within a quarter of that with β = 5; with the penalty's sign flipped (a bonus) it goes
-    about twice as far as with β = 0."""
+    about twice as far as with β ≈ 0."""
     policy, rm = markov_and_random_rm
     kls = []
-    for beta in (0, 5):
+    for beta in (1e-3, 5):  # β = 1e-3: the KL is measured (β = 0 loads no reference), its pull negligible
         run_script(
             f"{script} --model-name {policy} --reward-model-name {rm} --dataset-name {data['prompts']} "
             f"--batch-size 64 --num-epochs 8 --max-length 64 --response-length 4 --missing-eos-penalty 0 "
@@ -148,8 +148,8 @@ def test_k3_gets_the_policy_then_the_reference(toy_base, tmp_path):
     trained number tells them apart early)."""
     calls, _ = calls_of(
         "k3",
-        f"grpo.py --model-name {toy_base} --gold-reward --kl-penalty k3_loss --batch-size 16 --num-epochs 0.0004 "
-        f"--num-minibatches 1 --num-ppo-epochs 1 --output-dir {tmp_path}".split(),
+        f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --kl-penalty k3_loss --batch-size 16 "
+        f"--num-epochs 0.0004 --num-minibatches 1 --num-ppo-epochs 1 --output-dir {tmp_path}".split(),
     )
     assert calls and all(c["logprobs"].requires_grad and not c["ref_logprobs"].requires_grad for c in calls)
 
