@@ -93,6 +93,12 @@ def check_model_path(name, hint=""):
     if not os.path.isdir(name):
         if name.startswith(("/", ".", "~")) or name.count("/") > 1:
             raise SystemExit(f"no model at {name}" + hint)
+    elif any(os.path.isfile(os.path.join(d, "adapter_config.json")) for d in (name, os.path.join(name, "adapter"))):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise SystemExit(
+                f"{name} holds LoRA adapters but no model (an adapter folder, or a run with --no-lora-merge): pass "
+                "the folder of a merged model, which --lora-merge saves" + hint
+            )
     elif not os.path.isfile(os.path.join(name, "config.json")) or not any(
         os.path.isfile(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json")
     ):
@@ -229,13 +235,14 @@ def generate(model, input_ids, attention_mask, tokenizer, max_new_tokens, temper
         pad_token_id=pad,
         eos_token_id=stop_token_ids(tokenizer, model),
     )
-    own, model.generation_config = model.generation_config, GenerationConfig()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's (peft) is inside
+    own, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
         )
     finally:
-        model.generation_config = own
+        inner.generation_config = own
     return out[:, input_ids.shape[1] :]
 
 

@@ -11,13 +11,14 @@ tokens and their end token; each prompt runs once, and both responses on its cac
         --learning-rate 3e-6 --per-device-batch-size 4 --max-length 640 --bf16 --track
 """
 
+import copy
 import glob
 import json
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -72,7 +73,7 @@ class Args:
     num_epochs: float = 1.0
     """passes over the training split"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 5e-4 on the toy task, else 3e-6 (Huang et al. 2024; 5e-7 for Zephyr)"""
+    """peak AdamW learning rate; default 5e-4 on the toy task, else 3e-6 (Huang et al.; 5e-7 Zephyr); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
@@ -85,6 +86,17 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
+    routers"""
+    lora_merge: bool = True
+    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out pairs"""
 
@@ -269,6 +281,49 @@ STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"
 STAT_NAMES += ["logprobs/chosen", "logprobs/rejected", "nll/chosen"]
 
 
+def with_lora(model, args, head=False):
+    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
+    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.fsdp:
+        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        model.enable_input_require_grads()
+    targets, head = args.lora_target_modules, ["score"] if head else None
+    targets = targets[0] if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    config.target_modules, config.modules_to_save = targets, head
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path, rank, args, last=False):
+    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
+    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
+    save, else in a copy, so that training can go on)."""
+    if not args.lora_r:
+        return save(model, tokenizer, path, rank)
+    if rank == 0:
+        model.save_pretrained(os.path.join(path, "adapter"))
+        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+    if args.lora_merge:
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA model with its adapters switched off: the model it started from, frozen, without a second copy (as
+    TRL's reference, #624). It holds the model outside its own modules, so their parameters are never its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lora, self.config = [model], model.config
+
+    def forward(self, **inputs):
+        with self.lora[0].disable_adapter(), torch.no_grad():
+            return self.lora[0](**inputs)
+
+
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
     """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
@@ -347,9 +402,12 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
+    lr_default = args.learning_rate is None
     for name, toy, other in (("max_length", 64, 1024), ("learning_rate", 5e-4, 3e-6), ("beta", 1.0, 0.05)):
         if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
             setattr(args, name, toy if on_toy else other)
+    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+        args.learning_rate *= 10
     if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss_type not in ("sigmoid", "robust")):
         raise ValueError("--label-smoothing is a flip probability in [0, 0.5) for --loss-type sigmoid (cDPO) or robust")
     rank, device = setup(args)
@@ -364,13 +422,14 @@ if __name__ == "__main__":
     tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     config = common.without_dropout(AutoConfig.from_pretrained(args.model_name))
     models = []
-    for trained in (True, False):  # loaded on the CPU, then onto the device one at a time
+    for trained in [True] if args.lora_r else [True, False]:  # loaded on the CPU, then onto the device one at a time
         m = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=torch.float32)
         common.fit_model(m, tokenizer, args.max_length)
         if args.gradient_checkpointing and trained:
             m.gradient_checkpointing_enable()
         models.append(to_device(m.train(trained).requires_grad_(trained), device, args))
-    model, ref_model = models
+    model = with_lora(models[0], args) if args.lora_r else models[0]
+    ref_model = AdaptersOff(model) if args.lora_r else models[1]  # LoRA: the policy with its adapters off
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
     why_not = prompt_sharing_off(config, args)  # 2. the prompt once, unless a stated rule says otherwise
     if args.share_prompt and why_not and rank == 0:
@@ -421,6 +480,7 @@ if __name__ == "__main__":
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         how = "each prompt run once for both responses" if args.share_prompt else "prompt and response concatenated"
+        how += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off" if args.lora_r else ""
         sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
         print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval, {args.num_steps} steps, {sizes}, {how}")
 
@@ -496,7 +556,7 @@ if __name__ == "__main__":
         final = evaluate()
 
     # 6. save the policy, its tokenizer and the results (evaluate.py measures it against the optimum)
-    save(model, tokenizer, args.output_dir, rank)
+    save_model(model, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)

@@ -22,6 +22,7 @@ loss as k3 (GRPO's, whose gradient is that of KL(π_ref ‖ π)). Each iteration
 """
 
 import contextlib
+import copy
 import glob
 import importlib
 import json
@@ -82,7 +83,7 @@ class Args:
     num_epochs: float | None = None
     """episodes, as a multiple of the training prompts; default 0.2 on the toy task (39 iterations), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6"""
+    """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     """decay after the warmup towards 0, reached one iteration after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
@@ -95,6 +96,17 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
+    routers"""
+    lora_merge: bool = True
+    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
 
     # ---- GRPO ----
     advantage: Literal["grpo", "dr_grpo", "rloo", "batch_std"] = "grpo"
@@ -412,6 +424,49 @@ def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, 
     return out | {"mask": mask, "has_eos": has_eos}
 
 
+def with_lora(model, args, head=False):
+    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
+    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.fsdp:
+        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        model.enable_input_require_grads()
+    targets, head = args.lora_target_modules, ["score"] if head else None
+    targets = targets[0] if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    config.target_modules, config.modules_to_save = targets, head
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path, rank, args, last=False):
+    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
+    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
+    save, else in a copy, so that training can go on)."""
+    if not args.lora_r:
+        return save(model, tokenizer, path, rank)
+    if rank == 0:
+        model.save_pretrained(os.path.join(path, "adapter"))
+        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+    if args.lora_merge:
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA model with its adapters switched off: the model it started from, frozen, without a second copy (as
+    TRL's reference, #624). It holds the model outside its own modules, so their parameters are never its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lora, self.config = [model], model.config
+
+    def forward(self, **inputs):
+        with self.lora[0].disable_adapter(), torch.no_grad():
+            return self.lora[0](**inputs)
+
+
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
     """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
@@ -492,9 +547,12 @@ if __name__ == "__main__":
     on_toy = args.dataset_name == "toy"
     toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
     toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
+    lr_default = args.learning_rate is None
     for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
+    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+        args.learning_rate *= 10
     # each method's paper: GRPO a token mean per response, Lite PPO one over the minibatch, the others a constant
     args.loss_aggregation = args.loss_aggregation or {"grpo": "sequence_mean", "batch_std": "token_mean"}.get(
         args.advantage, "constant"
@@ -565,7 +623,11 @@ if __name__ == "__main__":
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
     policy = load(AutoModelForCausalLM, args.model_name, trained=True)
-    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False) if args.kl_coef else None
+    if args.lora_r:
+        policy = with_lora(policy, args)
+    ref_model = None
+    if args.kl_coef:  # LoRA: the policy with its adapters off, no second copy
+        ref_model = AdaptersOff(policy) if args.lora_r else load(AutoModelForCausalLM, args.model_name, trained=False)
     reward_model = None
     if args.reward_model_name:
         reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
@@ -589,6 +651,7 @@ if __name__ == "__main__":
         sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
         models = "policy, reference" if ref_model else "policy (β = 0: no reference)"
         models += ", reward model" if reward_model else ""
+        models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off" if args.lora_r else ""
         print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
         print(
             f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
@@ -722,14 +785,16 @@ if __name__ == "__main__":
             )
             tqdm.write(f"iteration {iteration + 1}: score {score:.3f}, kl {kl:.3f}, ratio {ratio:.6f}")
         if args.save_every and (iteration + 1) % args.save_every == 0:
-            save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
+            save_model(
+                policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank, args
+            )
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
             state = {"step": iteration + 1, "run": run, "logged": logged}
             save_checkpoint(path, policy, optimizer, state, rank)
 
     # the policy, its tokenizer and the last iteration's statistics, where evaluate.py looks
-    save(policy, tokenizer, args.output_dir, rank)
+    save_model(policy, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)

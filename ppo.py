@@ -18,6 +18,7 @@ Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), wit
 """
 
 import contextlib
+import copy
 import glob
 import importlib
 import json
@@ -78,7 +79,7 @@ class Args:
     num_epochs: float | None = None
     """passes over the training prompts; default 0.2 on the toy task (39 iterations), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate of policy and value model; default 3e-4 on the toy task, else 3e-6"""
+    """peak AdamW learning rate of policy and value model; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     """decay after the warmup towards 0, reached one iteration after the last (linear: Huang et al.)"""
     warmup_ratio: float = 0.0
@@ -91,6 +92,17 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
+    routers"""
+    lora_merge: bool = True
+    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
 
     # ---- PPO ----
     reward_model_name: str | None = None
@@ -437,6 +449,49 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
     return out | {"mask": mask, "has_eos": has_eos}
 
 
+def with_lora(model, args, head=False):
+    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
+    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.fsdp:
+        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        model.enable_input_require_grads()
+    targets, head = args.lora_target_modules, ["score"] if head else None
+    targets = targets[0] if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    config.target_modules, config.modules_to_save = targets, head
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path, rank, args, last=False):
+    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
+    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
+    save, else in a copy, so that training can go on)."""
+    if not args.lora_r:
+        return save(model, tokenizer, path, rank)
+    if rank == 0:
+        model.save_pretrained(os.path.join(path, "adapter"))
+        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+    if args.lora_merge:
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA model with its adapters switched off: the model it started from, frozen, without a second copy (as
+    TRL's reference, #624). It holds the model outside its own modules, so their parameters are never its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lora, self.config = [model], model.config
+
+    def forward(self, **inputs):
+        with self.lora[0].disable_adapter(), torch.no_grad():
+            return self.lora[0](**inputs)
+
+
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
     """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
@@ -517,9 +572,12 @@ if __name__ == "__main__":
     on_toy = args.dataset_name == "toy"
     toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
     toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05), "ptx_dataset_name": ("toy", None)}
+    lr_default = args.learning_rate is None
     for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
+    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+        args.learning_rate *= 10
     if args.ptx_coef and args.ptx_dataset_name is None:
         raise ValueError("--ptx-coef needs --ptx-dataset-name: the SFT data whose likelihood PPO-ptx keeps up")
     if args.reward_model_name is None and not args.reward_fn:
@@ -573,15 +631,20 @@ if __name__ == "__main__":
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
     policy = load(AutoModelForCausalLM, args.model_name, trained=True)
-    ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
-    reward_model = None
-    if args.reward_model_name:
-        reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
     value_model = load(
         AutoModelForSequenceClassification, args.reward_model_name or args.model_name, True, num_labels=1
     )
     if not args.reward_model_name:
         torch.nn.init.zeros_(value_model.score.weight)  # V = 0 everywhere to start, on every rank
+    reward_model = None
+    if args.lora_r:  # LoRA on both (the value head in full): with their adapters off they are the frozen two
+        policy, value_model = with_lora(policy, args), with_lora(value_model, args, head=True)
+        ref_model = AdaptersOff(policy)
+        reward_model = AdaptersOff(value_model) if args.reward_model_name else None
+    else:
+        ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
+        if args.reward_model_name:
+            reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, False, num_labels=1)
     agent = PolicyAndValue(policy, value_model)
     train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 and not args.fsdp else agent
 
@@ -618,6 +681,8 @@ if __name__ == "__main__":
         print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
         value = "value model (from the reward model)" if reward_model else "value model (from the SFT model, head 0)"
         models = f"policy, reference, {value}" + (", reward model" if reward_model else "")
+        if args.lora_r:
+            models += f"; LoRA r={args.lora_r} on policy and value model, reference and reward model their adapters off"
         print(
             f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
         )
@@ -766,14 +831,16 @@ if __name__ == "__main__":
                 f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {kl:.3f}, ratio {ratio:.6f}"
             )
         if args.save_every and (iteration + 1) % args.save_every == 0:
-            save(policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank)
+            save_model(
+                policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank, args
+            )
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
             state = {"step": iteration + 1, "run": run, "kl_coef": kl_coef, "logged": logged}
             save_checkpoint(path, agent, optimizer, state, rank)
 
     # the policy, its tokenizer and the last iteration's statistics, where evaluate.py looks
-    save(policy, tokenizer, args.output_dir, rank)
+    save_model(policy, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)

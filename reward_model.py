@@ -11,13 +11,14 @@ value function from it.
         --reference-dataset-name trl-lib/tldr --learning-rate 3e-6 --per-device-batch-size 8 --max-length 640 --bf16
 """
 
+import copy
 import glob
 import json
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -73,7 +74,7 @@ class Args:
     num_epochs: float = 1.0
     """passes over the training split"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 1e-3 on the toy task, else 3e-6 (Huang et al. 2024)"""
+    """peak AdamW learning rate; default 1e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
@@ -86,6 +87,17 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
+    routers"""
+    lora_merge: bool = True
+    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out pairs"""
 
@@ -160,6 +172,36 @@ def reward_metrics(rewards, num_pairs):
 
 
 STAT_NAMES = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected"]
+
+
+def with_lora(model, args, head=False):
+    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
+    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.fsdp:
+        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        model.enable_input_require_grads()
+    targets, head = args.lora_target_modules, ["score"] if head else None
+    targets = targets[0] if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    config.target_modules, config.modules_to_save = targets, head
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path, rank, args, last=False):
+    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
+    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
+    save, else in a copy, so that training can go on)."""
+    if not args.lora_r:
+        return save(model, tokenizer, path, rank)
+    if rank == 0:
+        model.save_pretrained(os.path.join(path, "adapter"))
+        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+    if args.lora_merge:
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
 
 
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
@@ -240,9 +282,12 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
+    lr_default = args.learning_rate is None
     for name, toy, other in (("max_length", 64, 1024), ("learning_rate", 1e-3, 3e-6)):
         if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
             setattr(args, name, toy if on_toy else other)
+    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+        args.learning_rate *= 10
     if on_toy and args.reference_dataset_name is None:
         args.reference_dataset_name = "toy"
     rank, device = setup(args)
@@ -263,6 +308,8 @@ if __name__ == "__main__":
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.lora_r:  # the adapters, and the head in full
+        model = with_lora(model, args, head=True)
     model = to_device(model.train(), device, args)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
 
@@ -382,7 +429,7 @@ if __name__ == "__main__":
         final.update(bayes_accuracy=toy_task.bayes_accuracy(eval_ds), gold_pearson=float(np.corrcoef(rm, gold)[0, 1]))
 
     # 6. save the model (config.reward_bias in its config.json), tokenizer and results
-    save(model, tokenizer, args.output_dir, rank)
+    save_model(model, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         print(f"reward normalisation: the mean reward of {what} is stored as config.reward_bias")
         for name, value in final.items():

@@ -10,13 +10,14 @@ optimizer step, across micro-batches and ranks, so accumulation and DDP take the
         --learning-rate 3e-6 --batch-size 128 --per-device-batch-size 16 --max-length 600 --bf16 --track
 """
 
+import copy
 import glob
 import json
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -70,7 +71,7 @@ class Args:
     num_epochs: float | None = None
     """passes over the training split; default 2 on the toy task (a model from scratch), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 3e-3 on the toy task, else 3e-6 (Huang et al. 2024)"""
+    """peak AdamW learning rate; default 3e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.05
@@ -83,6 +84,17 @@ class Args:
     """clip the global gradient norm to this (0: no clipping)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
+    lora_r: int = 0
+    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
+    routers"""
+    lora_merge: bool = True
+    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out split"""
 
@@ -168,6 +180,36 @@ def sample_completions(model, tokenizer, prompts, args, device):
     return [(tokenizer.decode(p), tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, out)]
 
 
+def with_lora(model, args, head=False):
+    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
+    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.fsdp:
+        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        model.enable_input_require_grads()
+    targets, head = args.lora_target_modules, ["score"] if head else None
+    targets = targets[0] if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    config.target_modules, config.modules_to_save = targets, head
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, path, rank, args, last=False):
+    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
+    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
+    save, else in a copy, so that training can go on)."""
+    if not args.lora_r:
+        return save(model, tokenizer, path, rank)
+    if rank == 0:
+        model.save_pretrained(os.path.join(path, "adapter"))
+        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+    if args.lora_merge:
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+
+
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
 def setup(args):
     """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
@@ -247,9 +289,12 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     from_scratch = args.model_name == "toy"  # the toy task's Llama: toy lengths and learning rate on any data
+    lr_default = args.learning_rate is None
     for name, toy, other in (("max_length", 64, 1024), ("num_epochs", 2.0, 1.0), ("learning_rate", 3e-3, 3e-6)):
         if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
             setattr(args, name, toy if on_toy or from_scratch else other)
+    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+        args.learning_rate *= 10
     if on_toy and args.max_length < 30:  # the exact excess over P_ref needs every toy example whole
         raise ValueError(f"--max-length {args.max_length} cuts toy examples: use at least 30 (6 + 24 tokens)")
     rank, device = setup(args)
@@ -274,6 +319,8 @@ if __name__ == "__main__":
     model.train()  # from_pretrained returns eval mode; SFT keeps the model's own dropout
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.lora_r:
+        model = with_lora(model, args)
     model = to_device(model, device, args)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
 
@@ -380,7 +427,7 @@ if __name__ == "__main__":
         eval_loss = evaluate(model, eval_examples, tokenizer.pad_token_id, args, device, rank)
 
     # 5. save the model, its tokenizer and the results where the next stages look
-    save(model, tokenizer, args.output_dir, rank)
+    save_model(model, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         result = {"eval_loss": eval_loss, **({"ref_nll": ref_nll, "excess_nll": eval_loss - ref_nll} if on_toy else {})}
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:

@@ -343,6 +343,39 @@ def test_dpo_prompt_once_and_concatenated_equal_one_by_one(family):
         assert_grads_close(model, grads(model, weighted(chosen, rejected)), want_grads, f"{family}: {layout}")
 
 
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_dpo_prompt_once_through_lora_adapters(family):
+    """The same through a LoRA model (dpo.py --lora-r) whose adapters were moved (B at random): prompt-once and
+    concatenated log-probabilities equal each sequence alone, and so do the adapters' gradients (the only ones)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=["all-linear"])
+    model = dpo.with_lora(
+        make_model(make_config(family)), SimpleNamespace(**vars(args), fsdp=False, gradient_checkpointing=False)
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(
+        any(k in n for k in ("lora_A", "lora_B")) for n, p in model.named_parameters() if p.requires_grad
+    )
+    want = one_by_one(model, PAIRS)
+    want_grads = torch.autograd.grad(weighted(*want), trained)
+    scale = max(g.abs().max() for g in want_grads)
+    for layout, batch in (
+        ("concatenated", dpo.collate_concatenated(PAIRS, PAD)),
+        ("prompt-once", dpo.collate_shared_prompts(PAIRS, PAD)),
+    ):
+        chosen, rejected, _ = dpo.pair_logprobs(model, batch)
+        assert_close(chosen, want[0], f"{family}: LoRA {layout} chosen", SEQUENCE_TERMS)
+        assert_close(rejected, want[1], f"{family}: LoRA {layout} rejected", SEQUENCE_TERMS)
+        for g, w in zip(torch.autograd.grad(weighted(chosen, rejected), trained), want_grads):
+            assert_close(g, w, f"{family}: LoRA {layout} adapter gradient", GRAD_TERMS, scale)
+
+
 def test_dynamic_rope_past_its_range_depends_on_the_batch():
     """Not a property of the scripts but of dynamic NTK RoPE (transformers' dynamic_rope_update): once a batch's
     largest position id reaches max_position_embeddings, the frequencies of *every* row are rescaled for that
