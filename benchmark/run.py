@@ -94,6 +94,15 @@ def workloads(out):
             ),
             trl("sft", f"{smol}/model {smol}/sft --batch-size 8 --max-length 256 --learning-rate 1e-5"),
         ),
+        "smol_dpo_lora": (
+            "DPO with LoRA r = 16 (every linear layer), the same pairs and batch",
+            ours("dpo.py", f"{smol_flags} --dataset-name {smol}/pairs --learning-rate 1e-5 --beta 0.1 --lora-r 16"),
+            trl(
+                "dpo",
+                f"{smol}/model {smol}/pairs --batch-size 8 --max-length 256 --learning-rate 1e-5 --beta 0.1 "
+                "--lora-r 16",
+            ),
+        ),
         "smol_dpo": (
             "DPO, SmolLM2-135M architecture, 32 chat-shaped pairs (prompt ~150 tokens, responses ~50), batch 8",
             ours("dpo.py", f"{smol_flags} --dataset-name {smol}/pairs --learning-rate 1e-6 --beta 0.1"),

@@ -1,6 +1,7 @@
 """The peer's side of the benchmark: TRL's trainers on the same model folder, data files and batch shapes as
 our scripts, in TRL's own environment (see setup_trl.sh; never a requirement of this project):
     PY benchmark/trl_side.py {sft,reward,dpo,ppo,grpo,rloo} MODEL DATA --batch-size B --max-length L [--iterations N]
+        [--lora-r R]
 sft/reward/dpo: one epoch over DATA/train.jsonl (TRL 1.16); ppo: N iterations of 256 episodes from DATA's
 prompts, 4 minibatches, 4 epochs, 24 response tokens (TRL 1.12, the last release with PPOTrainer); grpo/rloo
 (TRL 1.16): N iterations of 64 prompts answered 4 times each, 4 minibatches, 4 epochs, 24 response tokens, the
@@ -24,6 +25,7 @@ p.add_argument("--learning-rate", type=float, default=1e-4)
 p.add_argument("--beta", type=float, default=0.1)
 p.add_argument("--iterations", type=int, default=10)
 p.add_argument("--rollout-batch-size", type=int, default=64)
+p.add_argument("--lora-r", type=int, default=0, help="dpo: peft's LoRA on every linear layer, alpha 32, dropout 0")
 a = p.parse_args()
 tok = AutoTokenizer.from_pretrained(a.model)
 common = {
@@ -60,8 +62,17 @@ elif a.mode == "dpo":
     args = DPOConfig(
         per_device_train_batch_size=a.batch_size, num_train_epochs=1, beta=a.beta, max_length=a.max_length, **common
     )
+    peft_config = None
+    if a.lora_r:  # as dpo.py --lora-r: every linear layer of the decoder, the reference the adapters off
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=a.lora_r, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(a.model), args=args, train_dataset=train, processing_class=tok
+        model=AutoModelForCausalLM.from_pretrained(a.model),
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        peft_config=peft_config,
     )
 elif a.mode == "reward":
     from trl import RewardConfig, RewardTrainer
