@@ -80,7 +80,8 @@ class Args:
     """sequences per generate call or forward pass"""
     seeds: list[int] = field(default_factory=list)
     """instead: every method's chain (sft, reward model, ppo, dpo, grpo, rloo, expert iteration, then this
-    evaluation) once per seed in runs/seeds/{seed}; seeds.json, seeds.md and frontier_seeds.png to --output-dir"""
+    evaluation) once per seed in runs/seeds/{seed}, skipping stages whose output is there (delete it to rerun);
+    seeds.json, seeds.md and frontier_seeds.png to --output-dir"""
     write_best_of_n: str | None = None
     """instead: a .jsonl of (prompt, completion) rows, the reward model's best of max(--best-of-n) reference
     samples for each of --num-samples training prompts: expert iteration's data for sft.py"""
@@ -330,6 +331,10 @@ def run_seeds(args):
         }
         seconds = {}
         for name, command in stages.items():
+            done = {"best_of_n": data, "evaluate": f"{out}/results.json"}.get(name, f"{root}/{name}/training_args.json")
+            if os.path.exists(done):  # a killed chain resumes at the first stage without its output
+                print(f"seed {seed}: {name} done ({done})", flush=True)
+                continue
             print(f"seed {seed}: python {command} --seed {seed}", flush=True)
             start = time.time()
             subprocess.run([sys.executable, *command.split(), "--seed", str(seed)], check=True)

@@ -21,8 +21,10 @@ import contextlib
 import copy
 import glob
 import importlib
+import inspect
 import json
 import math
+import numbers
 import os
 import resource
 import time
@@ -99,8 +101,8 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
-    routers"""
+    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
+    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
     lora_merge: bool = True
     """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
 
@@ -277,16 +279,18 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
 
 # ---- small model helpers ----
 def load_reward_fns(specs, columns):
-    """The --reward-fn functions (MODULE:FUNCTION), each called once on no samples with the dataset's `columns`:
-    a missing module, function, package or argument stops the run here, before any model is loaded."""
+    """The --reward-fn functions (MODULE:FUNCTION), each checked to take (prompts, completions, **columns) with the
+    dataset's `columns`: a missing module, function or argument stops the run here, before any model is loaded."""
     fns = []
     for spec in specs:
         module, _, name = spec.partition(":")
         try:
             fns.append(getattr(importlib.import_module(module), name))
-            fns[-1]([], [], **{c: [] for c in columns})
+            inspect.signature(fns[-1]).bind([], [], **{c: [] for c in columns})
         except (ImportError, AttributeError, TypeError) as e:
             raise SystemExit(f"--reward-fn {spec}: {type(e).__name__}: {e} (the data's columns: {columns})") from None
+    if len({s.partition(":")[2] for s in specs}) < len(specs):  # each is logged as rewards/{its name}
+        raise SystemExit(f"--reward-fn {' '.join(specs)}: two functions of one name; give each a name of its own")
     return fns
 
 
@@ -303,7 +307,7 @@ def reward_fn_values(fn, rows, texts):
         return f"sample {i} ({prompts[i]!r} -> {completions[i]!r})"
 
     try:
-        values = list(fn(prompts, completions, **columns))
+        values = fn(prompts, completions, **columns)
     except Exception:  # find the sample: the first that fails alone
         for i in range(len(rows)):
             try:
@@ -311,11 +315,11 @@ def reward_fn_values(fn, rows, texts):
             except Exception as e:
                 raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
         raise
-    if len(values) != len(rows):
-        raise ValueError(f"{name} returned {len(values)} values for {len(rows)} samples")
+    if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != len(rows):
+        raise ValueError(f"{name} returned {str(values)[:80]} for {len(rows)} samples: a list of one value each")
     for i, v in enumerate(values):
-        if v is not None and not math.isfinite(v):
-            raise FloatingPointError(f"{name} returned {v} for {sample(i)}")
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
+            raise ValueError(f"{name} returned {v!r} for {sample(i)}: a finite number, or None where it does not apply")
     return torch.tensor([math.nan if v is None else float(v) for v in values])
 
 
@@ -462,7 +466,7 @@ def with_lora(model, args, head=False):
     targets = targets[0] if targets == ["all-linear"] else targets
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     config.target_modules, config.modules_to_save = targets, head
-    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # routers (as nn.Linear) stay
     return get_peft_model(model, config)
 
 

@@ -14,6 +14,8 @@ from fractions import Fraction
 
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 """an integer, a decimal, a number with thousands separators (1,000) or a fraction (3/4)"""
+LATEX_NOISE = r"\\text\{[^{}]*\}|\\[$%,!;]|\{,\}|[$%]"
+"""what a number may carry in LaTeX that is not its value: units in \\text{}, $ and % signs, thin spaces, {,}"""
 FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
 """format_match's pattern: DeepSeek-R1's reasoning format (Guo et al. 2025); edit it for yours"""
 
@@ -37,8 +39,10 @@ def last_boxed(text):
 
 
 def as_number(text):
-    """The value of a number as written (1,000; −3; 0.50; 3/4; \\frac{3}{4}) as an exact Fraction, or None."""
-    text = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", text.strip().strip("$").replace("−", "-"))
+    """The value of a number as written (1,000; −3; 0.50; 3/4; \\frac{3}{4}; LaTeX's \\$18, 18\\%, 1{,}000 or
+    72 \\text{ clips}) as an exact Fraction, or None."""
+    text = re.sub(LATEX_NOISE, "", text.replace("−", "-")).strip()
+    text = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", text)
     if not re.fullmatch(NUMBER, text):
         return None
     try:
@@ -52,7 +56,7 @@ def extract_answer(text):
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    numbers = NUMBER.findall(text)
+    numbers = NUMBER.findall(text.replace("−", "-"))  # a Unicode minus (U+2212) is a minus
     return numbers[-1] if numbers else None
 
 

@@ -91,8 +91,8 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: every linear layer of the decoder but the LM head and MoE
-    routers"""
+    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
+    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
     lora_merge: bool = True
     """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
     eval_every: int = 100
@@ -193,7 +193,7 @@ def with_lora(model, args, head=False):
     targets = targets[0] if targets == ["all-linear"] else targets
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     config.target_modules, config.modules_to_save = targets, head
-    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # MoE routers stay as they are
+    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # routers (as nn.Linear) stay
     return get_peft_model(model, config)
 
 

@@ -1,7 +1,7 @@
 """A verifiable task a small chat model can partly solve: procedurally generated arithmetic questions, as
 conversational prompts with an `answer` column (rewards.exact_answer's reference), in train.jsonl and test.jsonl.
 
-    python benchmark/make_arithmetic.py runs/data/arithmetic                       # 2,000 train, 200 test
+    python benchmark/make_arithmetic.py runs/data/arithmetic [DIGITS]              # 2,000 train, 200 test
     python grpo.py --model-name SMOLLM2 --dataset-name runs/data/arithmetic --reward-fn rewards:exact_answer
 """
 
@@ -29,9 +29,9 @@ def arithmetic(n, seed, digits=2):
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
+    out, digits = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
     os.makedirs(out, exist_ok=True)
     for split, n, seed in (("train", 2000, 0), ("test", 200, 1)):
         with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in arithmetic(n, seed))
+            f.writelines(json.dumps(row) + "\n" for row in arithmetic(n, seed, digits))
     print(f"wrote {out}/train.jsonl and test.jsonl")

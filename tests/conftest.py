@@ -402,14 +402,15 @@ def run_script(args, torchrun=0):
 
 
 def calls_of(function, args):
-    """Run a script as run_script does, recording each call of the function `function` that the script itself
-    defines: (the arguments of every call, {name: value}, in order; stdout). What a script passes to a tested
-    function, for the tests of how it is wired."""
-    script, seen = os.path.join(ROOT, args[0]), []
+    """Run a script as run_script does, recording each call of the function `function` (or of several, named
+    with spaces between) that the script itself defines: (the arguments of every call, {name: value} and the
+    function's name as "function", in order; stdout). What a script passes to a tested function, for the tests
+    of how it is wired."""
+    script, seen, names = os.path.join(ROOT, args[0]), [], function.split()
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == function and frame.f_code.co_filename == script:
-            seen.append(dict(frame.f_locals))
+        if event == "call" and frame.f_code.co_name in names and frame.f_code.co_filename == script:
+            seen.append({"function": frame.f_code.co_name, **frame.f_locals})
 
     sys.setprofile(profile)
     try:

@@ -43,6 +43,8 @@ def test_token_weights_by_hand():
     for how, w in want.items():  # split into micro-batches with the minibatch's counts: the minibatch's weights
         parts = torch.cat([token_weights(m, how, 3, 6, 4) for m in (mask[:2], mask[2:])])
         torch.testing.assert_close(parts, torch.tensor(w))
+    for how in want:  # --mask-truncated with every response cut: no token, weights 0 (not 0 / 0)
+        assert token_weights(torch.zeros(2, 3, dtype=torch.bool), how, 2, torch.tensor(0.0), 4).count_nonzero() == 0
 
 
 @pytest.mark.parametrize(

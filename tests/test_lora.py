@@ -47,6 +47,20 @@ def test_adapters_start_the_model_unchanged_and_dpo_at_ln2(toy_base):
     torch.testing.assert_close(losses, torch.full((4,), math.log(2)))
 
 
+@pytest.mark.parametrize("alpha", [32.0, 8.0])
+def test_an_adapted_layer_adds_alpha_over_r_times_ba(alpha, toy_base):
+    """An adapted linear layer computes x (W + (α / r) B A)ᵀ (Hu et al. 2021, eq. 3), by hand at two α."""
+    lora = dpo.with_lora(
+        AutoModelForCausalLM.from_pretrained(toy_base), SimpleNamespace(**{**vars(LORA), "lora_alpha": alpha})
+    )
+    randomise_adapters(lora)
+    layer = next(m for m in lora.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    W, A, B = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, W.shape[1])
+    want = x @ (W + alpha / LORA.lora_r * B @ A).T
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 def test_adapters_off_is_exactly_a_frozen_copy(toy_base):
     """The reference for free: with its adapters off, the LoRA model computes what a separately loaded frozen copy
     does, bit for bit, after its adapters moved, in train mode and with LoRA dropout (which then never runs); and

@@ -34,6 +34,12 @@ GSM8K = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+
         ("", "0", 0.0),
         ("1/0", "1/0", 1.0),  # not a number (division by zero): compared as text
         ("unclosed \\boxed{12", "12", 1.0),  # an unclosed \boxed is no box: its last number
+        ("The answer is −3.", "#### -3", 1.0),  # a Unicode minus sign (U+2212)
+        ("\\boxed{\\$18}", "18", 1.0),  # LaTeX around the number: a dollar, a percent, {,} as a separator, units
+        ("\\boxed{18\\%}", "18", 1.0),
+        ("\\boxed{1{,}000}", "#### 1000", 1.0),
+        ("\\boxed{72 \\text{ clips}}", GSM8K, 1.0),
+        ("\\boxed{\\text{none}}", "0", 0.0),  # no number in the box: no answer
     ],
 )
 def test_exact_answer_by_hand(completion, reference, want):
@@ -86,6 +92,14 @@ def raises_on_odd(prompts, completions, **columns):
 
 def one_value(prompts, completions, **columns):
     return [0.0]
+
+
+def a_number(prompts, completions, **columns):
+    return 1.0
+
+
+def text(prompts, completions, **columns):
+    return ["1"] * len(prompts)
 
 
 def nan_for_odd(prompts, completions, **columns):
@@ -152,8 +166,10 @@ def test_reward_fns_get_their_rows_and_are_weighted(script, counted, tmp_path):
             "raises_on_odd",
             r"--reward-fn test_rewards:raises_on_odd raised ZeroDivisionError.* on sample \d+ \('[\w ]+' ->",
         ),
-        ("one_value", "--reward-fn test_rewards:one_value returned 1 values for 32 samples"),
+        ("one_value", r"--reward-fn test_rewards:one_value returned \[0.0\] for 32 samples: a list of one value each"),
+        ("a_number", r"--reward-fn test_rewards:a_number returned 1.0 for 32 samples: a list of one value each"),
         ("nan_for_odd", r"--reward-fn test_rewards:nan_for_odd returned nan for sample \d+ \('[\w ]+' ->"),
+        ("text", r"--reward-fn test_rewards:text returned '1' for sample 0 .*: a finite number, or None"),
         ("never", r"no reward applies to sample 0 .*: each returned None"),
     ],
 )
@@ -178,6 +194,7 @@ def test_reward_fns_that_cannot_run_stop_before_any_model_loads(counted, tmp_pat
     for spec, data_path, want in [
         ("nope:fn", data, "--reward-fn nope:fn: ModuleNotFoundError"),
         ("rewards:nope", data, "--reward-fn rewards:nope: AttributeError"),
-        ("rewards:exact_answer", no_answer, "missing 1 required positional argument: 'answer'"),
+        ("rewards:exact_answer", no_answer, "TypeError: missing a required argument: 'answer'"),
+        ("test_rewards:never,test_rewards:never", data, "two functions of one name"),  # both rewards/never
     ]:
-        assert want in script_error(flags("grpo.py", policy, data_path, tmp_path, spec))
+        assert want in script_error(flags("grpo.py", policy, data_path, tmp_path, *spec.split(",")))

@@ -36,13 +36,14 @@ def test_plumbing_and_shared_args_are_the_same_text_everywhere(script):
 
 
 def test_a_function_of_one_name_is_one_function():
-    """A helper copied into several scripts (single files, each self-contained) is the same text in each: copies
-    that drift apart, or two functions that share a name but not a meaning, fail here."""
+    """A helper (function or class) copied into several scripts (single files, each self-contained) is the same
+    text in each: copies that drift apart, or two helpers that share a name but not a meaning, fail here. Each
+    script's Args is its own."""
     seen = {}
     for script in SCRIPTS:
         text = source(script)
         for node in ast.parse(text).body:
-            if isinstance(node, ast.FunctionDef):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "Args":
                 seen.setdefault(node.name, {})[script] = ast.get_source_segment(text, node)
     for name, copies in seen.items():
         assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"

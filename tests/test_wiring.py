@@ -255,3 +255,41 @@ def test_evaluate_takes_conversations_given_as_messages(tmp_path, chat_data):
         f"sft.py --model-name {model} --dataset-name {out} --batch-size 2 --max-length 96 "
         f"--output-dir {tmp_path / 'sft'}".split()
     )
+
+
+# ---- the GRPO options and the reward functions' rows ------------------------------------------------------
+def test_grpo_options_reach_their_functions(toy_base, tmp_path):
+    """--cliprange and --cliprange-high, --importance-sampling-level, --advantage batch_std (its default token
+    mean) reach the functions that implement them. DAPO's penalty with a buffer of L − 1 tokens (L =
+    --response-length) costs each response (|y| − 1) / (L − 1), as |y| ≥ 1; so (β = 0, no missing-EOS penalty) the
+    reward is the score less (mean |y| − 1) / (L − 1)."""
+    calls, _ = calls_of(
+        "grpo_policy_loss group_advantages token_weights",
+        f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --advantage batch_std --cliprange 0.1 "
+        "--cliprange-high 0.3 --importance-sampling-level sequence --overlong-buffer 23 --missing-eos-penalty 0 "
+        f"--kl-coef 0 --batch-size 16 --num-epochs 0.0004 --num-minibatches 1 --output-dir {tmp_path}".split(),
+    )
+    seen = {name: [c for c in calls if c["function"] == name] for name in ("grpo_policy_loss", "group_advantages")}
+    assert {(c["clip_low"], c["clip_high"], c["level"]) for c in seen["grpo_policy_loss"]} == {(0.1, 0.3, "sequence")}
+    assert [c["kind"] for c in seen["group_advantages"]] == ["batch_std"]
+    assert {c["aggregation"] for c in calls if c["function"] == "token_weights"} == {"token_mean"}
+    result = result_of(tmp_path)
+    penalty = result["objective/rlhf_reward"] - result["objective/scores"]
+    assert penalty == pytest.approx(-(result["charts/response_length"] - 1) / 23, rel=1e-5)
+
+
+@pytest.mark.parametrize("script,rollout", [("ppo.py", "rollout"), ("grpo.py", "sample_and_score")])
+def test_reward_fns_get_the_rows_their_responses_answer(script, rollout, toy_base, tmp_path):
+    """Each response is scored with its own prompt's row: the prompts of the rows passed to a reward function are,
+    in order, those the rollout sampled from (GRPO: each repeated G times). (The toy task's gold reward cannot
+    see a shuffle: it depends on the prompt only through a repeated first word.)"""
+    calls, _ = calls_of(
+        f"{rollout} reward_fn_values",
+        f"{script} --model-name {toy_base} --reward-fn toy_task:gold_reward --batch-size 16 --num-epochs 0.0004 "
+        f"--num-minibatches 1 --num-ppo-epochs 1 --output-dir {tmp_path}".split(),
+    )
+    sampled, scored = (c for c in calls if c["function"] == rollout), (c for c in calls if c["function"] != rollout)
+    tokenizer = common.load_tokenizer(toy_base)
+    for s, r in zip(sampled, scored, strict=True):
+        prompts = tokenizer.batch_decode(s["queries"], skip_special_tokens=True)
+        assert len(prompts) == 16 and prompts == [row["prompt"] for row in r["rows"]]
