@@ -271,14 +271,32 @@ def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
 
 
 def pair_metrics(losses, rc, rr, pc, pr, nll):
-    """The logged statistics of a set of pairs, as sums over the pairs (divided by their number when logged)."""
-    stats = [losses.sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(), pc.sum(), pr.sum()]
-    return torch.stack(stats + [nll.sum()])
+    """The logged statistics of a set of pairs, by name, as sums over the pairs (divided by their number when
+    logged). loss: the preference loss alone; nll/chosen: the chosen responses' token-mean NLL (RPO adds α × it)."""
+    return {
+        "loss": losses.sum(),
+        "rewards/chosen": rc.sum(),
+        "rewards/rejected": rr.sum(),
+        "rewards/accuracies": (rc > rr).float().sum(),
+        "rewards/margins": (rc - rr).sum(),
+        "logprobs/chosen": pc.sum(),
+        "logprobs/rejected": pr.sum(),
+        "nll/chosen": nll.sum(),
+    }
 
 
-# loss: the preference loss alone; nll/chosen: the chosen responses' token-mean NLL (RPO adds α × it)
-STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
-STAT_NAMES += ["logprobs/chosen", "logprobs/rejected", "nll/chosen"]
+def accumulate(sums, stats, weight=1):
+    """sums[name] += stats[name] · weight for every name: statistics kept by name, as sums."""
+    for name, value in stats.items():
+        sums[name] = sums.get(name, 0) + value * weight
+
+
+def all_reduce_sums(sums, device):
+    """{name: sum} -> {name: float}, each summed over every rank (one all-reduce for them all)."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
 
 
 def with_lora(model, args, head=False):
@@ -460,11 +478,11 @@ if __name__ == "__main__":
     eval_chosen_tokens = torch.tensor([len(p["chosen"]) for p in eval_pairs], device=device)
 
     def evaluate():
-        """Held-out means of STAT_NAMES over every eval pair."""
+        """Held-out means of pair_metrics over every eval pair."""
         pc, pr = all_pair_logprobs(model, eval_pairs, tokenizer.pad_token_id, args, device, rank)
         losses, rc, rr = dpo_loss(pc, pr, *ref_eval, args.beta, args.loss_type, args.label_smoothing)
         nll = -(pc if args.loss_type == "ipo" else pc / eval_chosen_tokens)
-        return dict(zip(STAT_NAMES, (pair_metrics(losses, rc, rr, pc, pr, nll) / len(eval_pairs)).tolist()))
+        return {k: (v / len(eval_pairs)).item() for k, v in pair_metrics(losses, rc, rr, pc, pr, nll).items()}
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -493,7 +511,7 @@ if __name__ == "__main__":
         initial = evaluate()  # the policy is the reference: every loss is its value at h = 0 (sigmoid: ln 2)
         if rank == 0:
             print(f"at initialisation: eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f})")
-    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), 0, 0, 0
+    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), {}, 0, 0
     for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, step)))  # random numbers from (seed, rank, step): resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
@@ -503,7 +521,7 @@ if __name__ == "__main__":
         # 4. one optimizer step on the global batch of pairs: each rank its slice, in micro-batches; each
         # micro-batch's sum over pairs divided by the global batch size, so the loss is a mean over all its pairs
         mine = schedule[step][rank * per_rank : (rank + 1) * per_rank]
-        step_stats = torch.zeros(len(STAT_NAMES), device=device)
+        step_stats = {}
         for k in range(args.grad_accum_steps):
             idx = mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
             batch = collate([train_pairs[i] for i in idx], tokenizer.pad_token_id)
@@ -519,26 +537,27 @@ if __name__ == "__main__":
             chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)  # a token mean per pair
             loss = (losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size  # RPO adds α × the chosen NLL
             (loss * args.world_size).backward()  # DDP averages gradients over ranks
-            step_stats += pair_metrics(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
-        if dist.is_initialized():
-            dist.all_reduce(step_stats)
+            metrics = pair_metrics(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
+            accumulate(step_stats, metrics)
+        step_stats = all_reduce_sums(step_stats, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        if not math.isfinite(step_stats[0].item() + grad_norm.item()):  # the same on every rank: all stop together
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank: all stop together
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # 5. log: pair-weighted means over all steps since the last log
-        log_stats, log_pairs = log_stats + step_stats, log_pairs + args.batch_size
+        accumulate(log_stats, step_stats)
+        log_pairs += args.batch_size
         pairs = [train_pairs[i] for i in schedule[step]]
         tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
         pairs_seen = (step + 1) * args.batch_size
         if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
-            for name, value in zip(STAT_NAMES, (log_stats / log_pairs).tolist()):
-                writer.add_scalar(f"train/{name}", value, pairs_seen)
+            for name, value in log_stats.items():
+                writer.add_scalar(f"train/{name}", value / log_pairs, pairs_seen)
             writer.add_scalar("train/learning_rate", lr, pairs_seen)
             writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), pairs_seen)
-            log_stats, log_pairs = 0, 0
+            log_stats, log_pairs = {}, 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}")
             save_checkpoint(path, model, optimizer, {"step": step + 1, "run": run}, rank)

@@ -166,12 +166,30 @@ def score(model, seqs, pad_id, args, device, rank):
 
 
 def reward_metrics(rewards, num_pairs):
-    """The logged statistics as sums over pairs, from the rewards (2B,) of B pairs' chosen, then rejected responses."""
+    """The logged statistics by name, as sums over pairs, from the rewards (2B,) of B pairs' chosen, then rejected
+    responses."""
     rc, rr = rewards[:num_pairs], rewards[num_pairs:]
-    return torch.stack([reward_loss(rc, rr) * len(rc), (rc > rr).float().sum(), (rc - rr).sum(), rc.sum(), rr.sum()])
+    return {
+        "loss": reward_loss(rc, rr) * len(rc),
+        "accuracy": (rc > rr).float().sum(),
+        "margin": (rc - rr).sum(),
+        "reward_chosen": rc.sum(),
+        "reward_rejected": rr.sum(),
+    }
 
 
-STAT_NAMES = ["loss", "accuracy", "margin", "reward_chosen", "reward_rejected"]
+def accumulate(sums, stats, weight=1):
+    """sums[name] += stats[name] · weight for every name: statistics kept by name, as sums."""
+    for name, value in stats.items():
+        sums[name] = sums.get(name, 0) + value * weight
+
+
+def all_reduce_sums(sums, device):
+    """{name: sum} -> {name: float}, each summed over every rank (one all-reduce for them all)."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
 
 
 def with_lora(model, args, head=False):
@@ -349,7 +367,7 @@ if __name__ == "__main__":
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
     first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
-    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), 0, 0, 0
+    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), {}, 0, 0
     for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, step)))  # random numbers from (seed, rank, step): resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
@@ -360,7 +378,7 @@ if __name__ == "__main__":
         # mean weighted by its share of the global batch, so the loss is a mean over all its pairs
         global_batch = [train_pairs[i] for i in schedule[step]]
         mine = global_batch[rank * per_rank : (rank + 1) * per_rank]
-        step_stats = torch.zeros(len(STAT_NAMES), device=device)
+        step_stats = {}
         for k in range(args.grad_accum_steps):
             micro = mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
             batch = {key: v.to(device) for key, v in collate_pairs(micro, tokenizer.pad_token_id).items()}
@@ -370,31 +388,31 @@ if __name__ == "__main__":
             rc, rr = r[: len(micro)], r[len(micro) :]  # (b,) chosen, (b,) rejected
             loss = reward_loss(rc, rr, center_rewards_coefficient=args.center_rewards_coefficient)
             (loss * len(micro) / args.batch_size * args.world_size).backward()  # DDP averages over ranks
-            step_stats += reward_metrics(r.detach(), len(micro))
-        if dist.is_initialized():
-            dist.all_reduce(step_stats)
+            accumulate(step_stats, reward_metrics(r.detach(), len(micro)))
+        step_stats = all_reduce_sums(step_stats, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        if not math.isfinite(step_stats[0].item() + grad_norm.item()):  # the same on every rank: all stop together
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank: all stop together
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # 4. log: pair-weighted means over all steps since the last log
-        log_stats, log_pairs = log_stats + step_stats, log_pairs + args.batch_size
+        accumulate(log_stats, step_stats)
+        log_pairs += args.batch_size
         tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in global_batch)
         pairs_seen = (step + 1) * args.batch_size
         if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
-            for name, value in zip(STAT_NAMES, (log_stats / log_pairs).tolist()):
-                writer.add_scalar(f"train/{name}", value, pairs_seen)
+            for name, value in log_stats.items():
+                writer.add_scalar(f"train/{name}", value / log_pairs, pairs_seen)
             writer.add_scalar("train/learning_rate", lr, pairs_seen)
             writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), pairs_seen)
-            log_stats, log_pairs = 0, 0
+            log_stats, log_pairs = {}, 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}")
             save_checkpoint(path, model, optimizer, {"step": step + 1, "run": run}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             r = score(model, eval_seqs, tokenizer.pad_token_id, args, device, rank)
-            final = dict(zip(STAT_NAMES, (reward_metrics(r, len(eval_pairs)) / len(eval_pairs)).tolist()))
+            final = {k: (v / len(eval_pairs)).item() for k, v in reward_metrics(r, len(eval_pairs)).items()}
             if writer:
                 for name, value in final.items():
                     writer.add_scalar(f"eval/{name}", value, pairs_seen)
@@ -417,7 +435,7 @@ if __name__ == "__main__":
         raise ValueError(f"no reference response fits --max-length {args.max_length} with its end token; raise it")
     model.config.reward_bias = score(model, ref_seqs, tokenizer.pad_token_id, args, device, rank).mean().item()
     r = score(model, eval_seqs, tokenizer.pad_token_id, args, device, rank)  # accuracy and margin do not move
-    final = dict(zip(STAT_NAMES, (reward_metrics(r, len(eval_pairs)) / len(eval_pairs)).tolist()))
+    final = {k: (v / len(eval_pairs)).item() for k, v in reward_metrics(r, len(eval_pairs)).items()}
     final.update(reward_std=r.std().item(), reward_bias=model.config.reward_bias)
     if on_toy:  # how close to a perfect reward model; how well the reward follows the gold one on P_ref samples
         import toy_task
