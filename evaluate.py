@@ -239,33 +239,31 @@ def sample(model, queries, tokenizer, args, device):
 
 
 def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
-    """logits (R, V) predicting tokens (R,) -> float32 (log-probabilities (R,), entropies (R,)) of the sampling
-    distribution softmax(logits / T) with PAD excluded. In chunks of rows, each cast to float32 alone and
-    recomputed in backward; the entropy has a gradient only with `entropy_grad` (a bonus), else it is a statistic."""
+    """logits (R, V), tokens (R,) -> float32 log-probs and entropies (R,) of softmax(logits / T)
+    without PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
 
-    def chunk(x, y, entropy=True):  # (r, V), (r,) -> (r,), (r,) or None
+    def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
         x = x.float() / temperature
         x[:, pad_id] = -1e9  # finite, so that p log p is 0 (not NaN) for PAD
         logp = x - x.logsumexp(-1, keepdim=True)
-        return logp.gather(1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1) if entropy else None
+        lp = logp.gather(1, y[:, None]).squeeze(1)
+        # last, so that backward's recomputation stops before it
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return lp, -(logp.exp() * logp).sum(-1)
 
-    out = []
-    for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            out.append(chunk(x, y))
-        elif entropy_grad:
-            out.append(torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False))
-        else:
-            lp, _ = torch.utils.checkpoint.checkpoint(chunk, x, y, False, use_reentrant=False)
-            with torch.no_grad():
-                out.append((lp, chunk(x, y)[1]))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    out = [
+        torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False) if grad else chunk(x, y)
+        for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size))
+    ]
     empty = logits.new_zeros(0, dtype=torch.float32)
     return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
 
 
 def scatter(values, mask):
     """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
 
 
 @torch.no_grad()

@@ -36,6 +36,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint
 import torch.nn.functional as F
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import common
@@ -47,15 +54,15 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
+    """random seed of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
     """bfloat16 autocast for the forward passes (weights and AdamW state stay float32)"""
     fsdp: bool = False
-    """shard weights, gradients and AdamW state over the ranks (FSDP2) instead of copying them (DDP)"""
+    """shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)"""
     track: bool = False
-    """also log to Weights & Biases (pip install wandb; project and team from WANDB_PROJECT, WANDB_ENTITY)"""
+    """also log to Weights & Biases (pip install wandb; project from WANDB_PROJECT, WANDB_ENTITY)"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and its tokenizer are saved to"""
     checkpoint_every: int = 0
@@ -165,7 +172,7 @@ class Args:
 
 # ---- pure PPO math (tested by hand in tests/test_ppo.py) ----
 def masked_mean(x, mask):
-    """Mean of x where mask holds (bool or 0/1); whatever x holds elsewhere is ignored."""
+    """Mean of x where mask holds (bool or 0/1); x elsewhere is ignored."""
     return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
@@ -188,12 +195,13 @@ def masked_whiten(x, mask, shift_mean=True, all_reduce=None):
 
 
 def truncate_after_eos(responses, stop_ids, pad_id):
-    """responses (B, T), stop_ids (the ids that end a response) -> (responses with PAD after the first end token,
-    mask (B, T) true up to and including it, has_eos (B,)). A row without one was cut at T and is valid throughout."""
+    """responses (B, T) -> (PAD after the first of stop_ids, mask (B, T) true through it, has_eos
+    (B,)). A row without a stop id was cut at T: valid throughout."""
+    T = responses.shape[1]
     is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
     has_eos = is_eos.any(1)
-    last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,)
-    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
+    last = torch.where(has_eos, is_eos.int().argmax(1), T - 1)  # (B,)
+    mask = torch.arange(T, device=responses.device)[None, :] <= last[:, None]
     return torch.where(mask, responses, pad_id), mask, has_eos
 
 
@@ -253,34 +261,30 @@ def adaptive_kl_coef(kl_coef, kl, target_kl, horizon, num_episodes):
 
 
 def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
-    """logits (R, V) predicting tokens (R,) -> float32 (log-probabilities (R,), entropies (R,)) of the sampling
-    distribution softmax(logits / T) with PAD excluded. In chunks of rows, each cast to float32 alone and
-    recomputed in backward; the entropy has a gradient only with `entropy_grad` (a bonus), else it is a statistic."""
+    """logits (R, V), tokens (R,) -> float32 log-probs and entropies (R,) of softmax(logits / T)
+    without PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
 
-    def chunk(x, y, entropy=True):  # (r, V), (r,) -> (r,), (r,) or None
+    def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
         x = x.float() / temperature
         x[:, pad_id] = -1e9  # finite, so that p log p is 0 (not NaN) for PAD
         logp = x - x.logsumexp(-1, keepdim=True)
-        return logp.gather(1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1) if entropy else None
+        lp = logp.gather(1, y[:, None]).squeeze(1)
+        # last, so that backward's recomputation stops before it
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return lp, -(logp.exp() * logp).sum(-1)
 
-    out = []
-    for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size)):
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            out.append(chunk(x, y))
-        elif entropy_grad:
-            out.append(torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False))
-        else:
-            lp, _ = torch.utils.checkpoint.checkpoint(chunk, x, y, False, use_reentrant=False)
-            with torch.no_grad():
-                out.append((lp, chunk(x, y)[1]))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    out = [
+        torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False) if grad else chunk(x, y)
+        for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size))
+    ]
     empty = logits.new_zeros(0, dtype=torch.float32)
     return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
 
 
 # ---- small model helpers ----
 def load_reward_fns(specs, columns):
-    """The --reward-fn functions (MODULE:FUNCTION), each checked to take (prompts, completions, **columns) with the
-    dataset's `columns`: a missing module, function or argument stops the run here, before any model is loaded."""
+    """The --reward-fn functions (MODULE:FUNCTION); a missing one or argument stops the run here."""
     fns = []
     for spec in specs:
         module, _, name = spec.partition(":")
@@ -288,18 +292,19 @@ def load_reward_fns(specs, columns):
             fns.append(getattr(importlib.import_module(module), name))
             inspect.signature(fns[-1]).bind([], [], **{c: [] for c in columns})
         except (ImportError, AttributeError, TypeError) as e:
-            raise SystemExit(f"--reward-fn {spec}: {type(e).__name__}: {e} (the data's columns: {columns})") from None
-    if len({s.partition(":")[2] for s in specs}) < len(specs):  # each is logged as rewards/{its name}
-        raise SystemExit(f"--reward-fn {' '.join(specs)}: two functions of one name; give each a name of its own")
+            error = f"{type(e).__name__}: {e} (the data's columns: {columns})"
+            raise SystemExit(f"--reward-fn {spec}: {error}") from None
+    if len({s.partition(":")[2] for s in specs}) < len(specs):  # each logged as rewards/{its name}
+        raise SystemExit(f"--reward-fn {' '.join(specs)}: two functions of one name; rename one")
     return fns
 
 
 def reward_fn_values(fn, rows, texts):
-    """(N,) a reward function's values for N responses (texts) to dataset rows, NaN where it returned None: called
-    as fn(prompts, completions, **columns), TRL's convention (message lists for conversational rows). Stops, naming
-    the function and the sample, if it raises, returns another number of values, NaN or inf."""
+    """(N,) values of fn(prompts, completions, **columns) (TRL's convention) for N texts, NaN
+    for None. Stops, naming the sample, if fn raises or returns a wrong count, NaN or inf."""
     prompts = [common.prompt_and_responses(row, "prompt")[0] for row in rows]
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    chat = [isinstance(p, list) for p in prompts]  # a conversational prompt gets a message list
+    completions = [[{"role": "assistant", "content": t}] if c else t for c, t in zip(chat, texts)]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "messages")}
     name = f"--reward-fn {fn.__module__}:{fn.__name__}"
 
@@ -310,16 +315,19 @@ def reward_fn_values(fn, rows, texts):
         values = fn(prompts, completions, **columns)
     except Exception:  # find the sample: the first that fails alone
         for i in range(len(rows)):
+            one = slice(i, i + 1)
             try:
-                fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
+                fn(prompts[one], completions[one], **{k: v[one] for k, v in columns.items()})
             except Exception as e:
                 raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
         raise
     if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != len(rows):
-        raise ValueError(f"{name} returned {str(values)[:80]} for {len(rows)} samples: a list of one value each")
+        wanted = "a list of one value each"
+        raise ValueError(f"{name} returned {str(values)[:80]} for {len(rows)} samples: {wanted}")
     for i, v in enumerate(values):
         if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
-            raise ValueError(f"{name} returned {v!r} for {sample(i)}: a finite number, or None where it does not apply")
+            wanted = "a finite number, or None where it does not apply"
+            raise ValueError(f"{name} returned {v!r} for {sample(i)}: {wanted}")
     return torch.tensor([math.nan if v is None else float(v) for v in values])
 
 
@@ -355,10 +363,9 @@ class PolicyAndValue(torch.nn.Module):
 
 
 def model_inputs(query_ids, query_mask, responses, mask):
-    """Inputs of one forward pass over left-padded prompts (B, Lq) and right-padded responses (B, T), all (B, Lq +
-    T): positions count each row's real tokens, as generate numbers them; logits are kept where a valid response
-    token is predicted (position Lq − 1 + t predicts token t), in the row-major order of responses[mask]. Rollout
-    and update both use it, so that they compute the same log-probabilities."""
+    """Inputs (B, Lq + T) for left-padded prompts (B, Lq), right-padded responses (B, T), positions
+    as generate's; logits where position Lq − 1 + t predicts a valid token t (responses[mask]).
+    Rollout and update share it, so that both compute the same log-probabilities."""
     seq_mask = torch.cat([query_mask.bool(), mask], 1).long()
     return {
         "input_ids": torch.cat([query_ids, responses], 1),
@@ -370,27 +377,29 @@ def model_inputs(query_ids, query_mask, responses, mask):
 
 def scatter(values, mask):
     """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
-    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
+    """LR at `step` (from 0) over the peak: linear warmup, then a decay to 0 at step `num_steps`."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
-    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    decay = {"cosine": cosine, "linear": 1 - progress, "constant": 1.0}
     return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
 def accumulate(sums, stats, weight=1):
-    """sums[name] += stats[name] · weight for every name: statistics kept by name, as sums."""
+    """sums[name] += stats[name] · weight, for every name."""
     for name, value in stats.items():
         sums[name] = sums.get(name, 0) + value * weight
 
 
 def all_reduce_sums(sums, device):
-    """{name: sum} -> {name: float}, each summed over every rank (one all-reduce for them all)."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    """{name: sum} -> {name: float}, summed over the ranks in one all-reduce."""
+    parts = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()]
+    values = torch.stack(parts)
     if dist.is_initialized():
         dist.all_reduce(values)
     return dict(zip(sums, values.tolist()))
@@ -398,10 +407,7 @@ def all_reduce_sums(sums, device):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Under FSDP, every weight all-gathered once for the whole block (every rank must enter it): generate then
-    needs no collective per token, at the cost of one full copy in the compute dtype. Else nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
+    """Under FSDP, weights gathered once for the block (on every rank): no collective per token."""
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in groups:
         m.set_reshard_after_forward(False, recurse=False)
@@ -454,52 +460,57 @@ def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, se
 
 
 def with_lora(model, args, head=False):
-    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
-    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    """LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen but, with `head`,
+    the score head. B starts at 0, so the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
     if args.fsdp:
-        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
-    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
         model.enable_input_require_grads()
-    targets, head = args.lora_target_modules, ["score"] if head else None
-    targets = targets[0] if targets == ["all-linear"] else targets
+    targets = args.lora_target_modules
+    heads = ["score"] if head else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    config.target_modules, config.modules_to_save = targets, head
-    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # routers (as nn.Linear) stay
+    config.target_modules = targets[0] if targets == ["all-linear"] else targets
+    config.modules_to_save = heads or None
+    routers = ["router", "gate", "shared_expert_gate"]  # nn.Linear in MoE models: they stay whole
+    config.exclude_modules = routers + heads
     return get_peft_model(model, config)
 
 
 def save_model(model, tokenizer, path, rank, args, last=False):
-    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
-    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
-    save, else in a copy, so that training can go on)."""
+    """`save`; for LoRA the adapters to {path}/adapter and, with --lora-merge, the merged model
+    to {path} (in place at the `last` save, else in a copy)."""
     if not args.lora_r:
         return save(model, tokenizer, path, rank)
+    adapter = os.path.join(path, "adapter")
     if rank == 0:
-        model.save_pretrained(os.path.join(path, "adapter"))
-        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
     if args.lora_merge:
-        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+        merged = model if last else copy.deepcopy(model)
+        save(merged.merge_and_unload(), tokenizer, path, rank)
 
 
 class AdaptersOff(torch.nn.Module):
-    """A LoRA model with its adapters switched off: the model it started from, frozen, without a second copy (as
-    TRL's reference, #624). It holds the model outside its own modules, so their parameters are never its own."""
+    """A LoRA model with its adapters off: the model it started from, frozen, with no second copy
+    (as TRL's reference, #624). Held in a list, so that its parameters stay out of this module."""
 
     def __init__(self, model):
         super().__init__()
-        self.lora, self.config = [model], model.config
+        self.lora = [model]
+        self.config = model.config
 
     def forward(self, **inputs):
         with self.lora[0].disable_adapter(), torch.no_grad():
             return self.lora[0](**inputs)
 
 
-# ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
+# ---- plumbing: torchrun, FSDP2, saving, resuming (the same text in every script) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
-    rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
     if "LOCAL_RANK" in os.environ:
@@ -507,60 +518,56 @@ def setup(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
-        raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node 8 <script> --fsdp")
     torch.manual_seed(args.seed + rank)
     return rank, device
 
 
 def to_device(model, device, args):
-    """Whole onto the device (DDP), or FSDP2: a group per decoder layer, then the root; each rank keeps 1/N of
-    every weight, gradient and AdamW moment (--bf16: weights gathered in bfloat16, gradients reduced in float32)."""
+    """Onto the device (DDP), or sharded by FSDP2: a group per decoder layer, then the root."""
     if not args.fsdp:
         return model.to(device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = dist.init_device_mesh(device.type, (args.world_size,))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 else MixedPrecisionPolicy()
-    for m in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())] + [model]:
+    mesh = dist.init_device_mesh(device.type, (args.world_size,))  # each rank keeps 1/N
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = bf16 if args.bf16 else MixedPrecisionPolicy()
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())]
+    for m in layers + [model]:
         fully_shard(m, mesh=mesh, mp_policy=mp)
     return model
 
 
 def save(model, tokenizer, path, rank):
-    """save_pretrained on rank 0 (every rank calls it: FSDP gathers the weights to its CPU), a tied head once."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+    """save_pretrained on rank 0, a tied head once (every rank calls it: FSDP gathers to rank 0)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    names = dict(model.named_parameters(remove_duplicate=False))
+    tied = names.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
     if rank == 0:
         model.save_pretrained(path, state_dict={k: v for k, v in state.items() if k not in tied})
         tokenizer.save_pretrained(path)
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
-    step reseeds from (seed, rank, step))."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
+    """For --resume: weights, AdamW moments, trainer_state.json (steps reseed: no RNG state)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dist.checkpoint.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     if rank == 0:  # written last: it marks the checkpoint complete
         with open(f"{path}/trainer_state.json", "w") as f:
             json.dump(state, f)
 
 
 def load_checkpoint(output_dir, model, optimizer, run):
-    """The latest complete checkpoint into model and optimizer; its trainer state. Only from a run of the same
-    ranks, steps and seed (`run`), to which each rank's data and random numbers belong."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+    """The latest complete checkpoint of this `run` into model and optimizer; its trainer state."""
     done = sorted(glob.glob(f"{output_dir}/resume/*/trainer_state.json"))
     if not done:
-        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; write some with --checkpoint-every")
+        hint = "write some with --checkpoint-every"
+        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; {hint}")
     path = os.path.dirname(done[-1])
     with open(done[-1]) as f:
         state = json.load(f)
     if state["run"] != run:
-        raise SystemExit(f"--resume: {path} is from a run of {state['run']}, not {run}: resume with its flags")
+        theirs = state["run"]
+        raise SystemExit(f"--resume: {path} is from a run of {theirs}, not {run}: use its flags")
     model_state, optim_state = get_state_dict(model, optimizer)
     dist.checkpoint.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)

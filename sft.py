@@ -24,6 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import common
@@ -35,15 +42,15 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """random seed: of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
+    """random seed of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
     device: str = "auto"
     """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
     """bfloat16 autocast for the forward passes (weights and AdamW state stay float32)"""
     fsdp: bool = False
-    """shard weights, gradients and AdamW state over the ranks (FSDP2) instead of copying them (DDP)"""
+    """shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)"""
     track: bool = False
-    """also log to Weights & Biases (pip install wandb; project and team from WANDB_PROJECT, WANDB_ENTITY)"""
+    """also log to Weights & Biases (pip install wandb; project from WANDB_PROJECT, WANDB_ENTITY)"""
     output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
     """folder the trained model and its tokenizer are saved to"""
     checkpoint_every: int = 0
@@ -113,8 +120,8 @@ class Args:
 
 
 def token_logprobs(logits, targets, chunk_size=1024):
-    """log p(target) per row: logits (R, V), targets (R,) -> (R,) float32. Log-sum-exp over chunks of rows, each
-    cast to float32 alone and recomputed in backward, so no float32 copy of all R × V logits is kept."""
+    """logits (R, V), targets (R,) -> log p(target) (R,), float32 by chunks of rows recomputed in
+    backward: no float32 copy of all R × V logits is kept."""
 
     def chunk(x, y):
         x = x.float()
@@ -143,11 +150,11 @@ def labelled_nll(model, batch, bf16=False):
 
 
 def lr_multiplier(step, num_steps, args):
-    """Learning rate at step `step` (from 0) of `num_steps` over the peak: a linear warmup, then a decay that would
-    reach 0 at step `num_steps`, one after the last (linear: the last step runs at 1 / (num_steps − warmup))."""
+    """LR at `step` (from 0) over the peak: linear warmup, then a decay to 0 at step `num_steps`."""
     warmup = int(args.warmup_ratio * num_steps)
     progress = (step - warmup) / max(1, num_steps - warmup)
-    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    decay = {"cosine": cosine, "linear": 1 - progress, "constant": 1.0}
     return (step + 1) / warmup if step < warmup else decay[args.lr_schedule]
 
 
@@ -181,39 +188,43 @@ def sample_completions(model, tokenizer, prompts, args, device):
 
 
 def with_lora(model, args, head=False):
-    """The model with LoRA adapters (Hu et al. 2021, peft) on --lora-target-modules, all else frozen; with `head`,
-    the scalar head (score) trains in full beside them. B starts at 0, so the model starts unchanged."""
+    """LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen but, with `head`,
+    the score head. B starts at 0, so the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
     if args.fsdp:
-        raise SystemExit("--lora-r with --fsdp: not supported; train the adapters with DDP (torchrun without --fsdp)")
-    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad: the embeddings do not
+        raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
+    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
         model.enable_input_require_grads()
-    targets, head = args.lora_target_modules, ["score"] if head else None
-    targets = targets[0] if targets == ["all-linear"] else targets
+    targets = args.lora_target_modules
+    heads = ["score"] if head else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    config.target_modules, config.modules_to_save = targets, head
-    config.exclude_modules = ["router", "gate", "shared_expert_gate"] + (head or [])  # routers (as nn.Linear) stay
+    config.target_modules = targets[0] if targets == ["all-linear"] else targets
+    config.modules_to_save = heads or None
+    routers = ["router", "gate", "shared_expert_gate"]  # nn.Linear in MoE models: they stay whole
+    config.exclude_modules = routers + heads
     return get_peft_model(model, config)
 
 
 def save_model(model, tokenizer, path, rank, args, last=False):
-    """`save`; for a LoRA model its adapters to {path}/adapter and, with --lora-merge, the model with them merged in
-    to {path}: a plain model that the next stage and evaluate.py load as any other (merged in place at the `last`
-    save, else in a copy, so that training can go on)."""
+    """`save`; for LoRA the adapters to {path}/adapter and, with --lora-merge, the merged model
+    to {path} (in place at the `last` save, else in a copy)."""
     if not args.lora_r:
         return save(model, tokenizer, path, rank)
+    adapter = os.path.join(path, "adapter")
     if rank == 0:
-        model.save_pretrained(os.path.join(path, "adapter"))
-        tokenizer.save_pretrained(os.path.join(path, "adapter"))
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
     if args.lora_merge:
-        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
+        merged = model if last else copy.deepcopy(model)
+        save(merged.merge_and_unload(), tokenizer, path, rank)
 
 
-# ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script: tests/test_scripts.py) ----
+# ---- plumbing: torchrun, FSDP2, saving, resuming (the same text in every script) ----
 def setup(args):
-    """(rank, device): under torchrun the process group and this rank's device; torch's seed (seed + rank)."""
-    rank, args.world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
     if "LOCAL_RANK" in os.environ:
@@ -221,60 +232,56 @@ def setup(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
-        raise SystemExit("--fsdp runs under torchrun, e.g. torchrun --nproc_per_node 8 <script> --fsdp")
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node 8 <script> --fsdp")
     torch.manual_seed(args.seed + rank)
     return rank, device
 
 
 def to_device(model, device, args):
-    """Whole onto the device (DDP), or FSDP2: a group per decoder layer, then the root; each rank keeps 1/N of
-    every weight, gradient and AdamW moment (--bf16: weights gathered in bfloat16, gradients reduced in float32)."""
+    """Onto the device (DDP), or sharded by FSDP2: a group per decoder layer, then the root."""
     if not args.fsdp:
         return model.to(device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = dist.init_device_mesh(device.type, (args.world_size,))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if args.bf16 else MixedPrecisionPolicy()
-    for m in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())] + [model]:
+    mesh = dist.init_device_mesh(device.type, (args.world_size,))  # each rank keeps 1/N
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = bf16 if args.bf16 else MixedPrecisionPolicy()
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())]
+    for m in layers + [model]:
         fully_shard(m, mesh=mesh, mp_policy=mp)
     return model
 
 
 def save(model, tokenizer, path, rank):
-    """save_pretrained on rank 0 (every rank calls it: FSDP gathers the weights to its CPU), a tied head once."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+    """save_pretrained on rank 0, a tied head once (every rank calls it: FSDP gathers to rank 0)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    names = dict(model.named_parameters(remove_duplicate=False))
+    tied = names.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
     if rank == 0:
         model.save_pretrained(path, state_dict={k: v for k, v in state.items() if k not in tied})
         tokenizer.save_pretrained(path)
 
 
 def save_checkpoint(path, model, optimizer, state, rank):
-    """For --resume: weights, AdamW moments (each rank its shards), then trainer_state.json (no random state: each
-    step reseeds from (seed, rank, step))."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    dist.checkpoint.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=path)
+    """For --resume: weights, AdamW moments, trainer_state.json (steps reseed: no RNG state)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dist.checkpoint.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     if rank == 0:  # written last: it marks the checkpoint complete
         with open(f"{path}/trainer_state.json", "w") as f:
             json.dump(state, f)
 
 
 def load_checkpoint(output_dir, model, optimizer, run):
-    """The latest complete checkpoint into model and optimizer; its trainer state. Only from a run of the same
-    ranks, steps and seed (`run`), to which each rank's data and random numbers belong."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+    """The latest complete checkpoint of this `run` into model and optimizer; its trainer state."""
     done = sorted(glob.glob(f"{output_dir}/resume/*/trainer_state.json"))
     if not done:
-        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; write some with --checkpoint-every")
+        hint = "write some with --checkpoint-every"
+        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; {hint}")
     path = os.path.dirname(done[-1])
     with open(done[-1]) as f:
         state = json.load(f)
     if state["run"] != run:
-        raise SystemExit(f"--resume: {path} is from a run of {state['run']}, not {run}: resume with its flags")
+        theirs = state["run"]
+        raise SystemExit(f"--resume: {path} is from a run of {theirs}, not {run}: use its flags")
     model_state, optim_state = get_state_dict(model, optimizer)
     dist.checkpoint.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
