@@ -1,10 +1,9 @@
 """Online RL without a value model: GRPO, Dr. GRPO and RLOO (--advantage), with a reward model,
-reward functions (verifiable rewards: a math answer checked, a format matched) or both (docs/grpo.md).
+reward functions (verifiable rewards) or both (docs/grpo.md).
 
-Each prompt is answered G times (--group-size); a response's advantage comes from its group's rewards:
-GRPO (Shao et al. 2024) subtracts the group mean and divides by the group's std, Dr. GRPO (Liu et al.
-2025) only subtracts the mean, RLOO (Ahmadian et al. 2024) subtracts the mean of the other G − 1. The
-response is one action: its advantage is every token's. The KL to the SFT model goes into the reward
+Each prompt is answered G times (--group-size); a response's advantage, every token's, comes from its
+group's rewards: GRPO (Shao et al. 2024) (r − mean) / std, Dr. GRPO (Liu et al. 2025) r − mean, RLOO
+(Ahmadian et al. 2024) r − the mean of the other G − 1. The KL to the SFT model goes into the reward
 as k1 (as in ppo.py), or into the loss as GRPO's k3. Each iteration:
 1. sample G responses to each prompt of a batch; all after its first end token is padding;
 2. score them: the reward model and the --reward-fn functions (rewards.py), weighted and summed;
@@ -128,9 +127,9 @@ class Args:
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> floats or None (TRL's)"""
     reward_weights: list[float] = field(default_factory=list)
-    """weights of the rewards: the reward model's (if any), then each --reward-fn's; default 1"""
+    """weights of the reward model's (if any), then each --reward-fn's; default 1"""
     response_length: int | None = None
-    """most tokens per response, its end token included; default 24 on the toy task, else 256"""
+    """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
     """sampling temperature, applied to the logits in rollout and update alike"""
     missing_eos_penalty: float = 1.0
@@ -746,8 +745,8 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. rollout: each of this rank's prompts answered --group-size times, side by side; sampling
-        # seeded per generate call of the global batch: 1 rank or N draw the same (2**62: torch's 64 bits)
+        # 1. rollout: each of this rank's prompts answered --group-size times, side by side, seeded
+        # per generate call of the global batch: 1 rank or N draw the same (2**62: torch's 64 bits)
         share = slice(rank * prompts_per_rank, (rank + 1) * prompts_per_rank)
         indices = schedule[iteration][share]  # this rank's prompts
         queries = [prompts[i] for i in indices for _ in range(args.group_size)]
@@ -783,8 +782,8 @@ if __name__ == "__main__":
         kind = args.advantage
         batch.advantages = group_advantages(rewards, args.group_size, kind, all_reduce)  # (b,)
 
-        # 5. epochs over shuffled minibatches of responses; a minibatch is one optimizer step,
-        # accumulated over micro-batches, its per-token losses summed with --loss-aggregation's weights
+        # 5. epochs over shuffled minibatches, each one optimizer step accumulated over
+        # micro-batches, its per-token losses summed with --loss-aggregation's weights
         loss_mask = mask
         if args.mask_truncated:  # DAPO: cut responses carry no loss
             loss_mask = mask & batch.has_eos[:, None]

@@ -110,9 +110,9 @@ class Args:
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> floats or None (TRL's)"""
     reward_weights: list[float] = field(default_factory=list)
-    """weights of the rewards: the reward model's (if any), then each --reward-fn's; default 1"""
+    """weights of the reward model's (if any), then each --reward-fn's; default 1"""
     response_length: int | None = None
-    """most tokens per response, its end token included; default 24 on the toy task, else 256"""
+    """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
     """sampling temperature, in rollout and update alike (0.7 in Huang et al. 2024)"""
     missing_eos_penalty: float = 1.0
@@ -671,8 +671,8 @@ if __name__ == "__main__":
         need = "--num-minibatches x ranks x --per-device-batch-size"
         raise ValueError(f"--batch-size must split into {need}")
 
-    # the prompts (every rank rolls out its slice of the same seeded batch); the reward functions,
-    # checked against the data's other columns (which they are given) before any model is loaded
+    # the prompts (each rank rolls out its slice of one seeded batch); the reward functions, checked
+    # against the data's other columns (which they get) before any model loads
     hint = ": run `python sft.py` first, or pass --model-name"
     tokenizer = common.load_tokenizer(args.model_name, hint)
     pad_id = tokenizer.pad_token_id
@@ -685,8 +685,8 @@ if __name__ == "__main__":
     prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
 
-    # the policy and its frozen reference from the SFT model, the frozen reward model, a value model
-    # from it (else from the SFT model, its head at 0); dropout off in all (else the first ratio ≠ 1)
+    # policy and frozen reference from the SFT model, the frozen reward model, a value model from
+    # it (else from the SFT model, head 0); dropout off in all (else the first ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if args.reward_model_name:  # the policy's token ids go to the reward and value models
@@ -791,8 +791,8 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. rollout: a response to each of this rank's prompts; sampling seeded per generate call
-        # of the global batch, so 1 rank or N draw the same responses (below 2**62: torch's 64 bits)
+        # 1. rollout: a response to each of this rank's prompts, seeded per generate call of the
+        # global batch: 1 rank or N draw the same (below 2**62: torch's 64 bits)
         indices = schedule[iteration][rank * per_rank : (rank + 1) * per_rank]  # this rank's
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
         agent.eval()
@@ -817,15 +817,15 @@ if __name__ == "__main__":
         kl_inputs = (batch.logprobs, batch.ref_logprobs, mask, batch.has_eos, kl_coef)
         rewards, kl, penalised = kl_shaped_rewards(scores, *kl_inputs, args.missing_eos_penalty)
 
-        # 4. advantages: GAE, the last valid token terminal; whitened over the valid tokens of all
-        # ranks together (Huang et al. and TRL whiten per rank)
+        # 4. advantages: GAE, the last valid token terminal; whitened over all ranks' valid tokens
+        # (Huang et al. and TRL whiten per rank)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
         advantages, batch.returns = compute_gae(rewards, batch.values, mask, args.gamma, args.lam)
         batch.advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
 
-        # 5. PPO epochs: each a pass over shuffled minibatches; a minibatch is one optimizer step,
-        # accumulated over micro-batches, its loss a mean over all its valid tokens (of every rank)
+        # 5. PPO epochs over shuffled minibatches, each one optimizer step accumulated over
+        # micro-batches, its loss a mean over all its valid tokens (of every rank)
         update = {}  # token-weighted sums by name; PPO-ptx's NLL summed over its tokens
         for ppo_step in range(steps_per_iteration):
             if ppo_step % args.num_minibatches == 0:
@@ -865,7 +865,7 @@ if __name__ == "__main__":
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, *pg_inputs)
                 vf_inputs = (micro.values, micro.returns, m, args.cliprange_value)
                 vf_loss, vf_stats = ppo_value_loss(values, *vf_inputs)
-                # this micro-batch's share of the minibatch's valid tokens; DDP averages over ranks
+                # this micro-batch's share of the minibatch's tokens; DDP averages over ranks
                 loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * mean_entropy
                 loss = loss * m.sum() / mb_tokens
                 if ptx is not None:
