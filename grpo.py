@@ -1,24 +1,24 @@
-"""Online RL without a value model: GRPO, Dr. GRPO and RLOO, picked by --advantage, with a reward model, reward
-functions (verifiable rewards: a math answer checked, a format matched) or both.
+"""Online RL without a value model: GRPO, Dr. GRPO and RLOO (--advantage), with a reward model,
+reward functions (verifiable rewards) or both (docs/grpo.md).
 
-Each prompt is answered G times (--group-size) and each response's advantage comes from its group's rewards:
-GRPO (Shao et al. 2024) subtracts the group mean and divides by the group's std, Dr. GRPO (Liu et al. 2025) only
-subtracts the mean, RLOO (Ahmadian et al. 2024) subtracts the mean of the other G − 1. The response is one action:
-its advantage is every token's. The KL to the SFT model goes into the reward as k1 (as in ppo.py), or into the
-loss as k3 (GRPO's, whose gradient is that of KL(π_ref ‖ π)). Each iteration:
-1. sample G responses to each prompt of a batch from the policy; all after its first end token is padding;
-2. score them: the reward model (reward_model.py) and the --reward-fn functions (rewards.py), weighted and summed;
+Each prompt is answered G times (--group-size); a response's advantage, every token's, comes from its
+group's rewards: GRPO (Shao et al. 2024) (r − mean) / std, Dr. GRPO (Liu et al. 2025) r − mean, RLOO
+(Ahmadian et al. 2024) r − the mean of the other G − 1. The KL to the SFT model goes into the reward
+as k1 (as in ppo.py), or into the loss as GRPO's k3. Each iteration:
+1. sample G responses to each prompt of a batch; all after its first end token is padding;
+2. score them: the reward model and the --reward-fn functions (rewards.py), weighted and summed;
 3. the KL penalty: −β Σ_t log π/π_ref in the reward (k1), or nothing here (k3 in the loss);
 4. advantages from each group's rewards;
-5. PPO's clipped surrogate (Schulman et al. 2017) for a few epochs over shuffled minibatches, its per-token losses
-   summed with the weights of --loss-aggregation;
+5. PPO's clipped surrogate (Schulman et al. 2017) for a few epochs over shuffled minibatches, its
+   per-token losses summed with the weights of --loss-aggregation;
 6. log means over every response or valid token of the whole iteration.
 
-    python grpo.py  # GRPO from runs/models/sft and runs/models/reward_model on the toy task, CPU, ~2 minutes
+    python grpo.py  # GRPO from runs/models/sft and runs/models/reward_model, toy task, CPU, ~2 minutes
     python grpo.py --advantage rloo --output-dir runs/models/rloo  # RLOO
-    python grpo.py --reward-fn toy_task:gold_reward --kl-coef 0  # the toy task's exact reward, no reference
-    torchrun --nproc_per_node 8 grpo.py --model-name Qwen/Qwen2.5-1.5B-Instruct --dataset-name gsm8k.jsonl \
-        --reward-fn rewards:exact_answer --group-size 8 --batch-size 512 --learning-rate 1e-6 --bf16
+    python grpo.py --reward-fn toy_task:gold_reward --kl-coef 0  # the exact reward, no reference
+    torchrun --nproc_per_node 8 grpo.py --model-name Qwen/Qwen2.5-1.5B-Instruct \
+        --dataset-name gsm8k.jsonl --reward-fn rewards:exact_answer --group-size 8 --batch-size 512 \
+        --learning-rate 1e-6 --bf16
 """
 
 import contextlib
@@ -76,27 +76,27 @@ class Args:
 
     # ---- model, data, optimisation: the same names in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
-    """Hub id or local folder of the model to start from (default: sft.py's); also the frozen reference"""
+    """Hub id or folder of the model to start from (sft.py's); also the frozen reference"""
     dataset_name: str = "toy"
-    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt (or messages)"""
+    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt or messages"""
     dataset_train_split: str = "train"
     """split whose prompts are trained on"""
     max_length: int | None = None
     """tokens per sequence (prompt + response); default 64 on the toy task, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
-    """a prompt over --max-length − --response-length is dropped, or loses its oldest tokens after the BOS"""
+    """a prompt over --max-length − --response-length: dropped, or its oldest tokens cut"""
     batch_size: int = 256
     """responses per iteration (episodes; --group-size per prompt), summed over ranks"""
     per_device_batch_size: int | None = None
-    """sequences per forward pass on one device in the update; default a minibatch / ranks"""
+    """sequences per forward pass of the update on one device; default a minibatch / ranks"""
     num_epochs: float | None = None
-    """episodes, as a multiple of the training prompts; default 0.2 on the toy task (39 iterations), else 1"""
+    """episodes over training prompts; default 0.2 on the toy task (39 iterations), else 1"""
     learning_rate: float | None = None
     """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after the warmup towards 0, reached one iteration after the last (as transformers' schedules)"""
+    """decay after the warmup, to 0 one iteration after the last (as transformers' schedules)"""
     warmup_ratio: float = 0.0
-    """share of the iterations spent warming the learning rate up linearly from 0"""
+    """share of the iterations warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     adam_eps: float = 1e-5
@@ -106,49 +106,45 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
     """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
-    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
+    """modules given adapters; all-linear: peft's, every linear layer but the LM head and routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
+    """with --lora-r, save the merged model to --output-dir (adapters: {output_dir}/adapter)"""
 
     # ---- GRPO ----
     advantage: Literal["grpo", "dr_grpo", "rloo", "batch_std"] = "grpo"
-    """the method as its paper defines it: grpo (r − group mean) / group std, each response's token mean; dr_grpo
-    r − group mean, a constant normaliser; rloo r − the mean of the other G − 1, a constant normaliser (REINFORCE on
-    the sequence at ratio 1); batch_std (r − group mean) / the batch's std, one token mean (Lite PPO)"""
+    """grpo: (r − group mean) / group std; dr_grpo: r − group mean; rloo: r − the others' mean;
+    batch_std: (r − group mean) / the batch's std (Lite PPO); each its paper's --loss-aggregation"""
     group_size: int = 4
     """responses sampled per prompt (G)"""
     loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] | None = None
-    """the per-token losses' sum: each response's token mean, then their mean (GRPO); one mean over every token
-    (DAPO); or the sum over a constant, responses × --response-length (Dr. GRPO); default --advantage's"""
+    """the per-token losses' sum: each response's token mean, then their mean (GRPO); one mean over
+    every token (DAPO); or the sum over responses × --response-length (Dr. GRPO); default --advantage's"""
     kl_penalty: Literal["k1_reward", "k3_loss"] = "k1_reward"
-    """the KL to the SFT model: k1 summed into each response's reward (as in ppo.py), or GRPO's k3 in the loss"""
+    """the KL to the SFT model: k1 summed into each response's reward or GRPO's k3 in the loss"""
     kl_coef: float | None = None
-    """β, the KL penalty's weight; default 1 on the toy task (unit-scale rewards), else 0.05; 0: no reference model"""
+    """β, the KL penalty's weight; default 1 on the toy task, else 0.05; 0: no reference model"""
     reward_model_name: str | None = None
-    """reward model from reward_model.py (its config.reward_bias is subtracted); default runs/models/reward_model
-    unless --reward-fn is given"""
+    """reward_model.py's model; default runs/models/reward_model unless --reward-fn is given"""
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> a float or None per sample (TRL's
-    convention): rewards.py's, or toy_task:gold_reward, the toy task's exact reward"""
+    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> floats or None (TRL's)"""
     reward_weights: list[float] = field(default_factory=list)
-    """weights of the rewards, summed: the reward model's first (if any), then each --reward-fn's; default 1 each"""
+    """weights of the reward model's (if any), then each --reward-fn's; default 1"""
     response_length: int | None = None
-    """most tokens per response, its end token included (cut there); default 24 on the toy task, else 256"""
+    """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
     """sampling temperature, applied to the logits in rollout and update alike"""
     missing_eos_penalty: float = 1.0
     """taken off the score of a response cut without an end token"""
     overlong_buffer: int = 0
-    """DAPO's soft overlong penalty: the last tokens before --response-length, over which a score loses 0 to 1"""
+    """DAPO's soft overlong penalty: tokens before --response-length over which a score loses 0 to 1"""
     mask_truncated: bool = False
-    """DAPO: responses cut without an end token carry no loss (their rewards still count in their group's)"""
+    """DAPO: responses cut without an end token carry no loss (their rewards count in their group)"""
     num_ppo_epochs: int = 4
     """passes of updates over each batch of responses"""
     num_minibatches: int = 4
@@ -158,14 +154,13 @@ class Args:
     cliprange_high: float | None = None
     """ε_high, the clip's upper side (DAPO's clip-higher: 0.28); default --cliprange"""
     importance_sampling_level: Literal["token", "sequence"] = "token"
-    """token: each token's ratio (PPO's); sequence: GSPO's, the geometric mean of a response's token ratios, clipped
-    once per response (Zheng et al. 2025, who clip to about ±3e-4)"""
+    """token: each token's ratio (PPO's); sequence: GSPO's (Zheng et al. 2025), one per response"""
     save_every: int = 0
-    """iterations between intermediate policies saved to {output_dir}/checkpoints (0: the final one only)"""
+    """iterations between policies saved to {output_dir}/checkpoints (0: the final one only)"""
     generation_batch_size: int | None = None
-    """responses per generate call (samples are seeded per call); default --per-device-batch-size"""
+    """responses per generate call, each seeded; default --per-device-batch-size"""
     rollout_forward_batch_size: int | None = None
-    """sequences per no-gradient forward pass scoring a rollout; default --per-device-batch-size"""
+    """sequences per no-gradient forward pass of the rollout; default --per-device-batch-size"""
 
     # ---- derived after parsing, not flags ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -176,13 +171,13 @@ class Args:
 
 # ---- pure math (tested by hand in tests/test_grpo.py) ----
 def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
-    """Advantages (B,) of rewards (B,) that come in groups of `group_size` consecutive responses to one prompt:
+    """Advantages (B,) of rewards (B,) in groups of `group_size` consecutive responses to a prompt:
     grpo:      (r − mean) / (std + 1e-4)     Shao et al. 2024 (the group's sample std, as TRL)
-    dr_grpo:   r − mean                      Liu et al. 2025: no std, which would weigh prompts by how little
-                                             their rewards vary
+    dr_grpo:   r − mean                      Liu et al. 2025: no std, which would weigh prompts by
+                                             how little their rewards vary
     rloo:      r − mean of the other G − 1   Ahmadian et al. 2024: = G/(G − 1) · (r − mean)
-    batch_std: (r − mean) / (std + 1e-4)     the std of every reward of the batch (of all ranks: `all_reduce`),
-                                             Lite PPO (Liu et al. 2025, "Tricks or Traps?"), TRL's scale_rewards="batch"
+    batch_std: (r − mean) / (std + 1e-4)     the std of every reward of the batch (of all ranks:
+                                             `all_reduce`), Lite PPO (Liu et al. 2025)
     """
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
@@ -193,42 +188,46 @@ def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
     if kind == "rloo":
         return (centred * group_size / (group_size - 1)).view(-1)
     if kind == "batch_std":
-        s = torch.stack([r.sum(), (r**2).sum(), torch.tensor(r.numel(), dtype=r.dtype, device=r.device)])
+        count = torch.tensor(r.numel(), dtype=r.dtype, device=r.device)
+        s = torch.stack([r.sum(), (r**2).sum(), count])
         if all_reduce is not None:
             all_reduce(s)
-        std = ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1)).clamp(min=0).sqrt()  # the sample std of all B rewards
+        std = ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1)).clamp(min=0).sqrt()  # sample std of all B
         return (centred / (std + 1e-4)).view(-1)
     raise ValueError(f"unknown advantage {kind!r}")
 
 
 def token_weights(mask, aggregation, num_responses, num_tokens, response_length):
-    """(B, T) weights w of the valid tokens (mask (B, T)) such that the loss is Σ w · per-token loss, where
-    num_responses and num_tokens count the whole minibatch (every micro-batch and rank):
-      sequence_mean: 1 / (|y_i| · N)       each response's token mean, then the mean over responses (GRPO)
+    """(B, T) weights w of the valid tokens (mask (B, T)): the loss is Σ w · per-token loss, with
+    num_responses and num_tokens those of the whole minibatch (every micro-batch and rank):
+      sequence_mean: 1 / (|y_i| · N)       each response's token mean, then their mean (GRPO)
       token_mean:    1 / Σ|y|              one mean over every token of the minibatch (DAPO)
-      constant:      1 / (N · max |y|)     Dr. GRPO: a constant normaliser, so no response length is favoured"""
+      constant:      1 / (N · max |y|)     Dr. GRPO: a constant normaliser, favouring no length"""
     mask = mask.float()
     if aggregation == "sequence_mean":
         return mask / (mask.sum(1, keepdim=True).clamp(min=1) * num_responses)
     if aggregation == "token_mean":
-        return mask / max(num_tokens, 1)  # 0 tokens: every response of the minibatch cut, with --mask-truncated
+        return mask / max(num_tokens, 1)  # 0: every response cut, with --mask-truncated
     if aggregation == "constant":
         return mask / (num_responses * response_length)
     raise ValueError(f"unknown loss aggregation {aggregation!r}")
 
 
 def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip_high, level="token"):
-    """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), summed with `weights` (B, T),
-    0 on padding; logprobs, old_logprobs (B, T), advantages (B,) one per response. ρ = exp(log π − log π_old) of each
-    token, or with level="sequence" (GSPO, Zheng et al. 2025) exp of the mean of a response's token log-ratios,
-    the same for all its tokens. Returns (loss, detached means over the valid tokens: surrogate, clipfrac,
-    approxkl = ½(log ρ)², ratio = ρ)."""
+    """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), summed with
+    `weights` (B, T), 0 on padding; logprobs, old_logprobs (B, T), advantages (B,). ρ = exp(log π − log
+    π_old) of each token, or with level="sequence" (GSPO, Zheng et al. 2025) exp of the mean of a
+    response's token log-ratios. Returns (loss, detached means over the valid tokens: surrogate,
+    clipfrac, approxkl = ½(log ρ)², ratio = ρ)."""
     mask = weights > 0
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     if level == "sequence":
-        log_ratio = torch.where(mask, log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1), 0.0)
-    ratio, A = log_ratio.exp(), advantages[:, None]
-    unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+        mean_log_ratio = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = torch.where(mask, mean_log_ratio, 0.0)
+    ratio = log_ratio.exp()
+    A = advantages[:, None]
+    unclipped = -A * ratio
+    clipped = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
     surrogate = torch.max(unclipped, clipped)
     stats = {
         "surrogate": surrogate,
@@ -240,16 +239,15 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip
 
 
 def k3(logprobs, ref_logprobs):
-    """Schulman's k3 estimate of KL(π ‖ π_ref) at each sampled token, (ρ − 1) − log ρ with ρ = π_ref/π: ≥ 0 and
-    unbiased as a value. As a loss differentiated on samples of π (GRPO) its expected gradient is that of
-    KL(π_ref ‖ π), the reverse of the KL the objective names (tested on a categorical)."""
+    """Schulman's k3 estimate of KL(π ‖ π_ref) at each sampled token, (ρ − 1) − log ρ, ρ = π_ref/π:
+    ≥ 0, unbiased as a value; as a loss on samples of π (GRPO) its expected gradient is KL(π_ref ‖ π)'s."""
     log_rho = ref_logprobs - logprobs
     return torch.expm1(log_rho) - log_rho
 
 
 def overlong_penalty(lengths, max_tokens, buffer):
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens (B,), at most
-    `max_tokens`: 0 up to max_tokens − buffer, then falling linearly to −1 at max_tokens."""
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens
+    (B,), at most `max_tokens`: 0 up to max_tokens − buffer, then linearly down to −1 at max_tokens."""
     return ((max_tokens - buffer - lengths) / buffer).clamp(-1.0, 0.0)
 
 
@@ -340,6 +338,26 @@ def reward_fn_values(fn, rows, texts):
     return torch.tensor([math.nan if v is None else float(v) for v in values])
 
 
+def score_responses(rm_scores, reward_fns, rows, texts, weights, iteration):
+    """Step 2: the reward model's scores (B,) (or None) and each reward function's values for the
+    responses (texts) to dataset rows -> (each reward's values (K, B), NaN where one does not apply;
+    their weighted sum (B,), NaN as 0). Stops on a non-finite score or a sample no reward applies to."""
+    values = []
+    if rm_scores is not None:
+        values.append(rm_scores.cpu())
+        if not torch.isfinite(values[0]).all():
+            where = f"non-finite scores at iteration {iteration}"
+            raise FloatingPointError(f"{where}: check --reward-model-name")
+    values += [reward_fn_values(fn, rows, texts) for fn in reward_fns]
+    by_reward = torch.stack(values)  # (K, B)
+    unscored = by_reward.isnan().all(0)
+    if unscored.any():
+        i = int(unscored.nonzero()[0])
+        sample = f"sample {i} ({rows[i]} -> {texts[i]!r})"
+        raise ValueError(f"no reward applies to {sample}: each returned None")
+    return by_reward, (torch.tensor(weights)[:, None] * by_reward).nansum(0)
+
+
 def model_inputs(query_ids, query_mask, responses, mask):
     """Inputs (B, Lq + T) for left-padded prompts (B, Lq), right-padded responses (B, T), positions
     as generate's; logits where position Lq − 1 + t predicts a valid token t (responses[mask]).
@@ -396,42 +414,72 @@ def gathered(model):
         m.set_reshard_after_forward(True, recurse=False)
 
 
+@dataclass
+class Experience:
+    """A rollout batch: B prompts, each with a sampled response (tiny-grpo's Experience)."""
+
+    queries: torch.Tensor  # (B, Lq) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, Lq)
+    responses: torch.Tensor  # (B, T), PAD after the first end token
+    mask: torch.Tensor  # (B, T) the valid response tokens, the end token included
+    has_eos: torch.Tensor  # (B,) false: cut at T without an end token
+    logprobs: torch.Tensor  # (B, T) log π_old of each response token
+    entropy: torch.Tensor  # (B, T) of the sampling distribution
+    ref_logprobs: torch.Tensor | None = None  # (B, T) log π_ref (None without a reference)
+    values: torch.Tensor | None = None  # (B, T) V before each response token (PPO)
+    scores: torch.Tensor | None = None  # (B,) the reward model's (None without one)
+    advantages: torch.Tensor | None = None  # (B, T) or (B,), set after scoring
+    returns: torch.Tensor | None = None  # (B, T) the value targets (PPO)
+
+    def __getitem__(self, rows):
+        """The same fields at `rows` (an index tensor) only: a minibatch."""
+        return Experience(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+
 @torch.no_grad()
-def sample_and_score(policy, ref_model, reward_model, queries, tokenizer, args, device, seed):
-    """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
-    j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
-    passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref (none without a
-    reference) and the entropy at each response token, the reward model's score at the last one (none without)."""
+def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed, value_fn=None):
+    """Steps 1–2 for lists of prompt ids: responses sampled --generation-batch-size prompts at a time,
+    call j seeded with seed + j (however ranks split the batch); then, --rollout-forward-batch-size at a
+    time: log π, log π_ref and the entropy at each response token, the value before it (value_fn:
+    inputs -> (B, L)), the reward model's score at the last one (None for a model that is None)."""
     pad_id = tokenizer.pad_token_id
-    batch = {k: v.to(device) for k, v in common.collate_prompts(queries, pad_id).items()}  # (B, Lq), left-padded
+    batch = common.collate_prompts(queries, pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}  # (B, Lq), left-padded
     chunks = []
+    max_new = args.response_length
     with gathered(policy), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for j, i in enumerate(range(0, len(queries), args.generation_batch_size)):
             torch.manual_seed(seed + j)
-            ids, mask = (v[i : i + args.generation_batch_size] for v in batch.values())
-            chunks.append(common.generate(policy, ids, mask, tokenizer, args.response_length, args.temperature))
+            ids = batch["input_ids"][i : i + args.generation_batch_size]
+            ids_mask = batch["attention_mask"][i : i + args.generation_batch_size]
+            chunks.append(common.generate(policy, ids, ids_mask, tokenizer, max_new, args.temperature))
     T = max(c.shape[1] for c in chunks)  # generate stops once every row of a call has ended
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
-    responses, mask, has_eos = truncate_after_eos(responses, common.stop_token_ids(tokenizer, policy), pad_id)
-    out = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "scores")}
+    stop_ids = common.stop_token_ids(tokenizer, policy)
+    responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
+    Lq = batch["input_ids"].shape[1]
+    out = {k: [] for k in ("logprobs", "entropy", "ref_logprobs", "values", "scores")}
     for i in range(0, len(queries), args.rollout_forward_batch_size):
         s = slice(i, i + args.rollout_forward_batch_size)
         fwd = model_inputs(batch["input_ids"][s], batch["attention_mask"][s], responses[s], mask[s])
         tokens = responses[s][mask[s]]  # (R,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logprobs, entropy = logprobs_and_entropy(policy(**fwd).logits, tokens, args.temperature, pad_id)
+            logits = policy(**fwd).logits  # (R, V)
+            logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
             out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
             out["entropy"].append(scatter(entropy, mask[s]))
             if ref_model is not None:
-                ref_logprobs, _ = logprobs_and_entropy(ref_model(**fwd).logits, tokens, args.temperature, pad_id)
+                logits = ref_model(**fwd).logits
+                ref_logprobs, _ = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
                 out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
             fwd.pop("logits_to_keep")
-            if reward_model is not None:  # read at the last real token (right padding), minus the normalisation
+            if value_fn is not None:  # V(state before response token t), (b, T)
+                out["values"].append(value_fn(**fwd)[:, Lq - 1 : -1])
+            if reward_model is not None:  # at the last real token (right padding), less the bias
                 bias = getattr(reward_model.config, "reward_bias", 0.0)
                 out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
     out = {k: torch.cat(v) for k, v in out.items() if v}
-    out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
-    return out | {"mask": mask, "has_eos": has_eos}
+    return Experience(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos, **out)
 
 
 def with_lora(model, args, head=False):
@@ -559,73 +607,88 @@ if __name__ == "__main__":
     toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
     toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
     lr_default = args.learning_rate is None
-    for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
+    for name, (toy, other) in toy_or_not.items():  # defaults of the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
-    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+    if args.lora_r and lr_default:  # LoRA wants ~10× full fine-tuning's rate (Schulman et al. 2025)
         args.learning_rate *= 10
-    # each method's paper: GRPO a token mean per response, Lite PPO one over the minibatch, the others a constant
-    args.loss_aggregation = args.loss_aggregation or {"grpo": "sequence_mean", "batch_std": "token_mean"}.get(
-        args.advantage, "constant"
-    )
-    args.cliprange_high = args.cliprange if args.cliprange_high is None else args.cliprange_high
+    # each method's paper: GRPO a token mean per response, Lite PPO one over the minibatch, else constant
+    by_paper = {"grpo": "sequence_mean", "batch_std": "token_mean"}
+    args.loss_aggregation = args.loss_aggregation or by_paper.get(args.advantage, "constant")
+    if args.cliprange_high is None:
+        args.cliprange_high = args.cliprange
     if args.reward_model_name is None and not args.reward_fn:
         args.reward_model_name = os.path.join("runs", "models", "reward_model")
-    reward_names = ["reward_model"] * bool(args.reward_model_name) + [s.partition(":")[2] for s in args.reward_fn]
+    reward_names = [spec.partition(":")[2] for spec in args.reward_fn]
+    if args.reward_model_name:
+        reward_names.insert(0, "reward_model")
     args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
     if len(args.reward_weights) != len(reward_names):
-        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per reward ({', '.join(reward_names)})")
-    if args.group_size < 2 or args.batch_size % args.group_size or min(args.num_ppo_epochs, args.num_minibatches) < 1:
-        raise ValueError(
-            "--group-size must be at least 2 and divide --batch-size; --num-ppo-epochs, --num-minibatches >= 1"
-        )
+        need = f"{len(reward_names)} needed, one per reward ({', '.join(reward_names)})"
+        raise ValueError(f"--reward-weights: {need}")
+    no_epochs = min(args.num_ppo_epochs, args.num_minibatches) < 1
+    if args.group_size < 2 or args.batch_size % args.group_size or no_epochs:
+        need = "--num-ppo-epochs, --num-minibatches >= 1"
+        raise ValueError(f"--group-size must be at least 2 and divide --batch-size; {need}")
     if args.temperature <= 0 or args.response_length >= args.max_length:
-        raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
+        need = "--response-length must leave room for a prompt in --max-length"
+        raise ValueError(f"--temperature must be > 0; {need}")
     if not 0 <= args.overlong_buffer < args.response_length:
-        raise ValueError("--overlong-buffer is a number of tokens below --response-length (0: no overlong penalty)")
+        below = "a number of tokens below --response-length (0: no overlong penalty)"
+        raise ValueError(f"--overlong-buffer is {below}")
     rank, device = setup(args)
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.per_device_batch_size = args.per_device_batch_size or max(1, args.minibatch_size // args.world_size)
+    mb_per_rank = args.minibatch_size // args.world_size
+    args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
     args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
     args.rollout_forward_batch_size = args.rollout_forward_batch_size or args.per_device_batch_size
     args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
-    per_rank, mb_per_rank = args.batch_size // args.world_size, args.minibatch_size // args.world_size
-    if args.batch_size % (args.num_minibatches * args.world_size * args.per_device_batch_size) or (
-        per_rank % args.generation_batch_size or per_rank % args.group_size
-    ):
-        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
+    per_rank = args.batch_size // args.world_size
+    micro_batches = args.num_minibatches * args.world_size * args.per_device_batch_size
+    uneven = per_rank % args.generation_batch_size or per_rank % args.group_size
+    if args.batch_size % micro_batches or uneven:
+        need = "--num-minibatches x ranks x --per-device-batch-size"
+        raise ValueError(f"--batch-size must split into {need}")
 
-    # the prompts, each rank answering its slice of the same seeded batch --group-size times; the reward functions,
-    # checked against the data's other columns (which they are given) before any model is loaded
-    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
+    # the prompts, each rank answering its slice of the same seeded batch --group-size times; the
+    # reward functions, checked against the data's other columns (which they get) before any model loads
+    hint = ": run `python sft.py` first, or pass --model-name"
+    tokenizer = common.load_tokenizer(args.model_name, hint)
     pad_id = tokenizer.pad_token_id
-    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
-    reward_fns = load_reward_fns(args.reward_fn, [c for c in train_ds.column_names if c not in ("prompt", "messages")])
+    split = args.dataset_train_split
+    train_ds = common.load_splits(args.dataset_name, "prompt", split, seed=args.seed)[0]
+    columns = [c for c in train_ds.column_names if c not in ("prompt", "messages")]
+    reward_fns = load_reward_fns(args.reward_fn, columns)
     prompt_length = args.max_length - args.response_length
-    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    mode = args.truncation_mode
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
     args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
     if args.num_iterations < 1:
-        raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
+        few = f"{len(prompts)} training prompts make no iteration of --batch-size"
+        raise ValueError(f"{few}: raise --num-epochs")
     prompts_per_rank = per_rank // args.group_size
-    schedule = common.batch_schedule(len(prompts), args.batch_size // args.group_size, args.num_iterations, args.seed)
+    prompts_per_batch = args.batch_size // args.group_size
+    num_iterations = args.num_iterations
+    schedule = common.batch_schedule(len(prompts), prompts_per_batch, num_iterations, args.seed)
     steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
     if rank == 0:
         common.report("train prompts", stats)
     if on_toy:
         import toy_task  # the exact gold reward and log P_ref of every sample
 
-    # the policy and its frozen reference from the SFT model (no reference at β = 0), the frozen reward model (none
-    # without --reward-model-name); dropout off in all three (else the first ratio is not 1)
+    # the policy and its frozen reference from the SFT model (none at β = 0), the frozen reward model
+    # (none without --reward-model-name); dropout off in all three (else the first ratio is not 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if args.reward_model_name:
         hint = ": run `python reward_model.py` first, or pass --reward-model-name"
         if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
+            other = f"{args.reward_model_name} has another tokenizer than {args.model_name}"
+            raise ValueError(f"{other}: train it from it")
 
     def load(cls, name, trained, **kwargs):
-        """On the CPU with dropout off, then onto the device whole or in FSDP shards (the frozen models too)."""
+        """On the CPU with dropout off, then onto the device whole or in FSDP shards."""
         config = common.without_dropout(AutoConfig.from_pretrained(name, **kwargs))
         model = cls.from_pretrained(name, config=config, dtype=torch.float32)
         common.fit_model(model, tokenizer, args.max_length)
@@ -637,14 +700,17 @@ if __name__ == "__main__":
     if args.lora_r:
         policy = with_lora(policy, args)
     ref_model = None
-    if args.kl_coef:  # LoRA: the policy with its adapters off, no second copy
-        ref_model = AdaptersOff(policy) if args.lora_r else load(AutoModelForCausalLM, args.model_name, trained=False)
+    if args.kl_coef and args.lora_r:  # the policy with its adapters off, no second copy
+        ref_model = AdaptersOff(policy)
+    elif args.kl_coef:
+        ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
     reward_model = None
     if args.reward_model_name:
-        reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, trained=False, num_labels=1)
-    train_policy = (
-        torch.nn.parallel.DistributedDataParallel(policy) if args.world_size > 1 and not args.fsdp else policy
-    )
+        Classifier = AutoModelForSequenceClassification
+        reward_model = load(Classifier, args.reward_model_name, trained=False, num_labels=1)
+    train_policy = policy
+    if args.world_size > 1 and not args.fsdp:
+        train_policy = torch.nn.parallel.DistributedDataParallel(policy)
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -659,68 +725,75 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es)"
+        sizes += f" of {args.per_device_batch_size}"
         models = "policy, reference" if ref_model else "policy (β = 0: no reference)"
-        models += ", reward model" if reward_model else ""
-        models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off" if args.lora_r else ""
-        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
-        print(
-            f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
-        )
+        if reward_model:
+            models += ", reward model"
+        if args.lora_r:
+            models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
+        iterations = f"{args.num_iterations} iterations of {args.batch_size}"
+        print(f"{run_name}: {len(prompts)} prompts, {iterations}, {sizes}")
+        weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
+        print(f"models: {models}; rewards: {weighted}")
 
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
-    )
+    hyperparameters = {"eps": args.adam_eps, "weight_decay": args.weight_decay}
+    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, **hyperparameters)
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     state = load_checkpoint(args.output_dir, policy, optimizer, run) if args.resume else {"step": 0}
-    first_iteration, logged = state["step"], state.get("logged")  # a run resumed at its end has its statistics
-    all_reduce, start = dist.all_reduce if dist.is_initialized() else None, time.time()
-    for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
+    first_iteration = state["step"]
+    logged = state.get("logged")  # the checkpoint's statistics: a run resumed at its end has them
+    all_reduce = dist.all_reduce if dist.is_initialized() else None
+    start = time.time()
+    remaining = range(first_iteration, args.num_iterations)
+    for iteration in tqdm(remaining, initial=first_iteration, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, iteration)))  # resumable: from the iteration
         lr = args.learning_rate * lr_multiplier(iteration, args.num_iterations, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. rollout: each of this rank's prompts answered --group-size times (a group's responses side by side);
-        # sampling seeded per generate call of the global batch, so 1 rank or N draw the same
-        mine = schedule[iteration][rank * prompts_per_rank : (rank + 1) * prompts_per_rank]
-        queries = [prompts[i] for i in mine for _ in range(args.group_size)]
+        # 1. rollout: each of this rank's prompts answered --group-size times, side by side, seeded
+        # per generate call of the global batch: 1 rank or N draw the same (2**62: torch's 64 bits)
+        share = slice(rank * prompts_per_rank, (rank + 1) * prompts_per_rank)
+        indices = schedule[iteration][share]  # this rank's prompts
+        queries = [prompts[i] for i in indices for _ in range(args.group_size)]
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
-        r = sample_and_score(policy.eval(), ref_model, reward_model, queries, tokenizer, args, device, seed)
+        policy.eval()
+        batch = rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed)
         policy.train()
-        mask = r["mask"]  # (b, T) the valid response tokens
-        texts = tokenizer.batch_decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
-        questions = tokenizer.batch_decode(
-            [q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True
-        )
+        mask = batch.mask  # (b, T) the valid response tokens
+        response_ids = [y[m] for y, m in zip(batch.responses, mask)]
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
+        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
 
-        # 2. score: the reward model's score and each reward function's value (each rank its own samples), weighted
-        # and summed; then the penalties for a response cut without an end token, and DAPO's for nearing the cap
-        by_reward = [r["scores"].cpu()] if reward_model else []
-        if reward_model and not torch.isfinite(by_reward[0]).all():
-            raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
-        rows_b = [rows[i] for i in mine for _ in range(args.group_size)]
-        by_reward = torch.stack(by_reward + [reward_fn_values(fn, rows_b, texts) for fn in reward_fns])  # (K, b)
-        unscored = by_reward.isnan().all(0)  # NaN: a function that does not apply
-        if unscored.any():
-            i = int(unscored.nonzero()[0])
-            raise ValueError(f"no reward applies to sample {i} ({rows_b[i]} -> {texts[i]!r}): each returned None")
-        scores = (torch.tensor(args.reward_weights)[:, None] * by_reward).nansum(0).to(device)  # (b,)
-        penalised = scores - args.missing_eos_penalty * (~r["has_eos"]).float()
+        # 2. score: the reward model's score and each reward function's value (each rank its own);
+        # then the penalties for a response cut without an end token, and DAPO's for nearing the cap
+        my_rows = [rows[i] for i in indices for _ in range(args.group_size)]
+        weights = args.reward_weights
+        by_reward, scores = score_responses(batch.scores, reward_fns, my_rows, texts, weights, iteration)
+        scores = scores.to(device)  # (b,)
+        penalised = torch.where(batch.has_eos, scores, scores - args.missing_eos_penalty)
         if args.overlong_buffer:
-            penalised += overlong_penalty(mask.sum(1).float(), args.response_length, args.overlong_buffer)
+            lengths = mask.sum(1).float()
+            penalised += overlong_penalty(lengths, args.response_length, args.overlong_buffer)
 
-        # 3. the KL penalty: k1 summed over each response, in its reward (with k3_loss, in the loss instead)
+        # 3. the KL penalty: k1 summed over each response, in its reward (k3_loss: in the loss)
         seq_kl = torch.zeros_like(scores)
         if ref_model:
-            seq_kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], 0.0).sum(1)  # (b,)
-        rewards = penalised - args.kl_coef * seq_kl if args.kl_penalty == "k1_reward" else penalised
+            seq_kl = torch.where(mask, batch.logprobs - batch.ref_logprobs, 0.0).sum(1)  # (b,)
+        rewards = penalised
+        if args.kl_penalty == "k1_reward":
+            rewards = penalised - args.kl_coef * seq_kl
         # 4. advantages: each response's reward against its group's
-        advantages = group_advantages(rewards, args.group_size, args.advantage, all_reduce)  # (b,)
+        kind = args.advantage
+        batch.advantages = group_advantages(rewards, args.group_size, kind, all_reduce)  # (b,)
 
-        # 5. epochs over shuffled minibatches of responses; a minibatch is one optimizer step, accumulated over
-        # micro-batches, its loss the per-token losses summed with --loss-aggregation's weights (every rank's)
-        loss_mask = mask & r["has_eos"][:, None] if args.mask_truncated else mask  # DAPO: cut ones carry no loss
+        # 5. epochs over shuffled minibatches, each one optimizer step accumulated over
+        # micro-batches, its per-token losses summed with --loss-aggregation's weights
+        loss_mask = mask
+        if args.mask_truncated:  # DAPO: cut responses carry no loss
+            loss_mask = mask & batch.has_eos[:, None]
         update = {}  # token-weighted sums, by name
         for ppo_step in range(steps_per_iteration):
             if ppo_step % args.num_minibatches == 0:
@@ -731,74 +804,95 @@ if __name__ == "__main__":
                 all_reduce(mb_tokens)
             for k in range(args.grad_accum_steps):
                 i = mb[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-                valid, m = mask[i], loss_mask[i]
-                train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once a step
+                micro = batch[i]
+                valid = micro.mask
+                m = loss_mask[i]
+                last_micro_batch = k == args.grad_accum_steps - 1
+                train_policy.require_backward_grad_sync = last_micro_batch  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    logits = train_policy(
-                        **model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], valid)
-                    ).logits
-                # the same positions, temperature and PAD handling as in the rollout: the first ratio is 1
-                logprobs, entropy = logprobs_and_entropy(logits, r["responses"][i][valid], args.temperature, pad_id)
-                logprobs, entropy = scatter(logprobs, valid), scatter(entropy, valid)
-                w = token_weights(m, args.loss_aggregation, args.minibatch_size, mb_tokens, args.response_length)
+                    inputs = model_inputs(micro.queries, micro.query_mask, micro.responses, valid)
+                    logits = train_policy(**inputs).logits
+                # the positions, temperature and PAD handling of the rollout: the first ratio is 1
+                tokens = micro.responses[valid]  # (R,)
+                logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
+                logprobs = scatter(logprobs, valid)
+                entropy = scatter(entropy, valid)
+                counts = (args.minibatch_size, mb_tokens, args.response_length)
+                w = token_weights(m, args.loss_aggregation, *counts)
                 clips = (args.cliprange, args.cliprange_high, args.importance_sampling_level)
-                pg_loss, pg_stats = grpo_policy_loss(logprobs, r["logprobs"][i], advantages[i], w, *clips)
-                stats = {"loss/policy": pg_stats["surrogate"], "policy/entropy": masked_mean(entropy, m).detach()}
-                stats |= {f"policy/{k}": pg_stats[k] for k in ("approxkl", "clipfrac", "ratio")}
-                kl_loss = 0.0
+                loss, pg_stats = grpo_policy_loss(logprobs, micro.logprobs, micro.advantages, w, *clips)
+                stats = {"loss/policy": pg_stats["surrogate"]}
+                stats["policy/entropy"] = masked_mean(entropy, m).detach()
+                policy_stats = ("approxkl", "clipfrac", "ratio")
+                stats |= {f"policy/{name}": pg_stats[name] for name in policy_stats}
                 if ref_model:
-                    kl = k3(logprobs, r["ref_logprobs"][i])  # (b, T) per token
+                    kl = k3(logprobs, micro.ref_logprobs)  # (b, T) per token
                     stats["policy/k3"] = masked_mean(kl, m).detach()
                     if args.kl_penalty == "k3_loss":
-                        kl_loss = args.kl_coef * (w * kl).sum()
-                ((pg_loss + kl_loss) * args.world_size).backward()  # DDP averages over ranks
+                        loss = loss + args.kl_coef * (w * kl).sum()
+                (loss * args.world_size).backward()  # DDP averages over ranks
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
                 accumulate(update, stats, m.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
+            max_norm = args.max_grad_norm or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
+                where = f"non-finite gradient at iteration {iteration}"
+                raise FloatingPointError(f"{where}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
-        per_response = {"objective/scores": scores, "objective/rlhf_reward": penalised - args.kl_coef * seq_kl}
+        # 6. log: means over every response, or valid token, of the whole iteration and every rank
+        per_response = {"objective/scores": scores}
+        per_response["objective/rlhf_reward"] = penalised - args.kl_coef * seq_kl
         if ref_model:
             per_response["objective/kl"] = seq_kl
-        per_response |= {"charts/eos_rate": r["has_eos"].float(), "charts/response_length": mask.sum(1).float()}
-        zero_std = scores.view(-1, args.group_size).std(1) == 0  # scores all tie: only the KL term (k1) tells apart
+        per_response["charts/eos_rate"] = batch.has_eos.float()
+        per_response["charts/response_length"] = mask.sum(1).float()
+        zero_std = scores.view(-1, args.group_size).std(1) == 0  # all tie: only k1 tells them apart
         per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(args.group_size)
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
-            logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
-            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(questions, texts))
-            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(questions, texts)]
+            logp = torch.where(mask, batch.logprobs, 0.0).sum(1).tolist()
+            gold = toy_task.gold_reward(prompt_texts, texts)
+            per_response["toy/gold_reward"] = torch.tensor(gold)
+            pairs = zip(prompt_texts, texts)
+            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in pairs]
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
         sums = {k: v.float().sum() for k, v in per_response.items()}
-        for name, v in zip(reward_names, by_reward):  # each reward's mean over the samples it applies to
-            sums[f"rewards/{name}"], sums[f"applies/{name}"] = v.nansum(), (~v.isnan()).sum()
-        sums |= {"tokens": mask.sum(), "loss_tokens": loss_mask.sum(), "entropy": r["entropy"][mask].sum()}
-        totals = all_reduce_sums(sums | update | {"first_ratio": first_ratio / args.world_size}, device)
+        for name, v in zip(reward_names, by_reward):  # each reward's mean where it applies
+            sums[f"rewards/{name}"] = v.nansum()
+            sums[f"applies/{name}"] = (~v.isnan()).sum()
+        sums |= {"tokens": mask.sum(), "loss_tokens": loss_mask.sum()}
+        sums["entropy"] = batch.entropy[mask].sum()
+        sums["first_ratio"] = first_ratio / args.world_size
+        totals = all_reduce_sums(sums | update, device)
         logged = {k: totals[k] / args.batch_size for k in per_response}
-        logged |= {f"rewards/{n}": totals[f"rewards/{n}"] / max(1, totals[f"applies/{n}"]) for n in reward_names}
-        loss_tokens = args.num_ppo_epochs * max(1, totals["loss_tokens"])  # none if --mask-truncated and all are cut
+        for name in reward_names:
+            applies = max(1, totals[f"applies/{name}"])
+            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / applies
+        loss_tokens = args.num_ppo_epochs * max(1, totals["loss_tokens"])  # 0: --mask-truncated, all cut
         logged |= {k: v / loss_tokens for k, v in totals.items() if k in update}
-        logged |= {"objective/entropy": totals["entropy"] / totals["tokens"], "objective/kl_coef": args.kl_coef}
-        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: rollout and update compute π alike
-        episodes, speed = (iteration + 1) * args.batch_size, (iteration + 1 - first_iteration) / (time.time() - start)
-        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed * args.batch_size}
+        logged["objective/entropy"] = totals["entropy"] / totals["tokens"]
+        logged["objective/kl_coef"] = args.kl_coef
+        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: π computed alike
+        episodes = (iteration + 1) * args.batch_size
+        logged["charts/learning_rate"] = lr
+        speed = (iteration + 1 - first_iteration) / (time.time() - start)
+        logged["charts/episodes_per_sec"] = speed * args.batch_size
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
-            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(questions, texts, scores.tolist())]
+            triples = zip(prompt_texts, texts, scores.tolist())
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in triples]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
-            score, kl, ratio = (
-                logged.get(k, 0.0) for k in ("objective/scores", "objective/kl", "policy/first_minibatch_ratio")
-            )
-            tqdm.write(f"iteration {iteration + 1}: score {score:.3f}, kl {kl:.3f}, ratio {ratio:.6f}")
+            score = logged["objective/scores"]
+            mean_kl = logged.get("objective/kl", 0.0)
+            ratio = logged["policy/first_minibatch_ratio"]
+            line = f"score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}"
+            tqdm.write(f"iteration {iteration + 1}: {line}")
         if args.save_every and (iteration + 1) % args.save_every == 0:
-            save_model(
-                policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank, args
-            )
+            path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
+            save_model(policy, tokenizer, path, rank, args)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
             state = {"step": iteration + 1, "run": run, "logged": logged}
@@ -809,11 +903,12 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the peak (Linux)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         print(f"saved to {args.output_dir}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
-    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    if dist.is_initialized():  # all wait for rank 0's save; DDP's reducer goes before the group
         dist.barrier()
         del train_policy
         dist.destroy_process_group()

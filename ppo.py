@@ -1,20 +1,19 @@
-"""RLHF with PPO: maximise a learned reward minus a KL penalty to the SFT model.
+"""RLHF with PPO: maximise a learned reward minus a KL penalty to the SFT model (docs/ppo.md).
 
-Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), with the details of Huang et al.
-2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
-1. sample a response to each prompt of a batch from the policy; all after its first end token is padding;
-2. score prompt + response: the frozen reward model (reward_model.py) at the response's last token, and the
-   --reward-fn functions (verifiable rewards, rewards.py), weighted and summed;
-3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, the score added on the last token;
-4. GAE advantages (Schulman et al. 2016) from a separate value model, initialised from the reward model (from the
-   SFT model, its head at 0, with reward functions alone);
-5. PPO's clipped policy and value losses (Schulman et al. 2017), a few epochs over shuffled minibatches;
-6. log means over every response or valid token of the whole iteration.
+Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), with the details of
+Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
+1. sample a response to each prompt of a batch; all after its first end token is padding;
+2. score prompt + response: the frozen reward model and the --reward-fn functions;
+3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, the score on the last token;
+4. GAE advantages (Schulman et al. 2016) from a value model initialised from the reward model;
+5. PPO's clipped policy and value losses (Schulman et al. 2017) over shuffled minibatches;
+6. log means over every response or valid token of the whole iteration;
+7. with --target-kl, adapt β (Ziegler et al. 2019).
 
-    python ppo.py  # from runs/models/sft and runs/models/reward_model on the toy task, CPU, ~3.5 minutes
-    torchrun --nproc_per_node 8 ppo.py --dataset-name trl-lib/tldr --max-length 565 --response-length 53 \
-        --temperature 0.7 --kl-coef 0.05 --learning-rate 3e-6 --batch-size 512 --num-minibatches 1 \
-        --per-device-batch-size 8 --num-epochs 8 --bf16 --track
+    python ppo.py  # from runs/models/sft and runs/models/reward_model, toy task, CPU, ~3.5 minutes
+    torchrun --nproc_per_node 8 ppo.py --dataset-name trl-lib/tldr --max-length 565 \
+        --response-length 53 --temperature 0.7 --kl-coef 0.05 --learning-rate 3e-6 --batch-size 512 \
+        --num-minibatches 1 --per-device-batch-size 8 --num-epochs 8 --bf16 --track
 """
 
 import contextlib
@@ -72,27 +71,27 @@ class Args:
 
     # ---- model, data, optimisation: the same names in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
-    """Hub id or local folder of the model to start from (default: sft.py's); also the frozen reference"""
+    """Hub id or folder of the model to start from (sft.py's); also the frozen reference"""
     dataset_name: str = "toy"
-    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt (or messages)"""
+    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt or messages"""
     dataset_train_split: str = "train"
     """split whose prompts are trained on"""
     max_length: int | None = None
     """tokens per sequence (prompt + response); default 64 on the toy task, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
-    """a prompt over --max-length − --response-length is dropped, or loses its oldest tokens after the BOS"""
+    """a prompt over --max-length − --response-length: dropped, or its oldest tokens cut"""
     batch_size: int = 256
     """prompts per iteration (episodes), summed over ranks"""
     per_device_batch_size: int | None = None
-    """sequences per forward pass on one device in the update; default a minibatch / ranks"""
+    """sequences per forward pass of the update on one device; default a minibatch / ranks"""
     num_epochs: float | None = None
     """passes over the training prompts; default 0.2 on the toy task (39 iterations), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate of policy and value model; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
+    """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after the warmup towards 0, reached one iteration after the last (linear: Huang et al.)"""
+    """decay after the warmup, to 0 one iteration after the last (linear: Huang et al.)"""
     warmup_ratio: float = 0.0
-    """share of the iterations spent warming the learning rate up linearly from 0"""
+    """share of the iterations warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     adam_eps: float = 1e-5
@@ -102,34 +101,31 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
     """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
-    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
+    """modules given adapters; all-linear: peft's, every linear layer but the LM head and routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
+    """with --lora-r, save the merged model to --output-dir (adapters: {output_dir}/adapter)"""
 
     # ---- PPO ----
     reward_model_name: str | None = None
-    """reward model from reward_model.py (its config.reward_bias is subtracted); default runs/models/reward_model
-    unless --reward-fn is given"""
+    """reward_model.py's model; default runs/models/reward_model unless --reward-fn is given"""
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> a float or None per sample (TRL's
-    convention): rewards.py's, or toy_task:gold_reward, the toy task's exact reward"""
+    """MODULE:FUNCTION, repeatable: f(prompts, completions, **columns) -> floats or None (TRL's)"""
     reward_weights: list[float] = field(default_factory=list)
-    """weights of the rewards, summed: the reward model's first (if any), then each --reward-fn's; default 1 each"""
+    """weights of the reward model's (if any), then each --reward-fn's; default 1"""
     response_length: int | None = None
-    """most tokens per response, its end token included (cut there); default 24 on the toy task, else 256"""
+    """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
-    """sampling temperature, applied to the logits in rollout and update alike (0.7 in Huang et al. 2024)"""
+    """sampling temperature, in rollout and update alike (0.7 in Huang et al. 2024)"""
     missing_eos_penalty: float = 1.0
-    """taken off the score of a response cut without an end token, which the reward model never saw"""
+    """taken off the score of a response cut without an end token"""
     kl_coef: float | None = None
-    """β of the per-token KL penalty (the start value with --target-kl); default 1 on the toy task, else 0.05"""
+    """β of the per-token KL penalty (its start with --target-kl); default 1 on the toy task, else 0.05"""
     target_kl: float | None = None
     """adapt β towards this KL per response (nats; Ziegler et al.'s controller); None: β fixed"""
     kl_horizon: int = 10000
@@ -153,15 +149,15 @@ class Args:
     ent_coef: float = 0.0
     """weight of an entropy bonus (Huang et al. 2024: none)"""
     ptx_coef: float = 0.0
-    """InstructGPT's PPO-ptx: weight of the SFT loss on --ptx-dataset-name added to every minibatch"""
+    """InstructGPT's PPO-ptx: weight of the SFT loss on --ptx-dataset-name in every minibatch"""
     ptx_dataset_name: str | None = None
-    """SFT data for PPO-ptx; default the toy SFT data on the toy task, else required with --ptx-coef"""
+    """SFT data for PPO-ptx; default the toy SFT data on the toy task (else required)"""
     save_every: int = 0
-    """iterations between intermediate policies saved to {output_dir}/checkpoints (0: the final one only)"""
+    """iterations between policies saved to {output_dir}/checkpoints (0: the final one only)"""
     generation_batch_size: int | None = None
-    """prompts per generate call (samples are seeded per call); default --per-device-batch-size"""
+    """prompts per generate call, each seeded; default --per-device-batch-size"""
     rollout_forward_batch_size: int | None = None
-    """sequences per no-gradient forward pass scoring a rollout; default --per-device-batch-size"""
+    """sequences per no-gradient forward pass of the rollout; default --per-device-batch-size"""
 
     # ---- derived after parsing, not flags ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -177,8 +173,8 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask, shift_mean=True, all_reduce=None):
-    """(x − mean) / std over the valid positions (population variance + 1e-8), 0 elsewhere; shift_mean=False adds
-    the mean back. With `all_reduce` the statistics are those of every rank's valid positions together."""
+    """(x − mean) / std over the valid positions (population variance + 1e-8), 0 elsewhere;
+    shift_mean=False adds the mean back. With `all_reduce`: over every rank's valid positions."""
     mask = mask.bool()
 
     def total(*values):  # sums over the valid positions (of every rank)
@@ -205,58 +201,73 @@ def truncate_after_eos(responses, stop_ids, pad_id):
     return torch.where(mask, responses, pad_id), mask, has_eos
 
 
-def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, missing_eos_penalty=0.0):
-    """Per-token rewards of the KL-regularised objective (Ziegler et al. 2019; Stiennon et al. eq. 2): scores (B,);
-    log π, log π_ref of the sampled tokens and the valid-token mask (a prefix), (B, T). kl_t = log π − log π_ref
-    (Schulman's k1), whose expected score-function gradient as a reward is exactly −∇KL(π ‖ π_ref); k3 =
-    (ρ − 1) − log ρ, ρ = π_ref/π, has the right value but the gradient of KL(π ‖ π_ref) − KL(π_ref ‖ π) (tested).
-    rewards_t = −kl_coef · kl_t, plus the score (minus the penalty if cut without an end token) on the last valid
-    token, not one slot later. Returns (rewards (B, T), kl (B, T), penalised scores (B,)), 0 on padding."""
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, missing_eos_penalty=0):
+    """Per-token rewards of the KL-regularised objective (Ziegler et al. 2019; Stiennon et al. eq. 2):
+    scores (B,); log π, log π_ref and the valid-token mask (a prefix), (B, T). rewards_t = −kl_coef ·
+    kl_t, kl_t = log π − log π_ref (k1: docs/ppo.md says why not k3), plus the score (less the penalty
+    if cut without an end token) on the last valid token. Returns (rewards (B, T), kl (B, T),
+    penalised scores (B,)), 0 on padding."""
     mask = mask.bool()
     kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
-    scores = scores - missing_eos_penalty * (~has_eos).float()
+    scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
     rewards = -kl_coef * kl
     rewards[torch.arange(len(scores)), mask.sum(1) - 1] += scores
     return rewards, kl, scores
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """GAE (Schulman et al. 2016, eq. 16) over response tokens: rewards, values (B, T), V before each token; mask
-    (B, T) a prefix per row, its last token terminal (the value after it is 0); padding ignored. δ_t = r_t +
-    γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}. Returns (advantages, returns = advantages + values), 0 on padding."""
+    """GAE (Schulman et al. 2016, eq. 16): rewards, values (B, T), V before each token; mask (B, T) a
+    prefix, its last token terminal (V after it is 0). δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
+    Returns (advantages, returns = advantages + values), 0 on padding."""
     mask = mask.bool()
-    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
-    advantages, next_adv, T = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), rewards.shape[1]
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    after_last = torch.zeros_like(next_adv)  # the value after the last token
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)  # 0 after the last valid token
-        next_adv = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv  # padding: δ = 0
+        next_value = values[:, t + 1] if t + 1 < T else after_last
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # padding: δ = 0
+        next_adv = delta + gamma * lam * next_adv
         advantages[:, t] = next_adv
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, all inputs (B, T): the masked mean of
-    max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log π − log π_old). Returns (loss, detached stats: clipfrac,
-    approxkl = mean ½(log ρ)², ratio = mean ρ)."""
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, all inputs (B, T): the masked
+    mean of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log π − log π_old). Returns (loss, detached
+    stats: clipfrac, approxkl = mean ½(log ρ)², ratio = mean ρ)."""
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    stats = {"clipfrac": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio**2, "ratio": ratio}
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    stats = {"clipfrac": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio**2}
+    stats["ratio"] = ratio
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     return loss, {k: masked_mean(v, mask).detach() for k, v in stats.items()}
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
-    """Clipped value loss (Huang et al. 2024; OpenAI's lm-human-preferences), all inputs (B, T): ½ · masked mean
-    of max((V − R)², (V_old + clip(V − V_old, ±c) − R)²). Returns (loss, detached stats: clipfrac)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
-    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
+    """Clipped value loss (Huang et al. 2024; OpenAI's lm-human-preferences), all inputs (B, T): ½ ·
+    masked mean of max((V − R)², (V_old + clip(V − V_old, ±c) − R)²). Returns (loss, stats: clipfrac)."""
+    clip = clip_range_value
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
     clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
     return 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask), {"clipfrac": clipfrac}
 
 
+def ptx_loss(logits, labels):
+    """InstructGPT's PPO-ptx term (Ouyang et al. 2022, eq. 2): logits (R', V) at the labelled
+    positions of labels (B, L), t predicting token t + 1 -> (mean NLL of the R' labelled tokens, R')."""
+    targets = labels[:, 1:][labels[:, 1:] != common.IGNORE_INDEX]  # (R',)
+    return F.cross_entropy(logits.float(), targets), len(targets)
+
+
 def adaptive_kl_coef(kl_coef, kl, target_kl, horizon, num_episodes):
-    """Ziegler et al. 2019 (§2.2): β ← β · (1 + e · n / horizon), e = clip(KL / target − 1, ±0.2), n episodes."""
+    """Ziegler et al. 2019 (§2.2): β ← β · (1 + e · n / horizon), e = clip(KL / target − 1, ±0.2)."""
     return kl_coef * (1 + min(max(kl / target_kl - 1, -0.2), 0.2) * num_episodes / horizon)
 
 
@@ -331,9 +342,29 @@ def reward_fn_values(fn, rows, texts):
     return torch.tensor([math.nan if v is None else float(v) for v in values])
 
 
+def score_responses(rm_scores, reward_fns, rows, texts, weights, iteration):
+    """Step 2: the reward model's scores (B,) (or None) and each reward function's values for the
+    responses (texts) to dataset rows -> (each reward's values (K, B), NaN where one does not apply;
+    their weighted sum (B,), NaN as 0). Stops on a non-finite score or a sample no reward applies to."""
+    values = []
+    if rm_scores is not None:
+        values.append(rm_scores.cpu())
+        if not torch.isfinite(values[0]).all():
+            where = f"non-finite scores at iteration {iteration}"
+            raise FloatingPointError(f"{where}: check --reward-model-name")
+    values += [reward_fn_values(fn, rows, texts) for fn in reward_fns]
+    by_reward = torch.stack(values)  # (K, B)
+    unscored = by_reward.isnan().all(0)
+    if unscored.any():
+        i = int(unscored.nonzero()[0])
+        sample = f"sample {i} ({rows[i]} -> {texts[i]!r})"
+        raise ValueError(f"no reward applies to {sample}: each returned None")
+    return by_reward, (torch.tensor(weights)[:, None] * by_reward).nansum(0)
+
+
 def token_scores(model, input_ids, attention_mask, position_ids):
-    """A sequence classifier's scalar head at every position (B, L), minus config.reward_bias: the value before
-    each token. Hugging Face's forward returns it at one position only; a hook on the head keeps them all."""
+    """A sequence classifier's scalar head at every position (B, L), less config.reward_bias: the value
+    before each token. Hugging Face returns it at one position only; a hook on the head keeps them all."""
     out = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: out.append(output))
     model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -342,24 +373,25 @@ def token_scores(model, input_ids, attention_mask, position_ids):
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Policy and value model side by side: separate weights (a shared trunk would let value updates damage the
-    policy: Stiennon et al.), one module, so one DDP wrapper, optimizer and backward pass serve both."""
+    """Policy and value model side by side: separate weights (a shared trunk would let value updates
+    damage the policy: Stiennon et al.), one module: one DDP wrapper, optimizer and backward pass."""
 
     def __init__(self, policy, value_model):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, ptx=None):
-        """(policy logits (R, V) where logits_to_keep (B, L) holds, values (B, L), policy logits at the labelled
-        positions of a PPO-ptx batch or None): one call, so that DDP sees every use of the weights."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        """(policy logits (R, V) where logits_to_keep (B, L) holds, values (B, L), policy logits at the
+        labelled positions of a PPO-ptx batch or None): one call, so DDP sees every use of the weights."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs["position_ids"] = position_ids
         logits = self.policy(**inputs, logits_to_keep=logits_to_keep).logits
+        ptx_logits = None
         if ptx is not None:  # position t predicts token t + 1
             keep = F.pad(ptx["labels"][:, 1:] != common.IGNORE_INDEX, (0, 1))
-            ptx = self.policy(
-                input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"], logits_to_keep=keep
-            ).logits
-        return logits, token_scores(self.value_model, **inputs), ptx
+            ptx_inputs = {"input_ids": ptx["input_ids"], "attention_mask": ptx["attention_mask"]}
+            ptx_logits = self.policy(**ptx_inputs, logits_to_keep=keep).logits
+        return logits, token_scores(self.value_model, **inputs), ptx_logits
 
 
 def model_inputs(query_ids, query_mask, responses, mask):
@@ -418,45 +450,72 @@ def gathered(model):
         m.set_reshard_after_forward(True, recurse=False)
 
 
+@dataclass
+class Experience:
+    """A rollout batch: B prompts, each with a sampled response (tiny-grpo's Experience)."""
+
+    queries: torch.Tensor  # (B, Lq) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, Lq)
+    responses: torch.Tensor  # (B, T), PAD after the first end token
+    mask: torch.Tensor  # (B, T) the valid response tokens, the end token included
+    has_eos: torch.Tensor  # (B,) false: cut at T without an end token
+    logprobs: torch.Tensor  # (B, T) log π_old of each response token
+    entropy: torch.Tensor  # (B, T) of the sampling distribution
+    ref_logprobs: torch.Tensor | None = None  # (B, T) log π_ref (None without a reference)
+    values: torch.Tensor | None = None  # (B, T) V before each response token (PPO)
+    scores: torch.Tensor | None = None  # (B,) the reward model's (None without one)
+    advantages: torch.Tensor | None = None  # (B, T) or (B,), set after scoring
+    returns: torch.Tensor | None = None  # (B, T) the value targets (PPO)
+
+    def __getitem__(self, rows):
+        """The same fields at `rows` (an index tensor) only: a minibatch."""
+        return Experience(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+
 @torch.no_grad()
-def rollout(agent, ref_model, reward_model, queries, tokenizer, args, device, seed):
-    """Steps 1–2 for prompt id lists: responses sampled in generate calls of --generation-batch-size prompts, call
-    j seeded with seed + j (so the samples do not depend on how ranks split the batch); then, from no-gradient
-    passes over prompt + response of --rollout-forward-batch-size sequences: log π, log π_ref and the entropy at
-    each response token, the value before it, the reward model's score at the last one (none without a reward
-    model). Returns a dict of (B, ...) tensors."""
-    policy, pad_id = agent.policy, tokenizer.pad_token_id
-    batch = {k: v.to(device) for k, v in common.collate_prompts(queries, pad_id).items()}  # (B, Lq), left-padded
+def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed, value_fn=None):
+    """Steps 1–2 for lists of prompt ids: responses sampled --generation-batch-size prompts at a time,
+    call j seeded with seed + j (however ranks split the batch); then, --rollout-forward-batch-size at a
+    time: log π, log π_ref and the entropy at each response token, the value before it (value_fn:
+    inputs -> (B, L)), the reward model's score at the last one (None for a model that is None)."""
+    pad_id = tokenizer.pad_token_id
+    batch = common.collate_prompts(queries, pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}  # (B, Lq), left-padded
     chunks = []
+    max_new = args.response_length
     with gathered(policy), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for j, i in enumerate(range(0, len(queries), args.generation_batch_size)):
             torch.manual_seed(seed + j)
-            ids, mask = (v[i : i + args.generation_batch_size] for v in batch.values())
-            chunks.append(common.generate(policy, ids, mask, tokenizer, args.response_length, args.temperature))
+            ids = batch["input_ids"][i : i + args.generation_batch_size]
+            ids_mask = batch["attention_mask"][i : i + args.generation_batch_size]
+            chunks.append(common.generate(policy, ids, ids_mask, tokenizer, max_new, args.temperature))
     T = max(c.shape[1] for c in chunks)  # generate stops once every row of a call has ended
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
-    responses, mask, has_eos = truncate_after_eos(responses, common.stop_token_ids(tokenizer, policy), pad_id)
-    out, Lq = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}, batch["input_ids"].shape[1]
+    stop_ids = common.stop_token_ids(tokenizer, policy)
+    responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
+    Lq = batch["input_ids"].shape[1]
+    out = {k: [] for k in ("logprobs", "entropy", "ref_logprobs", "values", "scores")}
     for i in range(0, len(queries), args.rollout_forward_batch_size):
         s = slice(i, i + args.rollout_forward_batch_size)
         fwd = model_inputs(batch["input_ids"][s], batch["attention_mask"][s], responses[s], mask[s])
+        tokens = responses[s][mask[s]]  # (R,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits, values, _ = agent(**fwd)  # logits (R, V) predicting the valid response tokens
-            ref_logits = ref_model(**fwd).logits
+            logits = policy(**fwd).logits  # (R, V)
+            logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
+            out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
+            out["entropy"].append(scatter(entropy, mask[s]))
+            if ref_model is not None:
+                logits = ref_model(**fwd).logits
+                ref_logprobs, _ = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
+                out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
             fwd.pop("logits_to_keep")
-            if reward_model is not None:  # read at the last real token (right padding), minus the normalisation
+            if value_fn is not None:  # V(state before response token t), (b, T)
+                out["values"].append(value_fn(**fwd)[:, Lq - 1 : -1])
+            if reward_model is not None:  # at the last real token (right padding), less the bias
                 bias = getattr(reward_model.config, "reward_bias", 0.0)
                 out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
-        tokens = responses[s][mask[s]]  # (R,)
-        logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
-        out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
-        out["entropy"].append(scatter(entropy, mask[s]))
-        ref_logprobs, _ = logprobs_and_entropy(ref_logits, tokens, args.temperature, pad_id)
-        out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
-        out["values"].append(values[:, Lq - 1 : -1])  # V(state before response token t), (b, T)
     out = {k: torch.cat(v) for k, v in out.items() if v}
-    out.update(queries=batch["input_ids"], query_mask=batch["attention_mask"], responses=responses)
-    return out | {"mask": mask, "has_eos": has_eos}
+    return Experience(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos, **out)
 
 
 def with_lora(model, args, head=False):
@@ -582,58 +641,69 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
-    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05), "ptx_dataset_name": ("toy", None)}
+    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
+    toy_or_not["ptx_dataset_name"] = ("toy", None)
     lr_default = args.learning_rate is None
-    for name, (toy, other) in toy_or_not.items():  # defaults that depend on the task: the toy task's, else LMs'
+    for name, (toy, other) in toy_or_not.items():  # defaults of the task: the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
-    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+    if args.lora_r and lr_default:  # LoRA wants ~10× full fine-tuning's rate (Schulman et al. 2025)
         args.learning_rate *= 10
     if args.ptx_coef and args.ptx_dataset_name is None:
-        raise ValueError("--ptx-coef needs --ptx-dataset-name: the SFT data whose likelihood PPO-ptx keeps up")
+        raise ValueError("--ptx-coef needs --ptx-dataset-name: the SFT data PPO-ptx keeps likely")
     if args.reward_model_name is None and not args.reward_fn:
         args.reward_model_name = os.path.join("runs", "models", "reward_model")
-    reward_names = ["reward_model"] * bool(args.reward_model_name) + [s.partition(":")[2] for s in args.reward_fn]
+    reward_names = [spec.partition(":")[2] for spec in args.reward_fn]
+    if args.reward_model_name:
+        reward_names.insert(0, "reward_model")
     args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
     if len(args.reward_weights) != len(reward_names):
-        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per reward ({', '.join(reward_names)})")
+        need = f"{len(reward_names)} needed, one per reward ({', '.join(reward_names)})"
+        raise ValueError(f"--reward-weights: {need}")
     if args.temperature <= 0 or args.response_length >= args.max_length:
-        raise ValueError("--temperature must be > 0; --response-length must leave room for a prompt in --max-length")
+        need = "--response-length must leave room for a prompt in --max-length"
+        raise ValueError(f"--temperature must be > 0; {need}")
     if min(args.num_ppo_epochs, args.num_minibatches) < 1:
         raise ValueError("--num-ppo-epochs and --num-minibatches must be at least 1")
     rank, device = setup(args)
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.per_device_batch_size = args.per_device_batch_size or max(1, args.minibatch_size // args.world_size)
+    mb_per_rank = args.minibatch_size // args.world_size
+    args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
     args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
     args.rollout_forward_batch_size = args.rollout_forward_batch_size or args.per_device_batch_size
     args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
-    per_rank, mb_per_rank = args.batch_size // args.world_size, args.minibatch_size // args.world_size
-    if args.batch_size % (args.num_minibatches * args.world_size * args.per_device_batch_size) or (
-        per_rank % args.generation_batch_size
-    ):
-        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
+    per_rank = args.batch_size // args.world_size
+    micro_batches = args.num_minibatches * args.world_size * args.per_device_batch_size
+    if args.batch_size % micro_batches or per_rank % args.generation_batch_size:
+        need = "--num-minibatches x ranks x --per-device-batch-size"
+        raise ValueError(f"--batch-size must split into {need}")
 
-    # the prompts (every rank rolls out its slice of the same seeded batch); the reward functions, checked against
-    # the data's other columns (which they are given) before any model is loaded
-    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
+    # the prompts (each rank rolls out its slice of one seeded batch); the reward functions, checked
+    # against the data's other columns (which they get) before any model loads
+    hint = ": run `python sft.py` first, or pass --model-name"
+    tokenizer = common.load_tokenizer(args.model_name, hint)
     pad_id = tokenizer.pad_token_id
-    train_ds = common.load_splits(args.dataset_name, "prompt", args.dataset_train_split, seed=args.seed)[0]
-    reward_fns = load_reward_fns(args.reward_fn, [c for c in train_ds.column_names if c not in ("prompt", "messages")])
+    split = args.dataset_train_split
+    train_ds = common.load_splits(args.dataset_name, "prompt", split, seed=args.seed)[0]
+    columns = [c for c in train_ds.column_names if c not in ("prompt", "messages")]
+    reward_fns = load_reward_fns(args.reward_fn, columns)
     prompt_length = args.max_length - args.response_length
-    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, args.truncation_mode)
+    mode = args.truncation_mode
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
 
-    # the policy and its frozen reference from the SFT model, the frozen reward model and a value model from it
-    # (without one: from the SFT model, its head at 0); dropout off in all (Huang et al. 2024; else ratio ≠ 1)
+    # policy and frozen reference from the SFT model, the frozen reward model, a value model from
+    # it (else from the SFT model, head 0); dropout off in all (else the first ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if args.reward_model_name:  # the policy's token ids go to the reward and value models
         hint = ": run `python reward_model.py` first, or pass --reward-model-name"
         if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{args.reward_model_name} has another tokenizer than {args.model_name}: train it from it")
+            other = f"{args.reward_model_name} has another tokenizer than {args.model_name}"
+            raise ValueError(f"{other}: train it from it")
 
     def load(cls, name, trained, **kwargs):
-        """On the CPU with dropout off, then onto the device whole or in FSDP shards (the frozen models too)."""
+        """On the CPU with dropout off, then onto the device whole or in FSDP shards."""
         config = common.without_dropout(AutoConfig.from_pretrained(name, **kwargs))
         model = cls.from_pretrained(name, config=config, dtype=torch.float32)
         common.fit_model(model, tokenizer, args.max_length)
@@ -641,37 +711,48 @@ if __name__ == "__main__":
             model.gradient_checkpointing_enable()
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
+    Classifier = AutoModelForSequenceClassification
     policy = load(AutoModelForCausalLM, args.model_name, trained=True)
-    value_model = load(
-        AutoModelForSequenceClassification, args.reward_model_name or args.model_name, True, num_labels=1
-    )
+    value_model = load(Classifier, args.reward_model_name or args.model_name, True, num_labels=1)
     if not args.reward_model_name:
         torch.nn.init.zeros_(value_model.score.weight)  # V = 0 everywhere to start, on every rank
     reward_model = None
-    if args.lora_r:  # LoRA on both (the value head in full): with their adapters off they are the frozen two
-        policy, value_model = with_lora(policy, args), with_lora(value_model, args, head=True)
+    if args.lora_r:  # LoRA on both (the value head in full); adapters off: the frozen two
+        policy = with_lora(policy, args)
+        value_model = with_lora(value_model, args, head=True)
         ref_model = AdaptersOff(policy)
-        reward_model = AdaptersOff(value_model) if args.reward_model_name else None
+        if args.reward_model_name:
+            reward_model = AdaptersOff(value_model)
     else:
         ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
         if args.reward_model_name:
-            reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, False, num_labels=1)
+            reward_model = load(Classifier, args.reward_model_name, False, num_labels=1)
     agent = PolicyAndValue(policy, value_model)
-    train_agent = torch.nn.parallel.DistributedDataParallel(agent) if args.world_size > 1 and not args.fsdp else agent
+    train_agent = agent
+    if args.world_size > 1 and not args.fsdp:
+        train_agent = torch.nn.parallel.DistributedDataParallel(agent)
+
+    def values_of(**inputs):  # the rollout's values: the value model's head at every position
+        return token_scores(value_model, **inputs)
 
     # the schedule of the prompts; PPO-ptx's demonstrations
     args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
     if args.num_iterations < 1:
-        raise ValueError(f"{len(prompts)} training prompts make no iteration of --batch-size: raise --num-epochs")
+        few = f"{len(prompts)} training prompts make no iteration of --batch-size"
+        raise ValueError(f"{few}: raise --num-epochs")
     schedule = common.batch_schedule(len(prompts), args.batch_size, args.num_iterations, args.seed)
     steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
+    if rank == 0:
+        common.report("train prompts", stats)
     if args.ptx_coef:  # InstructGPT's PPO-ptx: the SFT loss on demonstrations, in every minibatch
-        ptx_ds = common.load_splits(args.ptx_dataset_name, "sft", seed=args.seed, flag="--ptx-dataset-name")[0]
+        flag = "--ptx-dataset-name"
+        ptx_ds = common.load_splits(args.ptx_dataset_name, "sft", seed=args.seed, flag=flag)[0]
         ptx_examples, ptx_stats = common.tokenize_sft(tokenizer, ptx_ds, args.max_length)
         num_steps = args.num_iterations * steps_per_iteration
-        ptx_schedule = common.batch_schedule(len(ptx_examples), args.minibatch_size, num_steps, args.seed)
-    if rank == 0:
-        common.report("train prompts", stats), common.report("PPO-ptx examples", ptx_stats) if args.ptx_coef else None
+        ptx_size = args.minibatch_size
+        ptx_schedule = common.batch_schedule(len(ptx_examples), ptx_size, num_steps, args.seed)
+        if rank == 0:
+            common.report("PPO-ptx examples", ptx_stats)
     if on_toy:
         import toy_task  # the exact gold reward and log P_ref of every sample
 
@@ -688,62 +769,69 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
-        value = "value model (from the reward model)" if reward_model else "value model (from the SFT model, head 0)"
-        models = f"policy, reference, {value}" + (", reward model" if reward_model else "")
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es)"
+        sizes += f" of {args.per_device_batch_size}"
+        iterations = f"{args.num_iterations} iterations of {args.batch_size}"
+        print(f"{run_name}: {len(prompts)} prompts, {iterations}, {sizes}")
+        models = "policy, reference, value model (from the SFT model, head 0)"
+        if reward_model:
+            models = "policy, reference, value model (from the reward model), reward model"
         if args.lora_r:
-            models += f"; LoRA r={args.lora_r} on policy and value model, reference and reward model their adapters off"
-        print(
-            f"models: {models}; rewards: {', '.join(f'{w} × {n}' for w, n in zip(args.reward_weights, reward_names))}"
-        )
+            models += f"; LoRA r={args.lora_r} on policy and value model"
+            models += ", reference and reward model their adapters off"
+        weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
+        print(f"models: {models}; rewards: {weighted}")
 
-    optimizer = torch.optim.AdamW(
-        agent.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
-    )
+    hyperparameters = {"eps": args.adam_eps, "weight_decay": args.weight_decay}
+    optimizer = torch.optim.AdamW(agent.parameters(), args.learning_rate, **hyperparameters)
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     state = load_checkpoint(args.output_dir, agent, optimizer, run) if args.resume else {"step": 0}
-    first_iteration, kl_coef, start = state["step"], state.get("kl_coef", args.kl_coef), time.time()
-    logged = state.get("logged")  # the statistics of the checkpoint's iteration: a run resumed at its end has them
+    first_iteration = state["step"]
+    kl_coef = state.get("kl_coef", args.kl_coef)
+    logged = state.get("logged")  # the checkpoint's statistics: a run resumed at its end has them
     all_reduce = dist.all_reduce if dist.is_initialized() else None
-    for iteration in tqdm(range(first_iteration, args.num_iterations), initial=first_iteration, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, iteration)))  # random numbers from (seed, rank, iteration): resumable
+    start = time.time()
+    remaining = range(first_iteration, args.num_iterations)
+    for iteration in tqdm(remaining, initial=first_iteration, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, iteration)))  # resumable: from the iteration
         lr = args.learning_rate * lr_multiplier(iteration, args.num_iterations, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1.–2. rollout: a response to each of this rank's prompts, scored; sampling seeded per generate call of
-        # the global batch, so 1 rank or N draw the same responses
-        mine = schedule[iteration][rank * per_rank : (rank + 1) * per_rank]
+        # 1. rollout: a response to each of this rank's prompts, seeded per generate call of the
+        # global batch: 1 rank or N draw the same (below 2**62: torch's 64 bits)
+        indices = schedule[iteration][rank * per_rank : (rank + 1) * per_rank]  # this rank's
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
-        r = rollout(agent.eval(), ref_model, reward_model, [prompts[i] for i in mine], tokenizer, args, device, seed)
+        agent.eval()
+        queries = [prompts[i] for i in indices]
+        frozen = (ref_model, reward_model)
+        batch = rollout(policy, *frozen, queries, tokenizer, args, device, seed, values_of)
         agent.train()
-        mask, Lq = r["mask"], r["queries"].shape[1]  # (b, T) the valid response tokens; the prompts' width
-        decode = tokenizer.batch_decode
-        queries = decode([q[m.bool()] for q, m in zip(r["queries"], r["query_mask"])], skip_special_tokens=True)
-        texts = decode([y[m] for y, m in zip(r["responses"], mask)], skip_special_tokens=True)
-        # the reward model's score and each reward function's value (each rank its own samples), weighted, summed
-        by_reward = [r["scores"].cpu()] if reward_model else []
-        if reward_model and not torch.isfinite(by_reward[0]).all():
-            raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
-        by_reward = torch.stack(by_reward + [reward_fn_values(fn, [rows[i] for i in mine], texts) for fn in reward_fns])
-        unscored = by_reward.isnan().all(0)  # (K, b), NaN: a function that does not apply
-        if unscored.any():
-            i = int(unscored.nonzero()[0])
-            raise ValueError(f"no reward applies to sample {i} ({rows[mine[i]]} -> {texts[i]!r}): each returned None")
-        r["scores"] = (torch.tensor(args.reward_weights)[:, None] * by_reward).nansum(0).to(device)  # (b,)
+        mask = batch.mask  # (b, T) the valid response tokens
+        Lq = batch.queries.shape[1]  # the prompts' width
+        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
+        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        response_ids = [y[m] for y, m in zip(batch.responses, mask)]
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
 
-        # 3. the KL penalty: −β·KL_t on every token; the score, less the missing-end penalty, on the last one
-        kl_inputs = (r["logprobs"], r["ref_logprobs"], mask, r["has_eos"], kl_coef, args.missing_eos_penalty)
-        rewards, kl, scores = kl_shaped_rewards(r["scores"], *kl_inputs)
-        # 4. advantages: GAE, the last valid token terminal; whitened over the valid tokens of all ranks together
+        # 2. score: the reward model's score and each reward function's value (each rank its own)
+        my_rows = [rows[i] for i in indices]
+        weights = args.reward_weights
+        by_reward, scores = score_responses(batch.scores, reward_fns, my_rows, texts, weights, iteration)
+        scores = scores.to(device)  # (b,)
+
+        # 3. the KL penalty: −β·KL_t on every token; the score, less the missing-end penalty, last
+        kl_inputs = (batch.logprobs, batch.ref_logprobs, mask, batch.has_eos, kl_coef)
+        rewards, kl, penalised = kl_shaped_rewards(scores, *kl_inputs, args.missing_eos_penalty)
+
+        # 4. advantages: GAE, the last valid token terminal; whitened over all ranks' valid tokens
         # (Huang et al. and TRL whiten per rank)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
-        advantages, returns = compute_gae(rewards, r["values"], mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+        advantages, batch.returns = compute_gae(rewards, batch.values, mask, args.gamma, args.lam)
+        batch.advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
 
-        # 5. PPO epochs: each a pass over shuffled minibatches; a minibatch is one optimizer step, accumulated over
+        # 5. PPO epochs over shuffled minibatches, each one optimizer step accumulated over
         # micro-batches, its loss a mean over all its valid tokens (of every rank)
         update = {}  # token-weighted sums by name; PPO-ptx's NLL summed over its tokens
         for ppo_step in range(steps_per_iteration):
@@ -753,98 +841,124 @@ if __name__ == "__main__":
             mb_tokens = mask[mb].sum().float()
             if all_reduce:
                 all_reduce(mb_tokens)
-            ptx_batch = []  # PPO-ptx: each rank's share of an SFT batch, its loss a mean over that batch's tokens
-            if args.ptx_coef:
-                ptx_batch = [ptx_examples[j] for j in ptx_schedule[iteration * steps_per_iteration + ppo_step]]
-            ptx_tokens = max(1, sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in ptx_batch))
-            ptx_batch = ptx_batch[rank * mb_per_rank : (rank + 1) * mb_per_rank]
+            if args.ptx_coef:  # PPO-ptx: each rank's share of an SFT batch, a mean over its tokens
+                step = iteration * steps_per_iteration + ppo_step
+                ptx_batch = [ptx_examples[j] for j in ptx_schedule[step]]
+                labels = [e["labels"][1:] for e in ptx_batch]
+                ptx_tokens = max(1, sum(sum(x != common.IGNORE_INDEX for x in y) for y in labels))
+                ptx_batch = ptx_batch[rank * mb_per_rank : (rank + 1) * mb_per_rank]
             for k in range(args.grad_accum_steps):
-                micro = slice(k * args.per_device_batch_size, (k + 1) * args.per_device_batch_size)
-                i, ptx = mb[micro], None
-                m = mask[i]
-                if ptx_batch:
-                    ptx = {key: v.to(device) for key, v in common.collate_sft(ptx_batch[micro], pad_id).items()}
-                train_agent.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once a step
+                in_mb = slice(k * args.per_device_batch_size, (k + 1) * args.per_device_batch_size)
+                micro = batch[mb[in_mb]]
+                m = micro.mask
+                ptx = None
+                if args.ptx_coef:
+                    ptx = common.collate_sft(ptx_batch[in_mb], pad_id)
+                    ptx = {key: v.to(device) for key, v in ptx.items()}
+                last_micro_batch = k == args.grad_accum_steps - 1
+                train_agent.require_backward_grad_sync = last_micro_batch  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    inputs = model_inputs(r["queries"][i], r["query_mask"][i], r["responses"][i], m)
+                    inputs = model_inputs(micro.queries, micro.query_mask, micro.responses, m)
                     logits, values, ptx_logits = train_agent(**inputs, ptx=ptx)
-                # the same positions, temperature and PAD handling as in the rollout: the first ratio is 1
-                tokens = r["responses"][i][m]
-                logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id, args.ent_coef > 0)
-                logprobs, entropy, values = scatter(logprobs, m), scatter(entropy, m), values[:, Lq - 1 : -1]
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, r["logprobs"][i], advantages[i], m, args.cliprange)
-                vf_loss, vf_stats = ppo_value_loss(values, r["values"][i], returns[i], m, args.cliprange_value)
-                entropy = masked_mean(entropy, m)
-                # this micro-batch's share of the minibatch's valid tokens; DDP averages over ranks
-                loss = (pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy) * m.sum() / mb_tokens
-                ptx_loss, n_ptx = torch.zeros((), device=device), 0
-                if ptx:
-                    targets = ptx["labels"][:, 1:][ptx["labels"][:, 1:] != common.IGNORE_INDEX]  # (R',)
-                    ptx_loss, n_ptx = F.cross_entropy(ptx_logits.float(), targets), len(targets)
-                ((loss + args.ptx_coef * ptx_loss * n_ptx / ptx_tokens) * args.world_size).backward()
+                # the positions, temperature and PAD handling of the rollout: the first ratio is 1
+                tokens = micro.responses[m]  # (R,)
+                entropy_grad = args.ent_coef > 0  # only an entropy bonus needs its gradient
+                temperature = args.temperature
+                logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad)
+                logprobs = scatter(logprobs, m)
+                mean_entropy = masked_mean(scatter(entropy, m), m)
+                values = values[:, Lq - 1 : -1]  # (b, T) V before each response token
+                pg_inputs = (micro.logprobs, micro.advantages, m, args.cliprange)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, *pg_inputs)
+                vf_inputs = (micro.values, micro.returns, m, args.cliprange_value)
+                vf_loss, vf_stats = ppo_value_loss(values, *vf_inputs)
+                # this micro-batch's share of the minibatch's tokens; DDP averages over ranks
+                loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * mean_entropy
+                loss = loss * m.sum() / mb_tokens
+                if ptx is not None:
+                    ptx_nll, ptx_n = ptx_loss(ptx_logits, ptx["labels"])
+                    loss = loss + args.ptx_coef * ptx_nll * ptx_n / ptx_tokens
+                    accumulate(update, {"loss/ptx": ptx_nll.detach() * ptx_n, "ptx_tokens": ptx_n})
+                (loss * args.world_size).backward()
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
-                stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "val/clipfrac": vf_stats["clipfrac"]}
-                stats |= {f"policy/{k}": pg_stats[k] for k in ("approxkl", "clipfrac", "ratio")}
-                accumulate(
-                    update, {k: v.detach() for k, v in stats.items()} | {"policy/entropy": entropy.detach()}, m.sum()
-                )
-                accumulate(update, {"loss/ptx": ptx_loss.detach() * n_ptx, "ptx_tokens": n_ptx})
-            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
+                stats = {"loss/policy": pg_loss, "loss/value": vf_loss}
+                stats["policy/entropy"] = mean_entropy
+                policy_stats = ("approxkl", "clipfrac", "ratio")
+                stats |= {f"policy/{name}": pg_stats[name] for name in policy_stats}
+                stats["val/clipfrac"] = vf_stats["clipfrac"]
+                accumulate(update, {k: v.detach() for k, v in stats.items()}, m.sum())
+            max_norm = args.max_grad_norm or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), max_norm)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
+                where = f"non-finite gradient at iteration {iteration}"
+                raise FloatingPointError(f"{where}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or every valid token, of the whole iteration and of every rank
+        # 6. log: means over every response, or valid token, of the whole iteration and every rank
         seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
-        per_response = {"objective/scores": r["scores"], "objective/kl": seq_kl}
-        per_response |= {"objective/rlhf_reward": scores - kl_coef * seq_kl, "charts/eos_rate": r["has_eos"].float()}
+        per_response = {"objective/scores": scores, "objective/kl": seq_kl}
+        per_response["objective/rlhf_reward"] = penalised - kl_coef * seq_kl
+        per_response["charts/eos_rate"] = batch.has_eos.float()
         per_response["charts/response_length"] = mask.sum(1).float()
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
-            logp = torch.where(mask, r["logprobs"], 0.0).sum(1).tolist()
-            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(queries, texts))
-            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(queries, texts)]
+            logp = torch.where(mask, batch.logprobs, 0.0).sum(1).tolist()
+            gold = toy_task.gold_reward(prompt_texts, texts)
+            per_response["toy/gold_reward"] = torch.tensor(gold)
+            pairs = zip(prompt_texts, texts)
+            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in pairs]
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
         sums = {k: v.float().sum() for k, v in per_response.items()}
-        for name, v in zip(reward_names, by_reward):  # each reward's mean over the samples it applies to
-            sums[f"rewards/{name}"], sums[f"applies/{name}"] = v.nansum(), (~v.isnan()).sum()
-        res = returns - r["values"]  # for the explained variance 1 − Var(returns − values) / Var(returns)
-        per_token = {"entropy": r["entropy"], "ret": returns, "ret_sq": returns**2, "res": res, "res_sq": res**2}
+        for name, v in zip(reward_names, by_reward):  # each reward's mean where it applies
+            sums[f"rewards/{name}"] = v.nansum()
+            sums[f"applies/{name}"] = (~v.isnan()).sum()
+        res = batch.returns - batch.values  # explained variance: 1 − Var(res) / Var(returns)
+        per_token = {"entropy": batch.entropy, "ret": batch.returns, "ret_sq": batch.returns**2}
+        per_token |= {"res": res, "res_sq": res**2}
         sums |= {k: v[mask].sum() for k, v in per_token.items()} | {"tokens": mask.sum()}
-        totals = all_reduce_sums(sums | update | {"first_ratio": first_ratio / args.world_size}, device)
+        sums["first_ratio"] = first_ratio / args.world_size
+        totals = all_reduce_sums(sums | update, device)
         logged = {k: totals[k] / args.batch_size for k in per_response}
-        logged |= {f"rewards/{n}": totals[f"rewards/{n}"] / max(1, totals[f"applies/{n}"]) for n in reward_names}
-        logged |= {k: totals[k] / (args.num_ppo_epochs * totals["tokens"]) for k in update if "ptx" not in k}
-        ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in ("ret", "ret_sq", "res", "res_sq"))
-        var_returns = ret_sq - ret**2  # 0 when every return ties (a constant reward): nothing to explain
-        logged["val/explained_variance"] = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
-        logged |= {"objective/entropy": totals["entropy"] / totals["tokens"], "objective/kl_coef": kl_coef}
-        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: rollout and update compute π alike
+        for name in reward_names:
+            applies = max(1, totals[f"applies/{name}"])
+            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / applies
+        update_tokens = args.num_ppo_epochs * totals["tokens"]
+        logged |= {k: totals[k] / update_tokens for k in update if "ptx" not in k}
+        moments = ("ret", "ret_sq", "res", "res_sq")
+        ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in moments)
+        var_returns = ret_sq - ret**2  # 0 when every return ties (constant rewards): nothing to explain
+        explained = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
+        logged["val/explained_variance"] = explained
+        logged["objective/entropy"] = totals["entropy"] / totals["tokens"]
+        logged["objective/kl_coef"] = kl_coef
+        logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: π computed alike
         episodes = (iteration + 1) * args.batch_size
-        speed = (iteration + 1 - first_iteration) * args.batch_size / (time.time() - start)  # episodes per second
-        logged |= {"charts/learning_rate": lr, "charts/episodes_per_sec": speed}
-        if args.ptx_coef:
-            logged["loss/ptx"] = totals["loss/ptx"] / totals["ptx_tokens"]  # per labelled token of the SFT batches
-
-        # 7. the adaptive KL controller (Ziegler et al. 2019): β for the next iteration, from this one's mean KL
-        if args.target_kl is not None:
-            kl_coef = adaptive_kl_coef(
-                kl_coef, logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size
-            )
+        logged["charts/learning_rate"] = lr
+        elapsed = time.time() - start
+        episodes_run = (iteration + 1 - first_iteration) * args.batch_size
+        logged["charts/episodes_per_sec"] = episodes_run / elapsed
+        if args.ptx_coef:  # per labelled token of the SFT batches
+            logged["loss/ptx"] = totals["loss/ptx"] / totals["ptx_tokens"]
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
-            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(queries, texts, r["scores"].tolist())]
+            triples = zip(prompt_texts, texts, scores.tolist())
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in triples]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
-            ratio, kl = logged["policy/first_minibatch_ratio"], logged["objective/kl"]
-            tqdm.write(
-                f"iteration {iteration + 1}: score {logged['objective/scores']:.3f}, kl {kl:.3f}, ratio {ratio:.6f}"
-            )
+            score, mean_kl = logged["objective/scores"], logged["objective/kl"]
+            ratio = logged["policy/first_minibatch_ratio"]
+            line = f"score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}"
+            tqdm.write(f"iteration {iteration + 1}: {line}")
+
+        # 7. the adaptive KL controller (Ziegler et al. 2019): the next β from this iteration's KL
+        if args.target_kl is not None:
+            kl_error = (logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size)
+            kl_coef = adaptive_kl_coef(kl_coef, *kl_error)
+
         if args.save_every and (iteration + 1) % args.save_every == 0:
-            save_model(
-                policy, tokenizer, os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}"), rank, args
-            )
+            path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
+            save_model(policy, tokenizer, path, rank, args)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{iteration + 1:07d}")
             state = {"step": iteration + 1, "run": run, "kl_coef": kl_coef, "logged": logged}
@@ -855,11 +969,12 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": logged}, f, indent=2, default=str)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the peak (Linux)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         print(f"saved to {args.output_dir}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
-    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    if dist.is_initialized():  # all wait for rank 0's save; DDP's reducer goes before the group
         dist.barrier()
         del train_agent
         dist.destroy_process_group()

@@ -468,12 +468,13 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
     agent = ppo.PolicyAndValue(policy, value)
     n = len(QUERIES)
     args = ppo.Args(generation_batch_size=n, rollout_forward_batch_size=n, response_length=12, temperature=0.7)
-    r = ppo.rollout(agent, ref, rm, QUERIES, tok, args, torch.device("cpu"), seed=0)
-    mask, Lq = r["mask"], r["queries"].shape[1]
-    assert (r["query_mask"] == 0).any() and (~mask).any()  # left-padded prompts; right-padded responses
+    values_of = lambda **inputs: ppo.token_scores(value, **inputs)
+    r = ppo.rollout(policy, ref, rm, QUERIES, tok, args, torch.device("cpu"), seed=0, value_fn=values_of)
+    mask, Lq = r.mask, r.queries.shape[1]
+    assert (r.query_mask == 0).any() and (~mask).any()  # left-padded prompts; right-padded responses
     want = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     with torch.no_grad():  # every row against its sequence alone
-        for q, row, row_mask in zip(QUERIES, r["responses"], mask):
+        for q, row, row_mask in zip(QUERIES, r.responses, mask):
             resp = row[row_mask].tolist()
             seq = q + resp
             assert PAD not in resp
@@ -482,21 +483,19 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
             want["values"].append(alone_head(value, seq, slice(len(q) - 1, -1)))
             want["scores"].append(alone_head(rm, seq, -1)[None])
     for key, rows in want.items():  # every row at once: (valid tokens,) in mask's row-major order, or (B,)
-        got = r[key] if key == "scores" else r[key][mask]
+        got = getattr(r, key) if key == "scores" else getattr(r, key)[mask]
         assert_close(got, torch.cat(rows), f"{family}: rollout {key}", TOKEN_TERMS)
     # the update's recomputation, as ppo.py's update does it: train mode, with gradients
     agent.train()
     try:
-        logits, values, _ = agent(**ppo.model_inputs(r["queries"], r["query_mask"], r["responses"], mask))
-        logprobs, _ = ppo.logprobs_and_entropy(logits, r["responses"][mask], args.temperature, PAD)
+        logits, values, _ = agent(**ppo.model_inputs(r.queries, r.query_mask, r.responses, mask))
+        logprobs, _ = ppo.logprobs_and_entropy(logits, r.responses[mask], args.temperature, PAD)
     finally:
         agent.eval()
     assert logprobs.requires_grad
     # ratio 1: log π of the update equals the rollout's (the log-ratio is 0) up to rounding
-    assert_close(logprobs.detach(), r["logprobs"][mask], f"{family}: first minibatch log-ratio", TOKEN_TERMS)
-    assert_close(
-        values.detach()[:, Lq - 1 : -1][mask], r["values"][mask], f"{family}: the update's values", TOKEN_TERMS
-    )
+    assert_close(logprobs.detach(), r.logprobs[mask], f"{family}: first minibatch log-ratio", TOKEN_TERMS)
+    assert_close(values.detach()[:, Lq - 1 : -1][mask], r.values[mask], f"{family}: the update's values", TOKEN_TERMS)
 
 
 # ---- 5. dropout-like config keys -----------------------------------------------------------------------

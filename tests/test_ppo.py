@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import common
 import toy_task
 from ppo import (
+    Experience,
     adaptive_kl_coef,
     compute_gae,
     kl_shaped_rewards,
@@ -29,6 +30,7 @@ from ppo import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    ptx_loss,
     truncate_after_eos,
 )
 
@@ -195,6 +197,27 @@ def test_truncation_after_the_first_eos():
     assert out.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]
     assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
+
+
+def test_ptx_loss_by_hand():
+    """PPO-ptx's NLL: a mean over the labelled tokens only (position t predicts token t + 1), and their count."""
+    ignore = common.IGNORE_INDEX
+    labels = torch.tensor([[ignore, ignore, 2, 0], [ignore, 1, ignore, ignore]])  # targets 2, 0 | 1
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25], [0.2, 0.6, 0.2]])
+    loss, n = ptx_loss(probs.log(), labels)
+    assert n == 3 and loss.item() == pytest.approx(-(math.log(0.7) + math.log(0.5) + math.log(0.6)) / 3)
+
+
+def test_experience_rows_index_every_field():
+    """A minibatch of the rollout: every tensor field at the same rows; a field that is None stays None."""
+    full = {k: torch.arange(8).view(4, 2) * (i + 1) for i, k in enumerate(("queries", "query_mask", "responses"))}
+    full |= {"mask": torch.ones(4, 2, dtype=torch.bool), "has_eos": torch.tensor([True, False, True, True])}
+    batch = Experience(**full, logprobs=torch.randn(4, 2), entropy=torch.rand(4, 2), scores=torch.randn(4))
+    rows = torch.tensor([2, 0])
+    micro = batch[rows]
+    assert micro.ref_logprobs is None and micro.values is None and micro.advantages is None
+    for name in ("queries", "responses", "has_eos", "logprobs", "scores"):
+        assert torch.equal(getattr(micro, name), getattr(batch, name)[rows])
 
 
 def test_adaptive_kl_controller_drives_the_kl_to_its_target():

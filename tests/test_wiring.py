@@ -278,7 +278,7 @@ def test_grpo_options_reach_their_functions(toy_base, tmp_path):
     assert penalty == pytest.approx(-(result["charts/response_length"] - 1) / 23, rel=1e-5)
 
 
-@pytest.mark.parametrize("script,rollout", [("ppo.py", "rollout"), ("grpo.py", "sample_and_score")])
+@pytest.mark.parametrize("script,rollout", [("ppo.py", "rollout"), ("grpo.py", "rollout")])
 def test_reward_fns_get_the_rows_their_responses_answer(script, rollout, toy_base, tmp_path):
     """Each response is scored with its own prompt's row: the prompts of the rows passed to a reward function are,
     in order, those the rollout sampled from (GRPO: each repeated G times). (The toy task's gold reward cannot
