@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRPO's variants on the exact frontier (docs/results.md). After `python evaluate.py --seeds 1 2 3`, for each seed:
+# GRPO's variants on the exact frontier (docs/results.md). After `python benchmark/seeds.py --seeds 1 2 3`, for each seed:
 # every variant from that seed's SFT model, scored by the toy task's exact reward (a verifiable reward), at the toy's
 # β = 1 and at β = 0 (no reference model), then one evaluation of them all; last, the mean ± sd over the seeds.
 #   bash benchmark/grpo_variants.sh 1 2 3   # from the project root, ~25 minutes a seed on 2 CPU cores

@@ -16,17 +16,16 @@ from conftest import markov_llama, read_json, run_script, toy_reward_model
 
 import common
 import toy_task
+from benchmark.seeds import mean_sd, seed_record
 from evaluate import (
     Args,
     best_of_n_expectation,
     best_of_n_kl,
     frontier_reward_at,
-    mean_sd,
     optimality_ratio,
     ratio_with_se,
     response_logprobs,
     sample,
-    seed_record,
     snis_optimum,
     wins,
 )
@@ -290,15 +289,15 @@ def test_smoke(tmp_path, markov_models):
 
 
 def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
-    """--write-best-of-n: one row per training prompt (prompt, completion: the text after the prompt), each the
+    """best_of_n.py: one row per training prompt (prompt, completion: the text after the prompt), each the
     reward model's best of 8 reference samples, so that its mean score beats the reference's own samples."""
     ref_path, _, _ = markov_models
     rm_path = str(tmp_path / "rm")
     toy_task.save_base_model(rm_path)
     toy_reward_model(rm_path).save_pretrained(rm_path)
     data = tmp_path / "data" / "best.jsonl"  # a folder that is not there yet
-    flags = f"evaluate.py --ref-policy {ref_path} --reward-model-name {rm_path} --num-samples 200"
-    run_script(f"{flags} --best-of-n 8 --write-best-of-n {data}".split())
+    flags = f"best_of_n.py --ref-policy {ref_path} --reward-model-name {rm_path} --num-samples 200"
+    run_script(f"{flags} --best-of-n 8 --output {data}".split())
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == toy_task.make_dataset("prompt", "train", seed=1)["prompt"][:200]
     assert all(r["completion"] == "" or r["completion"].startswith(" ") for r in rows)  # "": only the EOS
@@ -316,7 +315,7 @@ def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
                 input_ids=common.pad(seqs, tok.pad_token_id), attention_mask=common.attention_mask(seqs)
             ).logits.mean()
 
-    run_script(f"{flags} --best-of-n 1 --write-best-of-n {tmp_path / 'one.jsonl'}".split())
+    run_script(f"{flags} --best-of-n 1 --output {tmp_path / 'one.jsonl'}".split())
     assert mean_score(data) > mean_score(tmp_path / "one.jsonl") + 0.05
     prompts = tmp_path / "prompts"  # an over-long prompt is dropped with its row, never paired with another's reply
     prompts.mkdir()
@@ -328,7 +327,7 @@ def test_best_of_n_data_for_expert_iteration(tmp_path, markov_models):
         ]
         (prompts / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     short = tmp_path / "short.jsonl"
-    flags += f" --dataset-name {prompts} --max-length 30 --response-length 8 --best-of-n 2 --write-best-of-n {short}"
+    flags += f" --dataset-name {prompts} --max-length 30 --response-length 8 --best-of-n 2 --output {short}"
     run_script(flags.split())
     assert [json.loads(line)["prompt"] for line in short.read_text().splitlines()] == ["the plot", "the acting"]
 

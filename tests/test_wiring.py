@@ -195,8 +195,8 @@ def test_best_of_n_prefers_responses_that_end(tmp_path, toy_base, toy_rm):
     that a choice blind to the rule would give, nor nearly all that preferring cut ones would."""
     out = tmp_path / "best.jsonl"
     run_script(
-        f"evaluate.py --ref-policy {toy_base} --reward-model-name {toy_rm} --num-samples 200 --best-of-n 8 "
-        f"--write-best-of-n {out}".split()
+        f"best_of_n.py --ref-policy {toy_base} --reward-model-name {toy_rm} --num-samples 200 --best-of-n 8 "
+        f"--output {out}".split()
     )
     words = [len(json.loads(line)["completion"].split()) for line in out.read_text().splitlines()]
     assert len(words) == 200 and np.mean([n == 24 for n in words]) < 0.2
@@ -247,7 +247,8 @@ def test_evaluate_takes_conversations_given_as_messages(tmp_path, chat_data):
         (row,) = read_json(tmp_path / f"{name}_eval" / "results.json")["policies"]
         assert math.isfinite(row["kl_to_ref_policy"]) and ("win_rate" in row) == (name == "replies")
     out = tmp_path / "best.jsonl"
-    run_script(f"{flags} --dataset-name {tmp_path / 'prompts'} --write-best-of-n {out}".split())
+    flags = flags.replace("evaluate.py", "best_of_n.py")
+    run_script(f"{flags} --dataset-name {tmp_path / 'prompts'} --output {out}".split())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [c[:3] for c in convs[:6]]
     assert all(r["completion"][0]["role"] == "assistant" for r in rows)
