@@ -40,6 +40,13 @@ GSM8K = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+
         ("\\boxed{1{,}000}", "#### 1000", 1.0),
         ("\\boxed{72 \\text{ clips}}", GSM8K, 1.0),
         ("\\boxed{\\text{none}}", "0", 0.0),  # no number in the box: no answer
+        ("the range is 10-15", "15", 1.0),  # a hyphen after a digit is no minus: 15, not -15
+        ("the range is 10-15", "-15", 0.0),
+        ("pages a-7", "7", 1.0),  # nor after a letter
+        ("so x=-3", "-3", 1.0),  # after "=" it is a minus, as after a space ("= -3") or at the start
+        ("so x = -3", "-3", 1.0),
+        ("-3", "-3", 1.0),
+        ("\\boxed{-3}", "-3", 1.0),
     ],
 )
 def test_exact_answer_by_hand(completion, reference, want):
