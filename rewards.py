@@ -12,8 +12,10 @@ prompts and completions are strings, or message lists for conversational data (a
 import re
 from fractions import Fraction
 
-NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
-"""an integer, a decimal, a number with thousands separators (1,000) or a fraction (3/4)"""
+MINUS = r"(?:(?<!\w)-)?"
+"""a minus sign, where no digit or letter comes right before it (in 10-15 or a-7 the hyphen is no minus)"""
+NUMBER = re.compile(MINUS + r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|" + MINUS + r"\.\d+")
+"""an integer, a decimal, a number with thousands separators (1,000) or a fraction (3/4); negative after a minus"""
 LATEX_NOISE = r"\\text\{[^{}]*\}|\\[$%,!;]|\{,\}|[$%]"
 """what a number may carry in LaTeX that is not its value: units in \\text{}, $ and % signs, thin spaces, {,}"""
 FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"

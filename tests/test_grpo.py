@@ -239,3 +239,26 @@ def test_mask_truncated_and_no_reference_at_beta_0(tmp_path):
     run_script(flags + ["--output-dir", str(tmp_path / "unmasked")])
     unmasked = load_file(str(tmp_path / "unmasked" / "model.safetensors"))
     assert not torch.equal(start["lm_head.weight"], unmasked["lm_head.weight"])
+
+
+def test_mask_truncated_token_mean_counts_only_the_responses_that_ended(tmp_path):
+    """--mask-truncated with token_mean, on P_ref with responses capped at 4 tokens: some end, some are cut. A cut
+    response carries no loss (an all-0 row of the loss mask: as many as 1 − eos_rate of the 8 responses), and each
+    minibatch's normaliser is the number of its loss tokens, counted here by hand as the 1s of the loss masks
+    (2 minibatches of 4, one micro-batch each), not of every valid token: the weights of a minibatch sum to 1."""
+    policy = str(tmp_path / "policy")
+    markov_llama(policy)
+    data = tmp_path / "prompts.jsonl"
+    write_jsonl(data, toy_task.make_dataset("prompt", "train", num_examples=16).to_list())
+    calls, _ = calls_of(
+        "token_weights",
+        f"grpo.py --model-name {policy} --dataset-name {data} --reward-fn toy_task:gold_reward --kl-coef 0 "
+        "--batch-size 8 --group-size 2 --num-minibatches 2 --num-ppo-epochs 1 --num-epochs 1 --max-length 64 "
+        f"--response-length 4 --mask-truncated --loss-aggregation token_mean --output-dir {tmp_path / 'out'}".split(),
+    )
+    eos_rate = result_of(tmp_path / "out")["charts/eos_rate"]
+    assert 0 < eos_rate < 1 and len(calls) == 2  # some cut, some ended; one call per minibatch
+    masks = [c["mask"] for c in calls]
+    assert sum(int((m.sum(1) == 0).sum()) for m in masks) == round((1 - eos_rate) * 8)
+    for c in calls:
+        assert c["aggregation"] == "token_mean" and c["num_tokens"] == c["mask"].sum() > 0

@@ -40,6 +40,13 @@ GSM8K = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+
         ("\\boxed{1{,}000}", "#### 1000", 1.0),
         ("\\boxed{72 \\text{ clips}}", GSM8K, 1.0),
         ("\\boxed{\\text{none}}", "0", 0.0),  # no number in the box: no answer
+        ("the range is 10-15", "15", 1.0),  # a hyphen after a digit is no minus: 15, not -15
+        ("the range is 10-15", "-15", 0.0),
+        ("pages a-7", "7", 1.0),  # nor after a letter
+        ("so x=-3", "-3", 1.0),  # after "=" it is a minus, as after a space ("= -3") or at the start
+        ("so x = -3", "-3", 1.0),
+        ("-3", "-3", 1.0),
+        ("\\boxed{-3}", "-3", 1.0),
     ],
 )
 def test_exact_answer_by_hand(completion, reference, want):
@@ -166,21 +173,24 @@ def test_reward_fns_get_their_rows_and_are_weighted(script, counted, tmp_path):
             "raises_on_odd",
             r"--reward-fn test_rewards:raises_on_odd raised ZeroDivisionError.* on sample \d+ \('[\w ]+' ->",
         ),
-        ("one_value", r"--reward-fn test_rewards:one_value returned \[0.0\] for 32 samples: a list of one value each"),
-        ("a_number", r"--reward-fn test_rewards:a_number returned 1.0 for 32 samples: a list of one value each"),
+        ("one_value", r"--reward-fn test_rewards:one_value returned \[0.0\] for {n} samples: a list of one value each"),
+        ("a_number", r"--reward-fn test_rewards:a_number returned 1.0 for {n} samples: a list of one value each"),
         ("nan_for_odd", r"--reward-fn test_rewards:nan_for_odd returned nan for sample \d+ \('[\w ]+' ->"),
         ("text", r"--reward-fn test_rewards:text returned '1' for sample 0 .*: a finite number, or None"),
         ("never", r"no reward applies to sample 0 .*: each returned None"),
     ],
 )
-def test_a_bad_reward_fn_stops_before_any_update(fn, error, counted, tmp_path):
+@pytest.mark.parametrize("script", ["grpo.py", "ppo.py"])
+def test_a_bad_reward_fn_stops_before_any_update(script, fn, error, counted, tmp_path):
     """A function that raises, returns the wrong number of values, NaN, or None for every sample stops the run at
-    the first iteration's scoring, before any update, naming the function and the sample."""
+    the first iteration's scoring, before any update, naming the function and the sample; in both scripts, whose
+    batches (flags above) are 32 samples (16 prompts twice) and 16."""
     from conftest import run_script
 
     policy, data = counted
-    with pytest.raises((ValueError, FloatingPointError), match=error):
-        run_script(flags("grpo.py", policy, data, tmp_path, f"test_rewards:{fn}"))
+    n = 32 if script == "grpo.py" else 16
+    with pytest.raises((ValueError, FloatingPointError), match=error.format(n=n)):
+        run_script(flags(script, policy, data, tmp_path, f"test_rewards:{fn}"))
     assert not (tmp_path / "model.safetensors").exists()
 
 
