@@ -208,3 +208,30 @@ def test_reward_fns_that_cannot_run_stop_before_any_model_loads(counted, tmp_pat
         ("test_rewards:never,test_rewards:never", data, "two functions of one name"),  # both rewards/never
     ]:
         assert want in script_error(flags("grpo.py", policy, data_path, tmp_path, *spec.split(",")))
+
+
+def always_one(prompts, completions, **columns):
+    return [1.0] * len(prompts)
+
+
+def test_reward_weights_name_the_reward_model_first(counted, tmp_path):
+    """A reward model and a function together: --reward-weights go to the reward model first, then the functions in
+    their order. Weights 0.5 and 2, the function 1 everywhere: each score is 0.5 × the reward model's + 2, so their
+    mean is 0.5 × rewards/reward_model + 2 (the weights the other way round: 0.5 + 2 × it, another number unless the
+    reward model's mean is 1)."""
+    from conftest import result_of, run_script, toy_reward_model
+
+    import common
+
+    policy, data = counted
+    rm = str(tmp_path / "rm")
+    toy_reward_model(policy).save_pretrained(rm)
+    common.load_tokenizer(policy).save_pretrained(rm)
+    run_script(
+        flags("grpo.py", policy, data, tmp_path / "out", "test_rewards:always_one")
+        + ["--reward-model-name", rm, "--reward-weights", "0.5", "2"]
+    )
+    result = result_of(tmp_path / "out")
+    assert result["rewards/always_one"] == 1.0 and abs(result["rewards/reward_model"] - 1) > 0.01
+    assert result["objective/scores"] == pytest.approx(0.5 * result["rewards/reward_model"] + 2, rel=1e-5)
+
