@@ -235,3 +235,31 @@ def test_reward_weights_name_the_reward_model_first(counted, tmp_path):
     assert result["rewards/always_one"] == 1.0 and abs(result["rewards/reward_model"] - 1) > 0.01
     assert result["objective/scores"] == pytest.approx(0.5 * result["rewards/reward_model"] + 2, rel=1e-5)
 
+
+def is_conversational(prompts, completions, **columns):
+    """1 where the prompt is a message list ending in the user's turn and the completion is
+    [{"role": "assistant", "content": text}] (TRL's convention for conversational data), else 0."""
+    return [
+        float(
+            isinstance(p, list)
+            and p[-1]["role"] == "user"
+            and isinstance(c, list)
+            and [set(m) for m in c] == [{"role", "content"}]
+            and c[0]["role"] == "assistant"
+            and isinstance(c[0]["content"], str)
+        )
+        for p, c in zip(prompts, completions)
+    ]
+
+
+def test_conversational_rows_reach_reward_fns_as_message_lists(hub_model, chat_data, tmp_path):
+    """On conversational prompts (message lists), a reward function gets the prompts as message lists and each
+    completion as a list of one assistant message: is_conversational is 1 on every sample."""
+    from conftest import result_of, run_script
+
+    run_script(
+        f"grpo.py --model-name {hub_model} --dataset-name {chat_data['prompt']} --batch-size 8 --group-size 2 "
+        "--num-epochs 0.3 --num-minibatches 1 --max-length 128 --response-length 8 --kl-coef 0 "
+        f"--reward-fn test_rewards:is_conversational --output-dir {tmp_path}".split()
+    )
+    assert result_of(tmp_path)["rewards/is_conversational"] == 1.0
