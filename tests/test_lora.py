@@ -123,7 +123,7 @@ def test_every_trainer_through_its_command_line(tmp_path, toy_base):
     """The chain with --lora-r 8: DPO at ln 2 to start, PPO and GRPO at ratio 1 at their first minibatch and a KL
     to their reference (the policy with its adapters off, not on) once they moved, the start-up lines say so; DPO's
     implicit rewards, against the reference computed during training, move away from 0; a DPO run resumed from a
-    checkpoint ends bit-identical (adapters and AdamW moments)."""
+    checkpoint ends bit-identical (adapters and AdamW moments); every script's learning rate defaults to 10×."""
     flags = ["--batch-size", "16", "--max-length", "64", "--lora-r", "8"]
     data = {k: toy_data_file(tmp_path / f"{k}.jsonl", k, 40) for k in ("sft", "preference", "prompt")}
     sft, rm = str(tmp_path / "sft"), str(tmp_path / "rm")
@@ -153,6 +153,10 @@ def test_every_trainer_through_its_command_line(tmp_path, toy_base):
         result = result_of(tmp_path / script)
         assert "adapters off" in out and result["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
         assert abs(result["objective/kl"]) > 1e-4
+    # LoRA's default learning rate is 10× the script's own: on local data files (not the toy task) every script's
+    # default is the pretrained LMs' 3e-6 (Args and __main__ of each), so 3e-5 in all five
+    for run in (sft, rm, tmp_path / "dpo", tmp_path / "ppo.py", tmp_path / "grpo.py"):
+        assert read_json(os.path.join(run, "training_args.json"))["args"]["learning_rate"] == pytest.approx(3e-5), run
 
 
 def test_lora_refusals_and_adapter_folders(tmp_path, toy_base):
