@@ -124,8 +124,8 @@ def test_smoke_toy_gold_reward_rloo_k3(tmp_path, toy_base):
 def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
     """A reward model and a reward function together: 2 processes take the same steps as 1 (groups stay on one
     rank; sampling seeded per generate call of the global batch; each rank scores its own samples; the losses'
-    weights count the whole minibatch), with DDP and with FSDP; a DDP run resumed after iteration 1 ends
-    bit-identical."""
+    weights count the whole minibatch; batch_std's std is of the whole batch, every rank's rewards), with DDP and
+    with FSDP; a DDP run resumed after iteration 1 ends bit-identical."""
     data = tmp_path / "prompts"
     data.mkdir()
     write_jsonl(
@@ -138,6 +138,7 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
         "--group-size 2 --num-minibatches 1 --num-ppo-epochs 2 --num-epochs 2 --max-length 64 --response-length 24 "
         "--learning-rate 3e-3 --kl-coef 0.5 --loss-aggregation token_mean"  # token counts summed over ranks
         " --reward-fn toy_task:gold_reward --reward-weights 0.5 1"  # each rank scores its own samples
+        " --advantage batch_std"  # the std's sums all-reduced over ranks
     ).split()
     run_script(flags + ["--per-device-batch-size", "4", "--output-dir", str(tmp_path / "one")])  # 2 micro-batches
     run_script(flags + ["--checkpoint-every", "1", "--output-dir", str(tmp_path / "two")], torchrun=2)

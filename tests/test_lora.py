@@ -3,13 +3,16 @@ adapters off (exactly a frozen copy), only the adapters and the stated heads tra
 adapter model's, and every script runs, resumes and hands its model on through the command line."""
 
 import math
+import os
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import read_json, result_of, run_script, script_error, toy_data_file
 from safetensors.torch import load_file
+from test_dpo import tensorboard_scalars
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
@@ -118,8 +121,9 @@ def test_only_adapters_and_heads_train_and_merged_weights_are_the_adapter_models
 
 def test_every_trainer_through_its_command_line(tmp_path, toy_base):
     """The chain with --lora-r 8: DPO at ln 2 to start, PPO and GRPO at ratio 1 at their first minibatch and a KL
-    to their reference (the policy with its adapters off, not on) once they moved, the start-up lines say so; a
-    DPO run resumed from a checkpoint ends bit-identical (adapters and AdamW moments)."""
+    to their reference (the policy with its adapters off, not on) once they moved, the start-up lines say so; DPO's
+    implicit rewards, against the reference computed during training, move away from 0; a DPO run resumed from a
+    checkpoint ends bit-identical (adapters and AdamW moments); every script's learning rate defaults to 10×."""
     flags = ["--batch-size", "16", "--max-length", "64", "--lora-r", "8"]
     data = {k: toy_data_file(tmp_path / f"{k}.jsonl", k, 40) for k in ("sft", "preference", "prompt")}
     sft, rm = str(tmp_path / "sft"), str(tmp_path / "rm")
@@ -128,8 +132,16 @@ def test_every_trainer_through_its_command_line(tmp_path, toy_base):
         ["reward_model.py", "--model-name", sft, "--dataset-name", data["preference"], "--output-dir", rm, *flags]
     )
     dpo_flags = ["dpo.py", "--model-name", sft, "--dataset-name", data["preference"], *flags, "--checkpoint-every", "1"]
-    out = run_script(dpo_flags + ["--output-dir", str(tmp_path / "dpo")])
+    exp = f"test_lora_dpo_{os.getpid()}_{int(time.time())}"
+    out = run_script(dpo_flags + ["--output-dir", str(tmp_path / "dpo"), "--exp-name", exp])
     assert "eval/loss 0.6931" in out and "the reference the policy with its adapters off" in out
+    # the reference computed during training (no --precompute-ref-logprobs): once the policy moved (after step 1),
+    # the implicit rewards β(log π − log π_ref) are not 0, beyond β × float32 rounding of the log-probabilities (48
+    # eps of their magnitude, as in test_dpo.py); with the policy as its own reference they would be exactly 0
+    logged, beta = tensorboard_scalars(exp), read_json(tmp_path / "dpo" / "training_args.json")["args"]["beta"]
+    logprobs = logged["train/logprobs/chosen"] + logged["train/logprobs/rejected"]
+    tol = beta * 48 * torch.finfo(torch.float32).eps * max(abs(x) for x in logprobs)
+    assert max(abs(x) for x in logged["train/rewards/chosen"] + logged["train/rewards/rejected"]) > tol
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "dpo" / "resume" / "step_0000001", resumed / "resume" / "step_0000001")
     assert "at step 1" in run_script(dpo_flags + ["--resume", "--output-dir", str(resumed)])
@@ -141,6 +153,10 @@ def test_every_trainer_through_its_command_line(tmp_path, toy_base):
         result = result_of(tmp_path / script)
         assert "adapters off" in out and result["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
         assert abs(result["objective/kl"]) > 1e-4
+    # LoRA's default learning rate is 10× the script's own: on local data files (not the toy task) every script's
+    # default is the pretrained LMs' 3e-6 (Args and __main__ of each), so 3e-5 in all five
+    for run in (sft, rm, tmp_path / "dpo", tmp_path / "ppo.py", tmp_path / "grpo.py"):
+        assert read_json(os.path.join(run, "training_args.json"))["args"]["learning_rate"] == pytest.approx(3e-5), run
 
 
 def test_lora_refusals_and_adapter_folders(tmp_path, toy_base):

@@ -208,3 +208,58 @@ def test_reward_fns_that_cannot_run_stop_before_any_model_loads(counted, tmp_pat
         ("test_rewards:never,test_rewards:never", data, "two functions of one name"),  # both rewards/never
     ]:
         assert want in script_error(flags("grpo.py", policy, data_path, tmp_path, *spec.split(",")))
+
+
+def always_one(prompts, completions, **columns):
+    return [1.0] * len(prompts)
+
+
+def test_reward_weights_name_the_reward_model_first(counted, tmp_path):
+    """A reward model and a function together: --reward-weights go to the reward model first, then the functions in
+    their order. Weights 0.5 and 2, the function 1 everywhere: each score is 0.5 × the reward model's + 2, so their
+    mean is 0.5 × rewards/reward_model + 2 (the weights the other way round: 0.5 + 2 × it, another number unless the
+    reward model's mean is 1)."""
+    from conftest import result_of, run_script, toy_reward_model
+
+    import common
+
+    policy, data = counted
+    rm = str(tmp_path / "rm")
+    toy_reward_model(policy).save_pretrained(rm)
+    common.load_tokenizer(policy).save_pretrained(rm)
+    run_script(
+        flags("grpo.py", policy, data, tmp_path / "out", "test_rewards:always_one")
+        + ["--reward-model-name", rm, "--reward-weights", "0.5", "2"]
+    )
+    result = result_of(tmp_path / "out")
+    assert result["rewards/always_one"] == 1.0 and abs(result["rewards/reward_model"] - 1) > 0.01
+    assert result["objective/scores"] == pytest.approx(0.5 * result["rewards/reward_model"] + 2, rel=1e-5)
+
+
+def is_conversational(prompts, completions, **columns):
+    """1 where the prompt is a message list ending in the user's turn and the completion is
+    [{"role": "assistant", "content": text}] (TRL's convention for conversational data), else 0."""
+    return [
+        float(
+            isinstance(p, list)
+            and p[-1]["role"] == "user"
+            and isinstance(c, list)
+            and [set(m) for m in c] == [{"role", "content"}]
+            and c[0]["role"] == "assistant"
+            and isinstance(c[0]["content"], str)
+        )
+        for p, c in zip(prompts, completions)
+    ]
+
+
+def test_conversational_rows_reach_reward_fns_as_message_lists(hub_model, chat_data, tmp_path):
+    """On conversational prompts (message lists), a reward function gets the prompts as message lists and each
+    completion as a list of one assistant message: is_conversational is 1 on every sample."""
+    from conftest import result_of, run_script
+
+    run_script(
+        f"grpo.py --model-name {hub_model} --dataset-name {chat_data['prompt']} --batch-size 8 --group-size 2 "
+        "--num-epochs 0.3 --num-minibatches 1 --max-length 128 --response-length 8 --kl-coef 0 "
+        f"--reward-fn test_rewards:is_conversational --output-dir {tmp_path}".split()
+    )
+    assert result_of(tmp_path)["rewards/is_conversational"] == 1.0
