@@ -492,6 +492,9 @@ def with_lora(model, args, head=False):
     if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
         model.enable_input_require_grads()
     targets = args.lora_target_modules
+    tied = {"lm_head", "embed_tokens"} & set(targets)
+    if tied and model.config.get_text_config().tie_word_embeddings:  # a merge would change both
+        raise SystemExit(f"--lora-target-modules {' '.join(tied)}: the model ties its embeddings; leave it out")
     heads = ["score"] if head else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     config.target_modules = targets[0] if targets == ["all-linear"] else targets

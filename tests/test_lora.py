@@ -187,6 +187,23 @@ def test_lora_refusals_and_adapter_folders(tmp_path, toy_base):
     )  # 10 × 3e-6
 
 
+def test_a_tied_head_is_refused_and_an_untied_one_merges_exactly(toy_base):
+    """The toy model ties its LM head to its embeddings: merging an lm_head adapter would change the embeddings
+    too, so targeting it is refused in one line. Untied, the merged model gives the adapter model's logits."""
+    tied = AutoModelForCausalLM.from_pretrained(toy_base)
+    lm_head = SimpleNamespace(**{**vars(LORA), "lora_target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(SystemExit, match="lm_head: the model ties its embeddings"):
+        dpo.with_lora(tied, lm_head)
+    untied = AutoModelForCausalLM.from_pretrained(toy_base, tie_word_embeddings=False)
+    model = dpo.with_lora(untied, lm_head)
+    randomise_adapters(model)
+    ids = torch.tensor([toy_task.make_tokenizer()("the plot was great")["input_ids"]])
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        got = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=300 * 1.2e-7 * want.abs().max().item())
+
+
 def test_sampling_through_adapters_ignores_the_checkpoints_generation_config(toy_base):
     """common.generate swaps a blank generation config into the model that generates: inside a LoRA model (peft)
     too, so a checkpoint's no_repeat_ngram_size does not reach its samples (B = 0: they are the plain model's)."""
