@@ -1,10 +1,8 @@
-"""Direct Preference Optimization (DPO) and its main variants: IPO, cDPO, hinge (SLiC), robust DPO, RPO.
+"""Direct Preference Optimization (DPO) and its variants: IPO, cDPO, hinge (SLiC), robust DPO, RPO.
 
-Rafailov et al. 2023: the KL-regularised objective max E[r] − β KL(π ‖ π_ref) is maximised by π*(y|x) ∝
-π_ref(y|x) exp(r(x, y)/β) (their eq. 4), so the reward is implied by the policy, r̂ = β log π/π_ref + const, and
-the Bradley–Terry likelihood of the preferences can be maximised over π directly (eq. 7): −log σ(r̂_c − r̂_r).
-The policy starts from the SFT model; a frozen copy is π_ref. Sequence log-probabilities sum over the response
-tokens and their end token; each prompt runs once, and both responses on its cached keys and values.
+Rafailov et al. 2023: the reward is implied by the policy, r̂ = β log π/π_ref + const (their eq. 4),
+so the Bradley–Terry likelihood of the preferences is maximised over π directly (eq. 7):
+−log σ(r̂_c − r̂_r). The policy starts from the SFT model; a frozen copy is π_ref. See docs/dpo.md.
 
     python dpo.py  # from runs/models/sft on the toy task's pairs, β = 1, CPU, ~3 minutes
     torchrun --nproc_per_node 8 dpo.py --dataset-name trl-lib/tldr-preference --beta 0.05 \
@@ -55,9 +53,9 @@ class Args:
 
     # ---- model, data, optimisation: the same names in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
-    """Hub id or local folder of the model to start from (default: sft.py's); also the frozen reference"""
+    """Hub id or local folder of the model to start from (default: sft.py's) and its reference"""
     dataset_name: str = "toy"
-    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt, chosen, rejected"""
+    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt, chosen, rejected"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_eval_split: str = "test"
@@ -65,7 +63,7 @@ class Args:
     max_length: int | None = None
     """tokens per sequence (prompt, response, end token); default 64 on the toy task, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
-    """a pair over --max-length is dropped, or loses its prompt's oldest tokens after the BOS (keep_end)"""
+    """a pair over --max-length is dropped, or loses its prompt's oldest tokens (keep_end)"""
     batch_size: int = 64
     """pairs per optimizer step, summed over ranks and micro-batches"""
     per_device_batch_size: int | None = None
@@ -73,9 +71,9 @@ class Args:
     num_epochs: float = 1.0
     """passes over the training split"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 5e-4 on the toy task, else 3e-6 (Huang et al.; 5e-7 Zephyr); LoRA: 10×"""
+    """peak AdamW rate; default 5e-4 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
+    """decay after the warmup, to 0 one step after the last"""
     warmup_ratio: float = 0.0
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -87,33 +85,31 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
     """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    """dropout on the adapters' input"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
-    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
+    """modules given adapters; all-linear: every linear layer but the LM head and MoE routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
+    """with --lora-r, save the model with its adapters merged in (adapters: {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out pairs"""
 
     # ---- DPO ----
     beta: float | None = None
-    """β of the KL regularisation; default 1 on the toy task (unit-scale rewards), else 0.05 (Huang et al. 2024)"""
+    """β of the KL regularisation; default 1 on the toy task, else 0.05 (Huang et al. 2024)"""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """sigmoid: DPO (cDPO with --label-smoothing); ipo: Azar et al. 2023; hinge: SLiC-HF; robust: Chowdhury et al."""
+    """sigmoid: DPO (cDPO with --label-smoothing), ipo: IPO, hinge: SLiC-HF, robust: robust DPO"""
     label_smoothing: float = 0.0
-    """probability ε that a label is flipped, in [0, 0.5): cDPO with sigmoid, the noise rate with robust"""
+    """probability ε in [0, 0.5) that a label is flipped (sigmoid: cDPO; robust: the noise rate)"""
     rpo_alpha: float = 0.0
     """weight α of the chosen responses' token-mean NLL added to the loss (RPO, Pang et al. 2024)"""
     share_prompt: bool = True
-    """each prompt once, both responses on its cached keys and values (the same log-probabilities as concatenated
-    prompt + response; off with --gradient-checkpointing, and with dynamic or longrope RoPE past its range)"""
+    """run each prompt once, both responses on its cached keys and values (off where not exact)"""
     precompute_ref_logprobs: bool = False
-    """compute the reference's log-probabilities once before training and free the reference model"""
+    """compute the reference's log-probabilities before training, then free the reference model"""
 
     # ---- derived after parsing, not flags ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -122,25 +118,30 @@ class Args:
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair losses and implicit rewards from (B,) sequence log-probabilities (sums over the response tokens;
-    token means for IPO). With h = (π_c − ref_c) − (π_r − ref_r) and ε = label_smoothing:
+    """Per-pair losses and implicit rewards from (B,) sequence log-probabilities (sums over the
+    response tokens; IPO: token means). h = (π_c − ref_c) − (π_r − ref_r), ε = label_smoothing:
       sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh)              DPO eq. 7 (ε = 0), cDPO (ε > 0)
       ipo:     (h − 1/(2β))²                                 Azar et al. 2023, eq. 17
       hinge:   max(0, 1 − βh)                                 SLiC-HF, Zhao et al. 2023
       robust:  (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1−2ε)    Chowdhury et al. 2024, eq. 5
-    Returns (losses (B,), chosen rewards (B,), rejected rewards (B,)), the rewards β(π − ref) detached."""
-    h, eps = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), label_smoothing
+    Returns losses (B,), chosen and rejected rewards β(π − ref) (B,), detached."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    eps = label_smoothing
+    as_given = F.logsigmoid(beta * h)  # log σ(βh)
+    flipped = F.logsigmoid(-beta * h)  # log σ(−βh)
     if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        losses = -(1 - eps) * as_given - eps * flipped
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        losses = (-(1 - eps) * as_given + eps * flipped) / (1 - 2 * eps)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
 
 
 def token_logprobs(logits, targets, chunk_size=1024):
@@ -165,23 +166,29 @@ def scatter(values, mask):
 
 
 def collate_concatenated(pairs, pad_id):
-    """B pairs -> right-padded input_ids, attention_mask, labels (−100 on prompt and padding), (2B, L): row 2i
-    prompt i + chosen i, row 2i + 1 prompt i + rejected i."""
-    seqs = [p["prompt"] + p[k] for p in pairs for k in ("chosen", "rejected")]
-    labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for p in pairs for k in ("chosen", "rejected")]
-    ids, mask = common.pad(seqs, pad_id), common.attention_mask(seqs)
-    return {"input_ids": ids, "attention_mask": mask, "labels": common.pad(labels, common.IGNORE_INDEX)}
+    """B pairs -> right-padded input_ids, attention_mask, labels (−100 on prompt and padding),
+    (2B, L): row 2i prompt i + chosen i, row 2i + 1 prompt i + rejected i."""
+    both = ("chosen", "rejected")
+    seqs = [p["prompt"] + p[k] for p in pairs for k in both]
+    labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for p in pairs for k in both]
+    return {
+        "input_ids": common.pad(seqs, pad_id),
+        "attention_mask": common.attention_mask(seqs),
+        "labels": common.pad(labels, common.IGNORE_INDEX),
+    }
 
 
 def collate_shared_prompts(pairs, pad_id):
-    """B pairs -> the prompts once, left-padded so every prompt ends at column P − 1 (prompt_ids, prompt_mask,
-    prompt_positions (B, P)), and the responses right-padded (response_ids, response_mask, response_positions
-    (2B, T), row 2i chosen i, 2i + 1 rejected i: the cache's order after batch_repeat_interleave(2))."""
-    prompts, responses = [p["prompt"] for p in pairs], [p[k] for p in pairs for k in ("chosen", "rejected")]
-    prompt_mask, response_mask = common.attention_mask(prompts, "left"), common.attention_mask(responses)
-    # positions count each row's real tokens; padding gets 0 (in range for learned positions, and no dynamic
-    # RoPE rescales for it)
-    response_positions = prompt_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(response_mask.shape[1])
+    """B pairs -> the prompts left-padded, each ending at column P − 1 (prompt_ids, prompt_mask,
+    prompt_positions (B, P)), and the responses right-padded (response_ids, response_mask,
+    response_positions (2B, T), row 2i chosen i, 2i + 1 rejected i: batch_repeat_interleave's order)."""
+    prompts = [p["prompt"] for p in pairs]
+    responses = [p[k] for p in pairs for k in ("chosen", "rejected")]
+    prompt_mask = common.attention_mask(prompts, "left")
+    response_mask = common.attention_mask(responses)
+    # positions count each row's real tokens; padding gets 0 (in range; no dynamic RoPE rescales for it)
+    prompt_lengths = prompt_mask.sum(1).repeat_interleave(2)[:, None]
+    response_positions = prompt_lengths + torch.arange(response_mask.shape[1])
     return {
         "prompt_ids": common.pad(prompts, pad_id, "left"),
         "prompt_mask": prompt_mask,
@@ -193,52 +200,64 @@ def collate_shared_prompts(pairs, pad_id):
 
 
 def prompt_sharing_off(config, args):
-    """Why the prompt-once pass would not equal the concatenated one for this model, or None (they are proven
-    equal for every family in tests/test_families.py, sliding windows included)."""
+    """Why the prompt-once pass would not equal the concatenated one for this model, or None
+    (tests/test_families.py proves them equal)."""
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
     ropes = getattr(config, "rope_parameters", None) or {}
-    for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one setting, or one per layer type (Gemma 3)
+    for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one, or one per layer type
         limit = rope.get("original_max_position_embeddings", config.max_position_embeddings)
         if rope.get("rope_type") in ("dynamic", "longrope") and args.max_length > limit:
-            # its frequencies follow the longest position in each call, so a prompt run alone is scaled otherwise
+            # its frequencies follow the longest position in each call: a prompt alone scales otherwise
             return f"its {rope['rope_type']} RoPE rescales past {limit} positions"
     return None
 
 
 def pair_logprobs(model, batch, bf16=False, average=False):
-    """(chosen (B,), rejected (B,), chosen token counts (B,)): log-probabilities of each pair's responses, from a
-    collate_concatenated batch or a collate_shared_prompts one (the prompt once); `average`: token means (IPO).
-    The LM head runs only where a response token is predicted (logits_to_keep)."""
+    """(chosen (B,), rejected (B,), chosen token counts (B,)): the responses' log-probabilities,
+    from a collate_concatenated or collate_shared_prompts batch; `average`: token means (IPO). The
+    LM head runs only where a response token is predicted (logits_to_keep)."""
     with torch.autocast(next(iter(batch.values())).device.type, dtype=torch.bfloat16, enabled=bf16):
         if "prompt_ids" not in batch:
             labels = batch["labels"][:, 1:]  # (2B, L-1): position t predicts token t + 1
             keep = labels != common.IGNORE_INDEX
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=F.pad(keep, (0, 1))
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=F.pad(keep, (0, 1)),
             ).logits  # (R, V): R response tokens, row-major
-            logprobs, counts = scatter(token_logprobs(logits, labels[keep]), keep).sum(-1), keep.sum(-1)  # (2B,), (2B,)
+            logprobs = scatter(token_logprobs(logits, labels[keep]), keep).sum(-1)  # (2B,)
+            counts = keep.sum(-1)  # (2B,)
         else:
-            # a) the prompts once (B rows), keeping their keys and values; their last position (column P − 1
-            # for every row) predicts response token 0
-            prompt_inputs = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_mask"]}
-            prompt = model(**prompt_inputs, position_ids=batch["prompt_positions"], use_cache=True, logits_to_keep=1)
+            # a) the prompts once (B rows), keeping their keys and values; their last column
+            # predicts response token 0
+            prompt = model(
+                input_ids=batch["prompt_ids"],
+                attention_mask=batch["prompt_mask"],
+                position_ids=batch["prompt_positions"],
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = prompt.past_key_values
-            cache.batch_repeat_interleave(2)  # (B, ...) -> (2B, ...): each prompt's keys and values for both
-            # b) both responses on top; gradients flow back through the cache into the shared prompt
-            ids, m = batch["response_ids"], batch["response_mask"].bool()  # (2B, T)
-            mask = torch.cat([batch["prompt_mask"].repeat_interleave(2, 0), batch["response_mask"]], 1)
+            cache.batch_repeat_interleave(2)  # (B, ...) -> (2B, ...): one per response
+            # b) both responses on top; gradients flow back through the cache into the prompt
+            ids = batch["response_ids"]  # (2B, T)
+            mask = batch["response_mask"].bool()
+            later = mask[:, 1:]  # (2B, T-1): the response tokens after the first
+            prompt_mask = batch["prompt_mask"].repeat_interleave(2, 0)
             rest = model(
                 input_ids=ids,
-                attention_mask=mask,
+                attention_mask=torch.cat([prompt_mask, batch["response_mask"]], 1),
                 position_ids=batch["response_positions"],
                 past_key_values=cache,
-                logits_to_keep=F.pad(m[:, 1:], (0, 1)),  # response position t predicts response token t + 1
-            ).logits  # (R', V): the response tokens after the first
+                logits_to_keep=F.pad(later, (0, 1)),  # response position t predicts token t + 1
+            ).logits  # (R', V)
             first = token_logprobs(prompt.logits[:, -1].repeat_interleave(2, 0), ids[:, 0])  # (2B,)
-            logprobs, counts = first + scatter(token_logprobs(rest, ids[:, 1:][m[:, 1:]]), m[:, 1:]).sum(-1), m.sum(-1)
-    logprobs = logprobs / counts if average else logprobs
-    return logprobs[0::2], logprobs[1::2], counts[0::2]  # rows interleaved: chosen at even, rejected at odd
+            logprobs = first + scatter(token_logprobs(rest, ids[:, 1:][later]), later).sum(-1)
+            counts = mask.sum(-1)
+    if average:
+        logprobs = logprobs / counts
+    return logprobs[0::2], logprobs[1::2], counts[0::2]  # chosen rows even, rejected odd
 
 
 def lr_multiplier(step, num_steps, args):
@@ -252,16 +271,18 @@ def lr_multiplier(step, num_steps, args):
 
 @torch.no_grad()
 def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
-    """(2, P) chosen and rejected log-probabilities of every pair; each rank a share, summed over ranks. The
-    model runs in eval mode and gets its own mode back (a frozen reference stays in eval mode)."""
-    was_training, out = model.training, torch.zeros(2, len(pairs), device=device)
+    """(2, P) chosen and rejected log-probabilities of every pair; each rank a share, summed over
+    ranks. The model runs in eval mode, then gets its mode back (a reference stays in eval mode)."""
+    was_training = model.training
     model.eval()
+    out = torch.zeros(2, len(pairs), device=device)
     collate = collate_shared_prompts if args.share_prompt else collate_concatenated
-    mine = list(range(rank, len(pairs), args.world_size))
-    # as many forward passes on every rank (under FSDP each is a collective): a rank out of pairs keeps none
+    rank_indices = list(range(rank, len(pairs), args.world_size))
+    # as many forward passes on every rank (under FSDP each is a collective)
     for i in range(0, math.ceil(len(pairs) / args.world_size), args.per_device_batch_size):
-        idx = mine[i : i + args.per_device_batch_size]
-        batch = {k: v.to(device) for k, v in collate([pairs[j] for j in idx or [0]], pad_id).items()}
+        idx = rank_indices[i : i + args.per_device_batch_size]
+        batch = collate([pairs[j] for j in idx or [0]], pad_id)  # a rank out of pairs keeps none
+        batch = {k: v.to(device) for k, v in batch.items()}
         chosen, rejected, _ = pair_logprobs(model, batch, args.bf16, args.loss_type == "ipo")
         out[:, idx] = torch.stack([chosen, rejected])[:, : len(idx)]
     if dist.is_initialized():
@@ -270,18 +291,19 @@ def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
     return out
 
 
-def pair_metrics(losses, rc, rr, pc, pr, nll):
-    """The logged statistics of a set of pairs, by name, as sums over the pairs (divided by their number when
-    logged). loss: the preference loss alone; nll/chosen: the chosen responses' token-mean NLL (RPO adds α × it)."""
+@torch.no_grad()
+def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected, chosen_nll):
+    """The logged statistics of B pairs by name, as sums over the pairs, from (B,) tensors: the
+    preference losses, rewards, log-probabilities and the chosen responses' token-mean NLL."""
     return {
         "loss": losses.sum(),
-        "rewards/chosen": rc.sum(),
-        "rewards/rejected": rr.sum(),
-        "rewards/accuracies": (rc > rr).float().sum(),
-        "rewards/margins": (rc - rr).sum(),
-        "logprobs/chosen": pc.sum(),
-        "logprobs/rejected": pr.sum(),
-        "nll/chosen": nll.sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logprobs/chosen": chosen.sum(),
+        "logprobs/rejected": rejected.sum(),
+        "nll/chosen": chosen_nll.sum(),
     }
 
 
@@ -421,68 +443,89 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     lr_default = args.learning_rate is None
-    for name, toy, other in (("max_length", 64, 1024), ("learning_rate", 5e-4, 3e-6), ("beta", 1.0, 0.05)):
-        if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
+    # defaults that depend on the task: the toy task's, else pretrained LMs'
+    defaults = {"max_length": (64, 1024), "learning_rate": (5e-4, 3e-6), "beta": (1.0, 0.05)}
+    for name, (toy, other) in defaults.items():
+        if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
-    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+    if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
         args.learning_rate *= 10
-    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and args.loss_type not in ("sigmoid", "robust")):
+    smoothed = args.loss_type in ("sigmoid", "robust")
+    if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and not smoothed):
         raise ValueError("--label-smoothing is a flip probability in [0, 0.5) for --loss-type sigmoid (cDPO) or robust")
+    average = args.loss_type == "ipo"  # IPO's log-probabilities are token means
+    loss_kwargs = {  # dpo_loss's hyperparameters
+        "beta": args.beta,
+        "loss_type": args.loss_type,
+        "label_smoothing": args.label_smoothing,
+    }
     rank, device = setup(args)
-    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.grad_accum_steps, rest = divmod(args.batch_size, args.per_device_batch_size * args.world_size)
+    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
+    args.per_device_batch_size = per_device
+    args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
 
-    # 1. the policy and its frozen reference, both from the SFT model, dropout off (else π ≠ π_ref at the start)
+    # 1. the policy and its frozen reference, both from the SFT model, dropout off (so π = π_ref)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
+    hint = ": run `python sft.py` first, or pass --model-name"
+    tokenizer = common.load_tokenizer(args.model_name, hint)
     config = common.without_dropout(AutoConfig.from_pretrained(args.model_name))
     models = []
-    for trained in [True] if args.lora_r else [True, False]:  # loaded on the CPU, then onto the device one at a time
+    for trained in [True] if args.lora_r else [True, False]:  # each onto the device in turn
         m = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=torch.float32)
         common.fit_model(m, tokenizer, args.max_length)
         if args.gradient_checkpointing and trained:
             m.gradient_checkpointing_enable()
         models.append(to_device(m.train(trained).requires_grad_(trained), device, args))
     model = with_lora(models[0], args) if args.lora_r else models[0]
-    ref_model = AdaptersOff(model) if args.lora_r else models[1]  # LoRA: the policy with its adapters off
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
-    why_not = prompt_sharing_off(config, args)  # 2. the prompt once, unless a stated rule says otherwise
+    # LoRA: the reference is the policy with its adapters off
+    ref_model = AdaptersOff(model) if args.lora_r else models[1]
+    train_model = model
+    if args.world_size > 1 and not args.fsdp:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+
+    # 2. the prompt once, unless a stated rule says otherwise
+    why_not = prompt_sharing_off(config, args)
     if args.share_prompt and why_not and rank == 0:
         print(f"--share-prompt is off: {why_not}; prompt and response are concatenated")
     args.share_prompt = args.share_prompt and not why_not
     collate = collate_shared_prompts if args.share_prompt else collate_concatenated
 
-    # 3. data: prompt + chosen, prompt + rejected, each ending with its end token; ties and long pairs dropped
-    split_names = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *split_names, seed=args.seed)
-    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length, args.truncation_mode)
-    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length, args.truncation_mode)
+    # 3. data: prompt + chosen, prompt + rejected, each with its end token; ties, long pairs dropped
+    splits = (args.dataset_train_split, args.dataset_eval_split)
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *splits, seed=args.seed)
+    cut = (args.max_length, args.truncation_mode)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, *cut)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, *cut)
     if rank == 0:
-        common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
+        common.report("train pairs", train_stats)
+        common.report("eval pairs", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size
     if args.num_steps < 1:
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]  # less padding
-    schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
-    # the reference's log-probabilities: of the eval pairs once; of the training pairs per batch, or all at once
-    # now (--precompute-ref-logprobs), after which the reference model is freed
-    ref_eval = all_pair_logprobs(ref_model, eval_pairs, tokenizer.pad_token_id, args, device, rank)  # (2, P)
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
+    # micro-batches of like lengths: less padding
+    schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
+    pad_id = tokenizer.pad_token_id
+    # the reference's log-probabilities (2, P): of the eval pairs now; of the training pairs now
+    # (--precompute-ref-logprobs, then the reference is freed) or per batch
+    ref_eval = all_pair_logprobs(ref_model, eval_pairs, pad_id, args, device, rank)
     ref_train = None
     if args.precompute_ref_logprobs:
-        ref_train = all_pair_logprobs(ref_model, train_pairs, tokenizer.pad_token_id, args, device, rank)
+        ref_train = all_pair_logprobs(ref_model, train_pairs, pad_id, args, device, rank)
         del ref_model
     eval_chosen_tokens = torch.tensor([len(p["chosen"]) for p in eval_pairs], device=device)
 
     def evaluate():
-        """Held-out means of pair_metrics over every eval pair."""
-        pc, pr = all_pair_logprobs(model, eval_pairs, tokenizer.pad_token_id, args, device, rank)
-        losses, rc, rr = dpo_loss(pc, pr, *ref_eval, args.beta, args.loss_type, args.label_smoothing)
-        nll = -(pc if args.loss_type == "ipo" else pc / eval_chosen_tokens)
-        return {k: (v / len(eval_pairs)).item() for k, v in pair_metrics(losses, rc, rr, pc, pr, nll).items()}
+        """Held-out means of pair_metrics."""
+        chosen, rejected = all_pair_logprobs(model, eval_pairs, pad_id, args, device, rank)
+        losses, *rewards = dpo_loss(chosen, rejected, *ref_eval, **loss_kwargs)
+        chosen_nll = -(chosen if average else chosen / eval_chosen_tokens)
+        sums = pair_metrics(losses, *rewards, chosen, rejected, chosen_nll)
+        return {name: (value / len(eval_pairs)).item() for name, value in sums.items()}
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -497,51 +540,66 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        how = "each prompt run once for both responses" if args.share_prompt else "prompt and response concatenated"
-        how += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off" if args.lora_r else ""
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval, {args.num_steps} steps, {sizes}, {how}")
+        how = "prompt and response concatenated"
+        if args.share_prompt:
+            how = "each prompt run once for both responses"
+        if args.lora_r:
+            how += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}"
+        print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps")
+        print(f"{sizes}, {how}")
 
     optimizer = torch.optim.AdamW(
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
+    first_step = 0
+    if args.resume:
+        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
     if first_step == 0:
-        initial = evaluate()  # the policy is the reference: every loss is its value at h = 0 (sigmoid: ln 2)
+        initial = evaluate()  # the policy is the reference: each loss is its value at h = 0
         if rank == 0:
             print(f"at initialisation: eval/loss {initial['loss']:.4f} (ln 2 = {math.log(2):.4f})")
-    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), {}, 0, 0
-    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, step)))  # random numbers from (seed, rank, step): resumable
+    log_every = 10  # optimizer steps between logs of the train/ statistics
+    per_rank = args.batch_size // args.world_size
+    start = time.time()
+    tokens_seen = 0
+    log_stats, log_pairs = {}, 0
+    steps = range(first_step, args.num_steps)
+    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, step)))  # from (seed, rank, step): resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 4. one optimizer step on the global batch of pairs: each rank its slice, in micro-batches; each
-        # micro-batch's sum over pairs divided by the global batch size, so the loss is a mean over all its pairs
-        mine = schedule[step][rank * per_rank : (rank + 1) * per_rank]
+        # 4. one optimizer step on the global batch: each rank its slice, in micro-batches; each
+        # micro-batch's sum over pairs divided by the global batch size: a mean over all its pairs
+        global_batch = [train_pairs[i] for i in schedule[step]]
+        rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
         step_stats = {}
         for k in range(args.grad_accum_steps):
-            idx = mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-            batch = collate([train_pairs[i] for i in idx], tokenizer.pad_token_id)
+            idx = rank_indices[k * per_device : (k + 1) * per_device]
+            batch = collate([train_pairs[i] for i in idx], pad_id)
             batch = {key: v.to(device) for key, v in batch.items()}
             if ref_train is not None:
-                ref_c, ref_r = ref_train[0, idx], ref_train[1, idx]
+                ref_logprobs = ref_train[:, idx]  # (2, b): chosen, rejected
             else:
                 with torch.no_grad():
-                    ref_c, ref_r, _ = pair_logprobs(ref_model, batch, args.bf16, args.loss_type == "ipo")
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once per step
-            pol_c, pol_r, n_chosen = pair_logprobs(train_model, batch, args.bf16, args.loss_type == "ipo")
-            losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
-            chosen_nll = -(pol_c if args.loss_type == "ipo" else pol_c / n_chosen)  # a token mean per pair
-            loss = (losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size  # RPO adds α × the chosen NLL
-            (loss * args.world_size).backward()  # DDP averages gradients over ranks
-            metrics = pair_metrics(losses.detach(), rc, rr, pol_c.detach(), pol_r.detach(), chosen_nll.detach())
-            accumulate(step_stats, metrics)
+                    ref_logprobs = pair_logprobs(ref_model, batch, args.bf16, average)[:2]
+            # DDP: all-reduce once per step
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
+            chosen, rejected, chosen_tokens = pair_logprobs(train_model, batch, args.bf16, average)
+            losses, *rewards = dpo_loss(chosen, rejected, *ref_logprobs, **loss_kwargs)
+            chosen_nll = -(chosen if average else chosen / chosen_tokens)  # a token mean per pair
+            # RPO adds α × the chosen NLL; DDP averages gradients over ranks, hence × world_size
+            loss = (losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size
+            (loss * args.world_size).backward()
+            accumulate(step_stats, pair_metrics(losses, *rewards, chosen, rejected, chosen_nll))
         step_stats = all_reduce_sums(step_stats, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank: all stop together
+        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # the same on every rank: all stop together
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -549,14 +607,13 @@ if __name__ == "__main__":
         # 5. log: pair-weighted means over all steps since the last log
         accumulate(log_stats, step_stats)
         log_pairs += args.batch_size
-        pairs = [train_pairs[i] for i in schedule[step]]
-        tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
-        pairs_seen = (step + 1) * args.batch_size
-        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
+        tokens_seen += sum(len(p["prompt"] * 2 + p["chosen"] + p["rejected"]) for p in global_batch)
+        seen = (step + 1) * args.batch_size  # pairs
+        if writer and ((step + 1) % log_every == 0 or step + 1 == args.num_steps):
             for name, value in log_stats.items():
-                writer.add_scalar(f"train/{name}", value / log_pairs, pairs_seen)
-            writer.add_scalar("train/learning_rate", lr, pairs_seen)
-            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), pairs_seen)
+                writer.add_scalar(f"train/{name}", value / log_pairs, seen)
+            writer.add_scalar("train/learning_rate", lr, seen)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), seen)
             log_stats, log_pairs = {}, 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}")
@@ -565,13 +622,14 @@ if __name__ == "__main__":
             final = evaluate()
             if writer:
                 for name, value in final.items():
-                    writer.add_scalar(f"eval/{name}", value, pairs_seen)
-                accuracy, margin = final["rewards/accuracies"], final["rewards/margins"]
+                    writer.add_scalar(f"eval/{name}", value, seen)
+                accuracy = final["rewards/accuracies"]
+                margin = final["rewards/margins"]
                 tqdm.write(
                     f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {accuracy:.4f}, margin {margin:.4f}"
                 )
 
-    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left to write
+    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left
         final = evaluate()
 
     # 6. save the policy, its tokenizer and the results (evaluate.py measures it against the optimum)
@@ -579,11 +637,13 @@ if __name__ == "__main__":
     if rank == 0:
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         print(f"saved to {args.output_dir}: {final}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
-    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    if dist.is_initialized():
         dist.barrier()
         del train_model
         dist.destroy_process_group()

@@ -1,14 +1,14 @@
 """Reward modelling: fit a scalar reward to pairwise human preferences (Bradley–Terry).
 
-Stiennon et al. 2020 (§3.4) and Ouyang et al. 2022 (§3.5): a copy of the SFT model with a scalar head reads
-prompt + response and outputs r(x, y) at the response's end token. Training maximises log σ(r(x, y_chosen) −
-r(x, y_rejected)). Afterwards the mean reward of reference responses is stored as `config.reward_bias`, so that
-r − reward_bias scores them 0 on average (Stiennon et al.). PPO scores its samples with this model and starts its
-value function from it.
+Stiennon et al. 2020 (§3.4) and Ouyang et al. 2022 (§3.5): the SFT model with a scalar head reads
+prompt + response and outputs r(x, y) at the response's end token; training maximises
+log σ(r(x, y_c) − r(x, y_r)). The mean reward of reference responses is then stored as
+`config.reward_bias`, so that r − reward_bias scores them 0 on average. See docs/reward_model.md.
 
     python reward_model.py  # from runs/models/sft on the toy task's pairs, CPU, ~2.5 minutes
     torchrun --nproc_per_node 8 reward_model.py --dataset-name trl-lib/tldr-preference \
-        --reference-dataset-name trl-lib/tldr --learning-rate 3e-6 --per-device-batch-size 8 --max-length 640 --bf16
+        --reference-dataset-name trl-lib/tldr --learning-rate 3e-6 --per-device-batch-size 8 \
+        --max-length 640 --bf16
 """
 
 import copy
@@ -58,7 +58,7 @@ class Args:
     model_name: str = os.path.join("runs", "models", "sft")
     """Hub id or local folder of the model to start from (default: sft.py's)"""
     dataset_name: str = "toy"
-    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt, chosen, rejected"""
+    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt, chosen, rejected"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_eval_split: str = "test"
@@ -66,7 +66,7 @@ class Args:
     max_length: int | None = None
     """tokens per sequence (prompt, response, end token); default 64 on the toy task, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
-    """a pair over --max-length is dropped, or loses its prompt's oldest tokens after the BOS (keep_end)"""
+    """a pair over --max-length is dropped, or loses its prompt's oldest tokens (keep_end)"""
     batch_size: int = 64
     """pairs per optimizer step, summed over ranks and micro-batches"""
     per_device_batch_size: int | None = None
@@ -74,9 +74,9 @@ class Args:
     num_epochs: float = 1.0
     """passes over the training split"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 1e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
+    """peak AdamW rate; default 1e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
+    """decay after the warmup, to 0 one step after the last"""
     warmup_ratio: float = 0.0
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -88,24 +88,23 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
     """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    """dropout on the adapters' input"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
-    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
+    """modules given adapters; all-linear: every linear layer but the LM head and MoE routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
+    """with --lora-r, save the model with its adapters merged in (adapters: {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out pairs"""
 
     # ---- reward model ----
     center_rewards_coefficient: float = 0.0
-    """weight of mean((r_chosen + r_rejected)²), which keeps rewards near 0 (Eisenstein et al. 2023)"""
+    """weight of mean((r_chosen + r_rejected)²), keeping rewards near 0 (Eisenstein et al. 2023)"""
     reference_dataset_name: str | None = None
-    """SFT-format data whose responses score 0 after training; default the toy SFT data, else the chosen responses"""
+    """SFT data whose responses score 0 on average; default toy's, else the chosen responses"""
     num_reference_examples: int = 2000
     """reference responses averaged for that (the first of the dataset)"""
 
@@ -116,24 +115,24 @@ class Args:
 
 
 def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=0.0):
-    """Bradley–Terry NLL of the preferences, a mean over pairs: rewards (B,) of the preferred and the other
-    response, margin (B,) by how much the chosen should win (Llama 2), or None. mean −log σ(r_c − r_r − m)
-    + coef · mean (r_c + r_r)²; logsigmoid keeps huge gaps finite."""
+    """Bradley–Terry NLL of the preferences, a mean over pairs, from the rewards (B,) of the
+    chosen and rejected responses and a margin (B,) the chosen should win by (Llama 2), or None:
+    mean −log σ(r_c − r_r − m) + coef · mean (r_c + r_r)²; logsigmoid keeps huge gaps finite."""
     diff = chosen_rewards - rejected_rewards - (0 if margin is None else margin)
     loss = -F.logsigmoid(diff).mean()
     return loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
 
 
 def rewards_at_eos(model, input_ids, attention_mask):
-    """(N,) rewards of right-padded sequences (N, L), minus `config.reward_bias`. Hugging Face's classifiers read
-    the head at the last token that is not PAD: with right padding and PAD never an end token
-    (common.load_tokenizer), the response's end token, which causal attention keeps blind to the padding after it."""
+    """(N,) rewards of right-padded sequences (N, L), minus `config.reward_bias`, read at the last
+    token that is not PAD: the response's end token (PAD is never an end token)."""
     bias = getattr(getattr(model, "module", model).config, "reward_bias", 0.0)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float() - bias
+    rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+    return rewards.float() - bias
 
 
 def collate_pairs(pairs, pad_id):
-    """B pairs -> right-padded input_ids and attention_mask (2B, L): chosen rows first, then rejected."""
+    """B pairs -> right-padded input_ids, attention_mask (2B, L): chosen rows, then rejected."""
     seqs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
     return {"input_ids": common.pad(seqs, pad_id), "attention_mask": common.attention_mask(seqs)}
 
@@ -151,14 +150,16 @@ def lr_multiplier(step, num_steps, args):
 def score(model, seqs, pad_id, args, device, rank):
     """Rewards (N,) of token-id sequences, in order; each rank scores a share, summed over ranks."""
     model.eval()
-    out, mine = torch.zeros(len(seqs), device=device), list(range(rank, len(seqs), args.world_size))
-    # as many forward passes on every rank (under FSDP each is a collective): a rank out of sequences keeps none
+    out = torch.zeros(len(seqs), device=device)
+    rank_indices = list(range(rank, len(seqs), args.world_size))
+    # as many forward passes on every rank (under FSDP each is a collective)
     for i in range(0, math.ceil(len(seqs) / args.world_size), 2 * args.per_device_batch_size):
-        idx = mine[i : i + 2 * args.per_device_batch_size]
-        batch = [seqs[j] for j in idx or [0]]
+        idx = rank_indices[i : i + 2 * args.per_device_batch_size]
+        batch = [seqs[j] for j in idx or [0]]  # a rank out of sequences keeps none
+        ids = common.pad(batch, pad_id).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            r = rewards_at_eos(model, common.pad(batch, pad_id).to(device), common.attention_mask(batch).to(device))
-        out[idx] = r[: len(idx)]
+            rewards = rewards_at_eos(model, ids, common.attention_mask(batch).to(device))
+        out[idx] = rewards[: len(idx)]
     if dist.is_initialized():
         dist.all_reduce(out)
     model.train()
@@ -166,15 +167,15 @@ def score(model, seqs, pad_id, args, device, rank):
 
 
 def reward_metrics(rewards, num_pairs):
-    """The logged statistics by name, as sums over pairs, from the rewards (2B,) of B pairs' chosen, then rejected
-    responses."""
-    rc, rr = rewards[:num_pairs], rewards[num_pairs:]
+    """The logged statistics by name, as sums over pairs, from the rewards (2B,) of B pairs' chosen,
+    then rejected responses."""
+    chosen, rejected = rewards[:num_pairs], rewards[num_pairs:]
     return {
-        "loss": reward_loss(rc, rr) * len(rc),
-        "accuracy": (rc > rr).float().sum(),
-        "margin": (rc - rr).sum(),
-        "reward_chosen": rc.sum(),
-        "reward_rejected": rr.sum(),
+        "loss": reward_loss(chosen, rejected) * num_pairs,
+        "accuracy": (chosen > rejected).float().sum(),
+        "margin": (chosen - rejected).sum(),
+        "reward_chosen": chosen.sum(),
+        "reward_rejected": rejected.sum(),
     }
 
 
@@ -301,50 +302,67 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     lr_default = args.learning_rate is None
-    for name, toy, other in (("max_length", 64, 1024), ("learning_rate", 1e-3, 3e-6)):
-        if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
+    # defaults that depend on the task: the toy task's, else pretrained LMs'
+    defaults = {"max_length": (64, 1024), "learning_rate": (1e-3, 3e-6)}
+    for name, (toy, other) in defaults.items():
+        if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
-    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+    if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
         args.learning_rate *= 10
     if on_toy and args.reference_dataset_name is None:
         args.reference_dataset_name = "toy"
     rank, device = setup(args)
-    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.grad_accum_steps, rest = divmod(args.batch_size, args.per_device_batch_size * args.world_size)
+    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
+    args.per_device_batch_size = per_device
+    args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
 
     # 1. the SFT model with a scalar head, dropout off (it makes rewards noisy: Huang et al. 2024)
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
-    config = common.without_dropout(AutoConfig.from_pretrained(args.model_name, num_labels=1, reward_bias=0.0))
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+    hint = ": run `python sft.py` first, or pass --model-name"
+    tokenizer = common.load_tokenizer(args.model_name, hint)
+    config = AutoConfig.from_pretrained(args.model_name, num_labels=1, reward_bias=0.0)
+    config = common.without_dropout(config)
+    model_class = AutoModelForSequenceClassification
+    model = model_class.from_pretrained(args.model_name, config=config, dtype=torch.float32)
     common.fit_model(model, tokenizer, args.max_length)
-    # head ~ N(0, 1/√(d + 1)), as in Stiennon et al.'s and Huang et al.'s; drawn before sharding, so every rank
-    # holds rank 0's (DDP broadcasts it; FSDP keeps the head's single row on rank 0)
+    # head ~ N(0, 1/√(d + 1)) (Stiennon et al.), drawn before sharding: rank 0's on every rank
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.lora_r:  # the adapters, and the head in full
         model = with_lora(model, args, head=True)
     model = to_device(model.train(), device, args)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
+    train_model = model
+    if args.world_size > 1 and not args.fsdp:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
 
-    # 2. data: prompt + chosen, prompt + rejected, each ending with its end token; ties and long pairs dropped
-    split_names = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *split_names, seed=args.seed)
-    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, args.max_length, args.truncation_mode)
-    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, args.max_length, args.truncation_mode)
+    # 2. data: prompt + chosen, prompt + rejected, each with its end token; ties, long pairs dropped
+    splits = (args.dataset_train_split, args.dataset_eval_split)
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *splits, seed=args.seed)
+    cut = (args.max_length, args.truncation_mode)
+    train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, *cut)
+    eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, *cut)
     if rank == 0:
-        common.report("train pairs", train_stats), common.report("eval pairs", eval_stats)
+        common.report("train pairs", train_stats)
+        common.report("eval pairs", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_pairs)) // args.batch_size
     if args.num_steps < 1:
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]  # less padding
-    schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
+    # micro-batches of like lengths: less padding
+    schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
+    pad_id = tokenizer.pad_token_id
     eval_seqs = [p["prompt"] + p[k] for k in ("chosen", "rejected") for p in eval_pairs]
+
+    def evaluate():
+        """Held-out means of reward_metrics; the rewards (2P,)."""
+        rewards = score(model, eval_seqs, pad_id, args, device, rank)
+        sums = reward_metrics(rewards, len(eval_pairs))
+        return {name: (value / len(eval_pairs)).item() for name, value in sums.items()}, rewards
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -359,39 +377,52 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps, {sizes}")
+        print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps")
+        print(f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}")
 
     optimizer = torch.optim.AdamW(
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
-    per_rank, start, log_stats, log_pairs, tokens_seen = args.batch_size // args.world_size, time.time(), {}, 0, 0
-    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, step)))  # random numbers from (seed, rank, step): resumable
+    first_step = 0
+    if args.resume:
+        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
+    log_every = 10  # optimizer steps between logs of the train/ statistics
+    per_rank = args.batch_size // args.world_size
+    start = time.time()
+    tokens_seen = 0
+    log_stats, log_pairs = {}, 0
+    steps = range(first_step, args.num_steps)
+    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, step)))  # from (seed, rank, step): resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches; each micro-batch's
-        # mean weighted by its share of the global batch, so the loss is a mean over all its pairs
+        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches; each
+        # micro-batch's mean weighted by its share of the global batch: a mean over all its pairs
         global_batch = [train_pairs[i] for i in schedule[step]]
-        mine = global_batch[rank * per_rank : (rank + 1) * per_rank]
+        rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
         step_stats = {}
         for k in range(args.grad_accum_steps):
-            micro = mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-            batch = {key: v.to(device) for key, v in collate_pairs(micro, tokenizer.pad_token_id).items()}
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once per step
+            idx = rank_indices[k * per_device : (k + 1) * per_device]
+            batch = collate_pairs([train_pairs[i] for i in idx], pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            # DDP: all-reduce once per step
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                r = rewards_at_eos(train_model, **batch)  # (2b,)
-            rc, rr = r[: len(micro)], r[len(micro) :]  # (b,) chosen, (b,) rejected
-            loss = reward_loss(rc, rr, center_rewards_coefficient=args.center_rewards_coefficient)
-            (loss * len(micro) / args.batch_size * args.world_size).backward()  # DDP averages over ranks
-            accumulate(step_stats, reward_metrics(r.detach(), len(micro)))
+                rewards = rewards_at_eos(train_model, **batch)  # (2b,): b chosen, then b rejected
+            chosen, rejected = rewards[: len(idx)], rewards[len(idx) :]
+            coefficient = args.center_rewards_coefficient
+            loss = reward_loss(chosen, rejected, center_rewards_coefficient=coefficient)
+            # DDP averages gradients over ranks, hence × world_size
+            (loss * len(idx) / args.batch_size * args.world_size).backward()
+            accumulate(step_stats, reward_metrics(rewards.detach(), len(idx)))
         step_stats = all_reduce_sums(step_stats, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank: all stop together
+        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # the same on every rank: all stop together
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -399,32 +430,32 @@ if __name__ == "__main__":
         # 4. log: pair-weighted means over all steps since the last log
         accumulate(log_stats, step_stats)
         log_pairs += args.batch_size
-        tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in global_batch)
-        pairs_seen = (step + 1) * args.batch_size
-        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
+        tokens_seen += sum(len(p["prompt"] * 2 + p["chosen"] + p["rejected"]) for p in global_batch)
+        seen = (step + 1) * args.batch_size  # pairs
+        if writer and ((step + 1) % log_every == 0 or step + 1 == args.num_steps):
             for name, value in log_stats.items():
-                writer.add_scalar(f"train/{name}", value / log_pairs, pairs_seen)
-            writer.add_scalar("train/learning_rate", lr, pairs_seen)
-            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), pairs_seen)
+                writer.add_scalar(f"train/{name}", value / log_pairs, seen)
+            writer.add_scalar("train/learning_rate", lr, seen)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), seen)
             log_stats, log_pairs = {}, 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}")
             save_checkpoint(path, model, optimizer, {"step": step + 1, "run": run}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
-            r = score(model, eval_seqs, tokenizer.pad_token_id, args, device, rank)
-            final = {k: (v / len(eval_pairs)).item() for k, v in reward_metrics(r, len(eval_pairs)).items()}
+            final, _ = evaluate()
             if writer:
                 for name, value in final.items():
-                    writer.add_scalar(f"eval/{name}", value, pairs_seen)
+                    writer.add_scalar(f"eval/{name}", value, seen)
                 tqdm.write(f"step {step + 1}: eval/accuracy {final['accuracy']:.4f}, eval/loss {final['loss']:.4f}")
 
-    # 5. normalise: the reference responses' mean reward becomes config.reward_bias, so that they score 0
-    # (Stiennon et al. 2020; Huang et al. 2024). One over --max-length would be read mid-response (or, in a
-    # chat, after a user turn that ends like an assistant's): skipped
+    # 5. normalise: the reference responses' mean reward becomes config.reward_bias, so that they
+    # score 0 (Stiennon et al. 2020). One over --max-length would be read mid-response: skipped
     if args.reference_dataset_name is not None:
-        ref_ds = common.load_splits(args.reference_dataset_name, "sft", flag="--reference-dataset-name")[0]
+        flag = "--reference-dataset-name"
+        ref_ds = common.load_splits(args.reference_dataset_name, "sft", flag=flag)[0]
         ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
-        ref_seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, ref_ds, 10**9)[0]]  # none cut
+        no_limit = 10**9  # a --max-length no response reaches: each tokenized whole
+        ref_seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, ref_ds, no_limit)[0]]
         ref_seqs = [s for s in ref_seqs if len(s) <= args.max_length]
         skipped = len(ref_ds) - len(ref_seqs)
         what = f"{len(ref_seqs)} responses of {args.reference_dataset_name!r} ({skipped} too long or dropped)"
@@ -433,18 +464,19 @@ if __name__ == "__main__":
         what = f"the chosen responses of {len(ref_seqs)} training pairs (--reference-dataset-name for SFT data)"
     if not ref_seqs:
         raise ValueError(f"no reference response fits --max-length {args.max_length} with its end token; raise it")
-    model.config.reward_bias = score(model, ref_seqs, tokenizer.pad_token_id, args, device, rank).mean().item()
-    r = score(model, eval_seqs, tokenizer.pad_token_id, args, device, rank)  # accuracy and margin do not move
-    final = {k: (v / len(eval_pairs)).item() for k, v in reward_metrics(r, len(eval_pairs)).items()}
-    final.update(reward_std=r.std().item(), reward_bias=model.config.reward_bias)
-    if on_toy:  # how close to a perfect reward model; how well the reward follows the gold one on P_ref samples
+    model.config.reward_bias = score(model, ref_seqs, pad_id, args, device, rank).mean().item()
+    final, rewards = evaluate()  # accuracy and margin do not move
+    final.update(reward_std=rewards.std().item(), reward_bias=model.config.reward_bias)
+    # toy task: how close to a perfect reward model; how well it follows the gold one on P_ref's samples
+    if on_toy:
         import toy_task
 
         samples = toy_task.make_dataset("sft", "eval", seed=args.seed)
         seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, samples, args.max_length)[0]]
-        rm = score(model, seqs, tokenizer.pad_token_id, args, device, rank).numpy()
+        learned = score(model, seqs, pad_id, args, device, rank).numpy()
         gold = toy_task.gold_reward(samples["prompt"], samples["completion"])
-        final.update(bayes_accuracy=toy_task.bayes_accuracy(eval_ds), gold_pearson=float(np.corrcoef(rm, gold)[0, 1]))
+        final["bayes_accuracy"] = toy_task.bayes_accuracy(eval_ds)
+        final["gold_pearson"] = float(np.corrcoef(learned, gold)[0, 1])
 
     # 6. save the model (config.reward_bias in its config.json), tokenizer and results
     save_model(model, tokenizer, args.output_dir, rank, args, last=True)
@@ -454,11 +486,13 @@ if __name__ == "__main__":
             writer.add_scalar(f"eval/{name}", value, args.num_steps * args.batch_size)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": final}, f, indent=2, default=str)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         print(f"saved to {args.output_dir}: {final}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
-    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    if dist.is_initialized():
         dist.barrier()
         del train_model
         dist.destroy_process_group()

@@ -1,13 +1,14 @@
 """Supervised fine-tuning (SFT): maximise the likelihood of demonstrations given their prompts.
 
-The first stage of RLHF (Stiennon et al. 2020; Ouyang et al. 2022, §3.5): the next-token cross-entropy on
-the completion and its end token only (every assistant turn of a conversation, ended by the chat
-template's end-of-turn), the prompt masked out. The loss is a mean over every completion token of the
-optimizer step, across micro-batches and ranks, so accumulation and DDP take the step of one big batch.
+The first stage of RLHF (Stiennon et al. 2020; Ouyang et al. 2022, §3.5): the next-token
+cross-entropy on the completion and its end token (every assistant turn of a conversation), the
+prompt masked out; a mean over every completion token of the optimizer step, across micro-batches
+and ranks. See docs/sft.md.
 
     python sft.py  # the toy task: a ~1M-parameter Llama from scratch, CPU, ~4 minutes
-    torchrun --nproc_per_node 8 sft.py --model-name EleutherAI/pythia-1b-deduped --dataset-name trl-lib/tldr \
-        --learning-rate 3e-6 --batch-size 128 --per-device-batch-size 16 --max-length 600 --bf16 --track
+    torchrun --nproc_per_node 8 sft.py --model-name EleutherAI/pythia-1b-deduped \
+        --dataset-name trl-lib/tldr --learning-rate 3e-6 --batch-size 128 \
+        --per-device-batch-size 16 --max-length 600 --bf16 --track
 """
 
 import copy
@@ -55,7 +56,7 @@ class Args:
     model_name: str = "toy"
     """Hub id or local folder of a causal LM; toy: the toy task's tiny Llama, from scratch"""
     dataset_name: str = "toy"
-    """toy, a local .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt + completion, or messages"""
+    """toy, a .jsonl/.json/.parquet/.csv file or folder or Hub id: prompt, completion or messages"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_eval_split: str = "test"
@@ -63,7 +64,7 @@ class Args:
     max_length: int | None = None
     """tokens per example (prompt, completion, end token); default 64 on the toy task, else 1024"""
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
-    """an example over --max-length loses its end (keep_start) or its oldest tokens after the BOS (keep_end)"""
+    """an example over --max-length loses its end (keep_start) or its oldest tokens (keep_end)"""
     batch_size: int = 128
     """examples per optimizer step, summed over ranks and micro-batches"""
     per_device_batch_size: int | None = None
@@ -71,9 +72,9 @@ class Args:
     num_epochs: float | None = None
     """passes over the training split; default 2 on the toy task (a model from scratch), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 3e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
+    """peak AdamW rate; default 3e-3 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """decay after the warmup towards 0, reached one step after the last (as transformers' schedules)"""
+    """decay after the warmup, to 0 one step after the last"""
     warmup_ratio: float = 0.05
     """share of the steps spent warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
@@ -85,16 +86,15 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen (0: full fine-tuning)"""
+    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
     """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    """dropout on the adapters' input"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """names of the modules given adapters; all-linear: peft's, every linear layer of the decoder but the LM head
-    (routers kept, where they are linear layers; fused MoE experts get peft's parameter adapters)"""
+    """modules given adapters; all-linear: every linear layer but the LM head and MoE routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in to --output-dir (they go to {output_dir}/adapter)"""
+    """with --lora-r, save the model with its adapters merged in (adapters: {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out split"""
 
@@ -129,8 +129,8 @@ def token_logprobs(logits, targets, chunk_size=1024):
 
 
 def labelled_nll(model, batch, bf16=False):
-    """(Σ −log p(label) over a collate_sft batch's labelled tokens, their number): the mean NLL's numerator and
-    denominator. Position t predicts token t + 1; the LM head runs only where a label is (logits_to_keep)."""
+    """(Σ −log p(label) over a collate_sft batch's labelled tokens, their number). Position t
+    predicts token t + 1; the LM head runs only where a label is (logits_to_keep)."""
     labels = batch["labels"][:, 1:]  # (B, L-1)
     keep = labels != common.IGNORE_INDEX
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -155,29 +155,37 @@ def lr_multiplier(step, num_steps, args):
 def evaluate(model, examples, pad_id, args, device, rank):
     """Mean NLL per labelled token of every example; each rank a share, summed over ranks."""
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
-    mine = examples[rank :: args.world_size]
-    # as many forward passes on every rank (under FSDP each is a collective): a rank out of examples counts none
+    nll_sum = torch.zeros((), device=device, dtype=torch.float64)
+    num_tokens = torch.zeros((), device=device, dtype=torch.float64)
+    rank_examples = examples[rank :: args.world_size]
+    # as many forward passes on every rank (under FSDP each is a collective)
     for i in range(0, math.ceil(len(examples) / args.world_size), args.per_device_batch_size):
-        batch = common.collate_sft(mine[i : i + args.per_device_batch_size] or examples[:1], pad_id)
-        nll, n = labelled_nll(model, {k: v.to(device) for k, v in batch.items()}, args.bf16)
-        total += torch.stack([nll, n]).double() * (i < len(mine))
+        micro = rank_examples[i : i + args.per_device_batch_size] or examples[:1]  # counts none
+        batch = {k: v.to(device) for k, v in common.collate_sft(micro, pad_id).items()}
+        nll, n = labelled_nll(model, batch, args.bf16)
+        if i < len(rank_examples):
+            nll_sum += nll.double()
+            num_tokens += n.double()
     if dist.is_initialized():
-        dist.all_reduce(total)
+        dist.all_reduce(nll_sum)
+        dist.all_reduce(num_tokens)
     model.train()
-    return (total[0] / total[1]).item()
+    return (nll_sum / num_tokens).item()
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts, args, device):
-    """(prompt, completion) texts sampled at temperature 1, by every rank (under FSDP a forward is a collective)."""
+    """(prompt, completion) texts sampled at temperature 1 by every rank (FSDP: forwards are
+    collectives)."""
     model.eval()
-    batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
+    batch = common.collate_prompts(prompts, tokenizer.pad_token_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
     out = common.generate(
         model, **batch, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, synced_gpus=args.fsdp
     )
     model.train()
-    return [(tokenizer.decode(p), tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, out)]
+    completions = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return list(zip(tokenizer.batch_decode(prompts), completions))
 
 
 def with_lora(model, args, head=False):
@@ -288,27 +296,32 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
-    from_scratch = args.model_name == "toy"  # the toy task's Llama: toy lengths and learning rate on any data
+    from_scratch = args.model_name == "toy"  # the toy task's Llama: toy defaults on any data
     lr_default = args.learning_rate is None
-    for name, toy, other in (("max_length", 64, 1024), ("num_epochs", 2.0, 1.0), ("learning_rate", 3e-3, 3e-6)):
-        if getattr(args, name) is None:  # defaults that depend on the task: the toy task's, else pretrained LMs'
+    # defaults that depend on the task: the toy task's, else pretrained LMs'
+    defaults = {"max_length": (64, 1024), "num_epochs": (2.0, 1.0), "learning_rate": (3e-3, 3e-6)}
+    for name, (toy, other) in defaults.items():
+        if getattr(args, name) is None:
             setattr(args, name, toy if on_toy or from_scratch else other)
-    if args.lora_r and lr_default:  # LoRA wants about 10× full fine-tuning's rate (Schulman et al. 2025; TRL #4207)
+    if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
         args.learning_rate *= 10
-    if on_toy and args.max_length < 30:  # the exact excess over P_ref needs every toy example whole
-        raise ValueError(f"--max-length {args.max_length} cuts toy examples: use at least 30 (6 + 24 tokens)")
+    toy_longest = 30  # tokens of the longest toy example: the excess over P_ref needs them whole
+    if on_toy and args.max_length < toy_longest:
+        raise ValueError(
+            f"--max-length {args.max_length} cuts toy examples: use at least {toy_longest} (6 + 24 tokens)"
+        )
     rank, device = setup(args)
-    args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.grad_accum_steps, rest = divmod(args.batch_size, args.per_device_batch_size * args.world_size)
+    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
+    args.per_device_batch_size = per_device
+    args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
 
     # 1. model and tokenizer (a PAD added where there is none, or where it is an end token)
     from transformers import AutoModelForCausalLM
 
-    tokenizer = common.load_tokenizer(
-        args.model_name, ": pass --model-name a Hub id, or a folder save_pretrained wrote"
-    )
+    hint = ": pass --model-name a Hub id, or a folder save_pretrained wrote"
+    tokenizer = common.load_tokenizer(args.model_name, hint)
     if from_scratch:  # built in memory, the same on every rank
         import toy_task
 
@@ -322,30 +335,35 @@ if __name__ == "__main__":
     if args.lora_r:
         model = with_lora(model, args)
     model = to_device(model, device, args)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 and not args.fsdp else model
+    train_model = model
+    if args.world_size > 1 and not args.fsdp:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
 
-    # 2. data: tokenized whole, prompts masked, every cut counted; one seeded batch schedule for all ranks
-    split_names = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", *split_names, seed=args.seed)
-    mode = (args.train_on_prompt, args.truncation_mode)
-    train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, args.max_length, *mode)
-    eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, args.max_length, *mode)
+    # 2. data: tokenized whole, prompts masked, every cut counted; one seeded batch schedule
+    splits = (args.dataset_train_split, args.dataset_eval_split)
+    train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", *splits, seed=args.seed)
+    cut = (args.max_length, args.train_on_prompt, args.truncation_mode)
+    train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, *cut)
+    eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, *cut)
     if rank == 0:
-        common.report("train data", train_stats), common.report("eval data", eval_stats)
+        common.report("train data", train_stats)
+        common.report("eval data", eval_stats)
     args.num_steps = int(args.num_epochs * len(train_examples)) // args.batch_size
     if args.num_steps < 1:
         raise ValueError(f"{len(train_examples)} training examples make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_examples), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(e["input_ids"]) for e in train_examples]  # micro-batches of like lengths: less padding
-    schedule = [common.group_by_length(b, lengths, args.per_device_batch_size, args.world_size) for b in schedule]
-    prompts = common.encode_dataset(
-        tokenizer, eval_ds.select(range(min(args.num_sample_completions, len(eval_ds)))), "sft"
-    )[0]
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    # micro-batches of like lengths: less padding
+    schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
+    pad_id = tokenizer.pad_token_id
+    sample_ds = eval_ds.select(range(min(args.num_sample_completions, len(eval_ds))))
+    prompts = common.encode_dataset(tokenizer, sample_ds, "sft")[0]
     ref_nll = None
-    if on_toy:  # the exact −log P_ref per token of the same held-out examples: the excess is the model's error
+    if on_toy:  # the exact −log P_ref per token of the held-out examples: the excess is the model's
         import toy_task
 
-        ref_nll = -sum(toy_task.ref_logprob(p, c, None) for p, c in zip(eval_ds["prompt"], eval_ds["completion"]))
+        rows = zip(eval_ds["prompt"], eval_ds["completion"])
+        ref_nll = -sum(toy_task.ref_logprob(p, c, None) for p, c in rows)
         ref_nll /= sum(len(c.split()) + 1 for c in eval_ds["completion"])  # words + EOS
 
     # TRY NOT TO MODIFY: logging
@@ -361,82 +379,99 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {args.per_device_batch_size}"
-        print(f"{run_name}: {len(train_examples)} train / {len(eval_examples)} eval, {args.num_steps} steps, {sizes}")
+        print(f"{run_name}: {len(train_examples)} train / {len(eval_examples)} eval, {args.num_steps} steps")
+        print(f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}")
 
     optimizer = torch.optim.AdamW(
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
-    per_rank, start, log_loss, log_tokens, tokens_seen = args.batch_size // args.world_size, time.time(), 0.0, 0, 0
-    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, step)))  # dropout's random numbers: a resumed run draws the same
+    first_step = 0
+    if args.resume:
+        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
+    log_every = 10  # optimizer steps between logs of the train/ statistics
+    per_rank = args.batch_size // args.world_size
+    start = time.time()
+    tokens_seen = 0
+    log_loss, log_tokens = 0.0, 0
+    steps = range(first_step, args.num_steps)
+    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, step)))  # dropout's random numbers: resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches. Normalised by the
-        # labelled tokens of the whole global batch (every rank knows them): the step of one big batch
+        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches; each
+        # micro-batch's NLL sum divided by the global batch's labelled tokens: a mean over them all
         global_batch = [train_examples[i] for i in schedule[step]]
-        global_tokens = sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in global_batch)
-        mine = global_batch[rank * per_rank : (rank + 1) * per_rank]
+        rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
+        labels = [e["labels"][1:] for e in global_batch]  # position t predicts token t + 1
+        global_tokens = sum(len(y) - y.count(common.IGNORE_INDEX) for y in labels)
         step_loss = torch.zeros((), device=device)
         for k in range(args.grad_accum_steps):
-            micro = common.collate_sft(
-                mine[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size], tokenizer.pad_token_id
-            )
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: all-reduce once per step
-            nll, _ = labelled_nll(train_model, {key: v.to(device) for key, v in micro.items()}, args.bf16)
-            (nll / global_tokens * args.world_size).backward()  # DDP averages over ranks, hence × world_size
+            idx = rank_indices[k * per_device : (k + 1) * per_device]
+            batch = common.collate_sft([train_examples[i] for i in idx], pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            # DDP: all-reduce once per step
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
+            nll, _ = labelled_nll(train_model, batch, args.bf16)
+            # DDP averages gradients over ranks, hence × world_size
+            (nll / global_tokens * args.world_size).backward()
             step_loss += nll.detach()
         if dist.is_initialized():
             dist.all_reduce(step_loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        if not math.isfinite(step_loss.item() + grad_norm.item()):  # the same on every rank: all stop together
+        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # the same on every rank: all stop together
+        if not math.isfinite(step_loss.item() + grad_norm.item()):
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # 4. log: the token-weighted mean loss over all steps since the last log
-        log_loss, log_tokens = log_loss + step_loss.item(), log_tokens + global_tokens
+        log_loss += step_loss.item()
+        log_tokens += global_tokens
         tokens_seen += sum(len(e["input_ids"]) for e in global_batch)
-        examples_seen = (step + 1) * args.batch_size
-        if writer and ((step + 1) % 10 == 0 or step + 1 == args.num_steps):
-            writer.add_scalar("train/loss", log_loss / log_tokens, examples_seen)
-            writer.add_scalar("train/learning_rate", lr, examples_seen)
-            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), examples_seen)
+        seen = (step + 1) * args.batch_size  # examples
+        if writer and ((step + 1) % log_every == 0 or step + 1 == args.num_steps):
+            writer.add_scalar("train/loss", log_loss / log_tokens, seen)
+            writer.add_scalar("train/learning_rate", lr, seen)
+            writer.add_scalar("charts/tokens_per_sec", tokens_seen / (time.time() - start), seen)
             log_loss, log_tokens = 0.0, 0
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             path = os.path.join(args.output_dir, "resume", f"step_{step + 1:07d}")
             save_checkpoint(path, model, optimizer, {"step": step + 1, "run": run}, rank)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
-            eval_loss = evaluate(model, eval_examples, tokenizer.pad_token_id, args, device, rank)
+            eval_loss = evaluate(model, eval_examples, pad_id, args, device, rank)
             samples = sample_completions(model, tokenizer, prompts, args, device) if prompts else []
             if writer:
-                writer.add_scalar("eval/loss", eval_loss, examples_seen)
-                writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), examples_seen)
+                writer.add_scalar("eval/loss", eval_loss, seen)
+                text = "\n\n".join(f"**{p}** → {c}" for p, c in samples)
+                writer.add_text("eval/samples", text, seen)
+                message = f"step {step + 1}: eval/loss {eval_loss:.4f}"
                 if ref_nll is not None:  # toy task: 0 is a perfect copy of P_ref
-                    writer.add_scalar("eval/excess_nll_over_ref", eval_loss - ref_nll, examples_seen)
-                tqdm.write(
-                    f"step {step + 1}: eval/loss {eval_loss:.4f}"
-                    + (f", excess over P_ref {eval_loss - ref_nll:.4f}" if ref_nll else "")
-                )
+                    writer.add_scalar("eval/excess_nll_over_ref", eval_loss - ref_nll, seen)
+                    message += f", excess over P_ref {eval_loss - ref_nll:.4f}"
+                tqdm.write(message)
 
-    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left to write
-        eval_loss = evaluate(model, eval_examples, tokenizer.pad_token_id, args, device, rank)
+    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left
+        eval_loss = evaluate(model, eval_examples, pad_id, args, device, rank)
 
     # 5. save the model, its tokenizer and the results where the next stages look
     save_model(model, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
-        result = {"eval_loss": eval_loss, **({"ref_nll": ref_nll, "excess_nll": eval_loss - ref_nll} if on_toy else {})}
+        result = {"eval_loss": eval_loss}
+        if on_toy:
+            result.update(ref_nll=ref_nll, excess_nll=eval_loss - ref_nll)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump({"args": vars(args), "result": result}, f, indent=2, default=str)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, the process's peak (Linux)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
         print(f"saved to {args.output_dir}: {result}; peak memory of rank 0: {peak / 2**30:.2f} GiB")
         writer.close()
-    if dist.is_initialized():  # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    # every rank waits for rank 0's save; DDP's reducer freed before the process group
+    if dist.is_initialized():
         dist.barrier()
         del train_model
         dist.destroy_process_group()
