@@ -500,7 +500,8 @@ def with_lora(model, args, head=False):
     config.target_modules = targets[0] if targets == ["all-linear"] else targets
     config.modules_to_save = heads or None
     routers = ["router", "gate", "shared_expert_gate"]  # nn.Linear in MoE models: they stay whole
-    config.exclude_modules = routers + heads
+    names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    config.exclude_modules = [m for m in routers if m in names] + heads  # only those there: peft warns
     return get_peft_model(model, config)
 
 
