@@ -487,8 +487,6 @@ def with_lora(model, args, head=False):
     the score head. B starts at 0, so the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
-    if args.fsdp:
-        raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
     if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
         model.enable_input_require_grads()
     targets = args.lora_target_modules
@@ -536,6 +534,8 @@ class AdaptersOff(torch.nn.Module):
 # ---- plumbing: torchrun, FSDP2, saving, resuming (the same text in every script) ----
 def setup(args):
     """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
+    if args.lora_r and args.fsdp:  # before any model loads
+        raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
     rank = int(os.environ.get("RANK", "0"))
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -162,8 +162,8 @@ def test_every_trainer_through_its_command_line(tmp_path, toy_base):
 def test_lora_refusals_and_adapter_folders(tmp_path, toy_base):
     """--lora-r with --fsdp is refused in one line naming both; an adapter folder, or a run saved with
     --no-lora-merge, passed as the next stage's model stops in one line; the learning rate's default is 10×."""
-    with pytest.raises(SystemExit, match="--lora-r with --fsdp"):
-        dpo.with_lora(AutoModelForCausalLM.from_pretrained(toy_base), SimpleNamespace(**{**vars(LORA), "fsdp": True}))
+    for script in ("sft.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py"):  # before any model loads
+        assert "--lora-r with --fsdp" in script_error([script, "--lora-r", "8", "--fsdp"])
     data = toy_data_file(tmp_path / "sft.jsonl", "sft", 32)
     flags = [
         "sft.py",
