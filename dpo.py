@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import (
@@ -39,68 +39,68 @@ import common
 @dataclass
 class Args:
     # ---- shared by every script ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
+    exp_name: str = os.path.basename(__file__)[:-3]
+    """run name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """random seed of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
+    """seed of data order, initialisation, dropout and sampling (rank r: seed + r)"""
     device: str = "auto"
-    """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
+    """auto (CUDA if any), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
-    """bfloat16 autocast for the forward passes (weights and AdamW state stay float32)"""
+    """bfloat16 autocast of forward passes (weights, AdamW state stay float32)"""
     fsdp: bool = False
-    """shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)"""
+    """shard weights, gradients, AdamW state over ranks (FSDP2), not copy them (DDP)"""
     track: bool = False
-    """also log to Weights & Biases (pip install wandb; project from WANDB_PROJECT, WANDB_ENTITY)"""
-    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
-    """folder the trained model and its tokenizer are saved to"""
+    """also log to Weights & Biases (WANDB_PROJECT, WANDB_ENTITY)"""
+    output_dir: str = os.path.join("runs", "models", exp_name)
+    """folder the trained model and tokenizer are saved to"""
     checkpoint_every: int = 0
-    """optimizer steps between checkpoints for --resume, in {output_dir}/resume (0: none)"""
+    """optimizer steps between --resume checkpoints in {output_dir}/resume (0: none)"""
     resume: bool = False
-    """continue from the latest complete checkpoint (same flags, same number of ranks)"""
+    """continue from the last complete checkpoint (same flags and ranks)"""
 
     # ---- model, data, optimisation: the same names in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
-    """Hub id or local folder of the model to start from (default: sft.py's) and its reference"""
+    """Hub id or folder of the model to start from (sft.py's) and its reference"""
     dataset_name: str = "toy"
-    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt, chosen, rejected"""
+    """toy, a .json/.jsonl/.parquet/.csv file/folder or Hub id: prompt, chosen, rejected"""
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_eval_split: str = "test"
-    """held-out split; without it, 5% of the training split is held out"""
+    """held-out split; without one, 5% of the training split"""
     max_length: int | None = None
-    """tokens per sequence (prompt, response, end token); default 64 on the toy task, else 1024"""
+    """tokens per sequence (prompt, response, end token); default 64 on toy, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
-    """a pair over --max-length is dropped, or loses its prompt's oldest tokens (keep_end)"""
+    """a pair over --max-length: dropped, or its prompt's oldest tokens cut (keep_end)"""
     batch_size: int = 64
     """pairs per optimizer step, summed over ranks and micro-batches"""
     per_device_batch_size: int | None = None
-    """pairs per forward pass on one device (the rest is accumulation); default batch / ranks"""
+    """pairs per forward pass on a device (the rest: accumulation); default batch / ranks"""
     num_epochs: float = 1.0
     """passes over the training split"""
     learning_rate: float | None = None
-    """peak AdamW rate; default 5e-4 on the toy task, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
+    """peak AdamW rate; default 5e-4 on toy, else 3e-6 (Huang et al. 2024); LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after the warmup, to 0 one step after the last"""
     warmup_ratio: float = 0.0
-    """share of the steps spent warming the learning rate up linearly from 0"""
+    """share of steps warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     adam_eps: float = 1e-5
     """AdamW's epsilon (Huang et al. 2024)"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm to this (0: no clipping)"""
+    """clip the global gradient norm to this (0: off)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    """recompute activations in backward: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
+    """LoRA rank (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
-    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    """LoRA's α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """modules given adapters; all-linear: every linear layer but the LM head and MoE routers"""
+    """modules given adapters; all-linear: all linear layers but the LM head and MoE routers"""
     lora_merge: bool = True
-    """with --lora-r, save the model with its adapters merged in (adapters: {output_dir}/adapter)"""
+    """with --lora-r, save the merged model (adapters: {output_dir}/adapter)"""
     eval_every: int = 100
     """optimizer steps between evaluations on the held-out pairs"""
 
@@ -152,8 +152,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
 
 
 def token_logprobs(logits, targets, chunk_size=1024):
-    """logits (R, V), targets (R,) -> log p(target) (R,), float32 by chunks of rows recomputed in
-    backward: no float32 copy of all R × V logits is kept."""
+    """logits (R, V), targets (R,) -> float32 log p(target) (R,), by chunks of rows recomputed in
+    backward: no float32 copy of all R × V logits."""
 
     def chunk(x, y):
         x = x.float()
@@ -163,14 +163,13 @@ def token_logprobs(logits, targets, chunk_size=1024):
     out = [
         torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False) if grad else chunk(x, y)
         for x, y in zip(logits.split(chunk_size), targets.split(chunk_size))
-    ]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    ]  # R = 0: one empty chunk
+    return torch.cat(out)
 
 
 def scatter(values, mask):
     """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(mask, values)
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def collate_concatenated(pairs, pad_id):
@@ -331,8 +330,8 @@ def all_reduce_sums(sums, device):
 
 
 def with_lora(model, args, head=False):
-    """LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen but, with `head`,
-    the score head. B starts at 0, so the model starts unchanged."""
+    """LoRA (Hu et al. 2021) on --lora-target-modules, all else frozen but the score head if `head`;
+    B starts at 0: the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
     if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
@@ -340,34 +339,32 @@ def with_lora(model, args, head=False):
     targets = args.lora_target_modules
     tied = {"lm_head", "embed_tokens"} & set(targets)
     if tied and model.config.get_text_config().tie_word_embeddings:  # a merge would change both
-        raise SystemExit(f"--lora-target-modules {' '.join(tied)}: the model ties its embeddings; leave it out")
+        raise SystemExit(f"--lora-target-modules {' '.join(tied)}: the model ties its embeddings; drop it")
     heads = ["score"] if head else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     config.target_modules = targets[0] if targets == ["all-linear"] else targets
     config.modules_to_save = heads or None
-    routers = ["router", "gate", "shared_expert_gate"]  # nn.Linear in MoE models: they stay whole
-    names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
-    config.exclude_modules = [m for m in routers if m in names] + heads  # only those there: peft warns
+    names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    routers = [m for m in ("router", "gate", "shared_expert_gate") if m in names]  # MoE: kept whole
+    config.exclude_modules = routers + heads  # only names there: peft warns of the others
     return get_peft_model(model, config)
 
 
 def save_model(model, tokenizer, path, rank, args, last=False):
-    """`save`; for LoRA the adapters to {path}/adapter and, with --lora-merge, the merged model
-    to {path} (in place at the `last` save, else in a copy)."""
+    """`save`; LoRA: the adapters to {path}/adapter and, with --lora-merge, the merged model to {path}
+    (in place at the `last` save, else a copy)."""
     if not args.lora_r:
         return save(model, tokenizer, path, rank)
-    adapter = os.path.join(path, "adapter")
     if rank == 0:
-        model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
+        model.save_pretrained(f"{path}/adapter")
+        tokenizer.save_pretrained(f"{path}/adapter")
     if args.lora_merge:
-        merged = model if last else copy.deepcopy(model)
-        save(merged.merge_and_unload(), tokenizer, path, rank)
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
 
 
 class AdaptersOff(torch.nn.Module):
-    """A LoRA model with its adapters off: the model it started from, frozen, with no second copy
-    (as TRL's reference, #624). Held in a list, so that its parameters stay out of this module."""
+    """A LoRA model with its adapters off: the frozen model it started from, no second copy (TRL's
+    reference, #624). Held in a list: its parameters stay out of this module."""
 
     def __init__(self, model):
         super().__init__()
@@ -384,16 +381,16 @@ def setup(args):
     """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
     if args.lora_r and args.fsdp:  # before any model loads
         raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
-    rank = int(os.environ.get("RANK", "0"))
-    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    env = os.environ
+    rank, args.world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if "LOCAL_RANK" in os.environ:
+    device = torch.device(f"cuda:{env.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if "LOCAL_RANK" in env:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
-        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node 8 <script> --fsdp")
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node N <script> --fsdp")
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -403,20 +400,19 @@ def to_device(model, device, args):
     if not args.fsdp:
         return model.to(device)
     mesh = dist.init_device_mesh(device.type, (args.world_size,))  # each rank keeps 1/N
-    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mp = bf16 if args.bf16 else MixedPrecisionPolicy()
-    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())]
-    for m in layers + [model]:
-        fully_shard(m, mesh=mesh, mp_policy=mp)
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    blocks = model._no_split_modules or ()
+    for m in [m for m in model.modules() if type(m).__name__ in blocks] + [model]:
+        fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
     return model
 
 
 def save(model, tokenizer, path, rank):
-    """save_pretrained on rank 0, a tied head once (every rank calls it: FSDP gathers to rank 0)."""
+    """save_pretrained on rank 0, a tied head once (all ranks call it: FSDP gathers to rank 0)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    names = dict(model.named_parameters(remove_duplicate=False))
-    tied = names.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
+    every = dict(model.named_parameters(remove_duplicate=False))
+    tied = every.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
     if rank == 0:
         model.save_pretrained(path, state_dict={k: v for k, v in state.items() if k not in tied})
         tokenizer.save_pretrained(path)
@@ -425,26 +421,24 @@ def save(model, tokenizer, path, rank):
 def save_checkpoint(path, model, optimizer, state, rank):
     """For --resume: weights, AdamW moments, trainer_state.json (steps reseed: no RNG state)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dist.checkpoint.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     if rank == 0:  # written last: it marks the checkpoint complete
         with open(f"{path}/trainer_state.json", "w") as f:
             json.dump(state, f)
 
 
 def load_checkpoint(output_dir, model, optimizer, run):
-    """The latest complete checkpoint of this `run` into model and optimizer; its trainer state."""
+    """The last complete checkpoint of this `run` into model and optimizer; its trainer state."""
     done = sorted(glob.glob(f"{output_dir}/resume/*/trainer_state.json"))
     if not done:
-        hint = "write some with --checkpoint-every"
-        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; {hint}")
+        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume: --checkpoint-every")
     path = os.path.dirname(done[-1])
     with open(done[-1]) as f:
         state = json.load(f)
     if state["run"] != run:
-        theirs = state["run"]
-        raise SystemExit(f"--resume: {path} is from a run of {theirs}, not {run}: use its flags")
+        raise SystemExit(f"--resume: {path} is from a run of {state['run']}, not {run}: use its flags")
     model_state, optim_state = get_state_dict(model, optimizer)
-    dist.checkpoint.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     print(f"resumed from {path} at step {state['step']}")
     return state

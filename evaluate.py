@@ -235,8 +235,8 @@ def sample(model, queries, tokenizer, args, device):
 
 
 def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
-    """logits (R, V), tokens (R,) -> float32 log-probs and entropies (R,) of softmax(logits / T)
-    without PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
+    """logits (R, V), tokens (R,) -> float32 log-probs, entropies (R,) of softmax(logits / T) without
+    PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
 
     def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
         x = x.float() / temperature
@@ -251,15 +251,13 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
     out = [
         torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False) if grad else chunk(x, y)
         for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size))
-    ]
-    empty = logits.new_zeros(0, dtype=torch.float32)
-    return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
+    ]  # R = 0: one empty chunk
+    return tuple(map(torch.cat, zip(*out)))
 
 
 def scatter(values, mask):
     """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(mask, values)
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 @torch.no_grad()

@@ -24,11 +24,8 @@ as k1 (as in ppo.py), or into the loss as GRPO's k3. Each iteration:
 import contextlib
 import copy
 import glob
-import importlib
-import inspect
 import json
 import math
-import numbers
 import os
 import resource
 import time
@@ -37,7 +34,7 @@ from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import (
@@ -50,71 +47,72 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import common
+from rewards import load_reward_fns, reward_fn_values
 
 
 @dataclass
 class Args:
     # ---- shared by every script ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """experiment name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
+    exp_name: str = os.path.basename(__file__)[:-3]
+    """run name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """random seed of the data order, initialisation, dropout and sampling (rank r uses seed + r)"""
+    """seed of data order, initialisation, dropout and sampling (rank r: seed + r)"""
     device: str = "auto"
-    """auto (CUDA if there is one), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
+    """auto (CUDA if any), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
     bf16: bool = False
-    """bfloat16 autocast for the forward passes (weights and AdamW state stay float32)"""
+    """bfloat16 autocast of forward passes (weights, AdamW state stay float32)"""
     fsdp: bool = False
-    """shard weights, gradients and AdamW state over the ranks (FSDP2), not copy them (DDP)"""
+    """shard weights, gradients, AdamW state over ranks (FSDP2), not copy them (DDP)"""
     track: bool = False
-    """also log to Weights & Biases (pip install wandb; project from WANDB_PROJECT, WANDB_ENTITY)"""
-    output_dir: str = os.path.join("runs", "models", os.path.basename(__file__)[: -len(".py")])
-    """folder the trained model and its tokenizer are saved to"""
+    """also log to Weights & Biases (WANDB_PROJECT, WANDB_ENTITY)"""
+    output_dir: str = os.path.join("runs", "models", exp_name)
+    """folder the trained model and tokenizer are saved to"""
     checkpoint_every: int = 0
-    """optimizer steps between checkpoints for --resume, in {output_dir}/resume (0: none)"""
+    """optimizer steps between --resume checkpoints in {output_dir}/resume (0: none)"""
     resume: bool = False
-    """continue from the latest complete checkpoint (same flags, same number of ranks)"""
+    """continue from the last complete checkpoint (same flags and ranks)"""
 
     # ---- model, data, optimisation: the same names in every script ----
     model_name: str = os.path.join("runs", "models", "sft")
-    """Hub id or folder of the model to start from (sft.py's); also the frozen reference"""
+    """Hub id or folder of the model to start from (sft.py's), also the frozen reference"""
     dataset_name: str = "toy"
-    """toy, a .json/.jsonl/.parquet/.csv file or folder, or a Hub id: prompt or messages"""
+    """toy, a .json/.jsonl/.parquet/.csv file/folder or Hub id: prompt or messages"""
     dataset_train_split: str = "train"
-    """split whose prompts are trained on"""
+    """split to train on"""
     max_length: int | None = None
-    """tokens per sequence (prompt + response); default 64 on the toy task, else 1024"""
+    """tokens per sequence (prompt + response); default 64 on toy, else 1024"""
     truncation_mode: Literal["drop", "keep_end"] = "drop"
     """a prompt over --max-length − --response-length: dropped, or its oldest tokens cut"""
     batch_size: int = 256
     """responses per iteration (episodes; --group-size per prompt), summed over ranks"""
     per_device_batch_size: int | None = None
-    """sequences per forward pass of the update on one device; default a minibatch / ranks"""
+    """sequences per forward pass of the update on a device; default minibatch / ranks"""
     num_epochs: float | None = None
-    """episodes over training prompts; default 0.2 on the toy task (39 iterations), else 1"""
+    """passes over the training prompts; default 0.2 on toy (39 iterations), else 1"""
     learning_rate: float | None = None
-    """peak AdamW learning rate; default 3e-4 on the toy task, else 3e-6; LoRA: 10×"""
+    """peak AdamW rate; default 3e-4 on toy, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """decay after the warmup, to 0 one iteration after the last (as transformers' schedules)"""
+    """decay after the warmup, to 0 one iteration after the last (as transformers')"""
     warmup_ratio: float = 0.0
-    """share of the iterations warming the learning rate up linearly from 0"""
+    """share of iterations warming the learning rate up linearly from 0"""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay"""
     adam_eps: float = 1e-5
     """AdamW's epsilon (Huang et al. 2024)"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm to this (0: no clipping)"""
+    """clip the global gradient norm to this (0: off)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% more compute"""
+    """recompute activations in backward: less memory, ~30% more compute"""
     lora_r: int = 0
-    """rank of LoRA adapters (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
+    """LoRA rank (Hu et al. 2021), all else frozen (0: full fine-tuning)"""
     lora_alpha: float = 32.0
-    """LoRA's scale α: the adapters add (α / r) · BA to each weight"""
+    """LoRA's α: the adapters add (α / r) · BA to each weight"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input (0: a policy starts exactly at its reference)"""
+    """dropout on the adapters' input (0: the policy starts at its reference)"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """modules given adapters; all-linear: peft's, every linear layer but the LM head and routers"""
+    """modules given adapters; all-linear: all linear layers but the LM head and MoE routers"""
     lora_merge: bool = True
-    """with --lora-r, save the merged model to --output-dir (adapters: {output_dir}/adapter)"""
+    """with --lora-r, save the merged model (adapters: {output_dir}/adapter)"""
 
     # ---- GRPO ----
     advantage: Literal["grpo", "dr_grpo", "rloo", "batch_std"] = "grpo"
@@ -252,24 +250,21 @@ def overlong_penalty(lengths, max_tokens, buffer):
 
 
 def masked_mean(x, mask):
-    """Mean of x where mask holds (bool or 0/1); x elsewhere is ignored."""
+    """Mean of x where mask (bool or 0/1) holds."""
     return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def truncate_after_eos(responses, stop_ids, pad_id):
     """responses (B, T) -> (PAD after the first of stop_ids, mask (B, T) true through it, has_eos
     (B,)). A row without a stop id was cut at T: valid throughout."""
-    T = responses.shape[1]
     is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
-    has_eos = is_eos.any(1)
-    last = torch.where(has_eos, is_eos.int().argmax(1), T - 1)  # (B,)
-    mask = torch.arange(T, device=responses.device)[None, :] <= last[:, None]
-    return torch.where(mask, responses, pad_id), mask, has_eos
+    mask = is_eos.cumsum(1) - is_eos.int() == 0  # no stop id before
+    return torch.where(mask, responses, pad_id), mask, is_eos.any(1)
 
 
 def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False, chunk_size=1024):
-    """logits (R, V), tokens (R,) -> float32 log-probs and entropies (R,) of softmax(logits / T)
-    without PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
+    """logits (R, V), tokens (R,) -> float32 log-probs, entropies (R,) of softmax(logits / T) without
+    PAD, by chunks recomputed in backward; entropies get a gradient if `entropy_grad`."""
 
     def chunk(x, y):  # (r, V), (r,) -> (r,), (r,)
         x = x.float() / temperature
@@ -284,84 +279,28 @@ def logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad=False
     out = [
         torch.utils.checkpoint.checkpoint(chunk, x, y, use_reentrant=False) if grad else chunk(x, y)
         for x, y in zip(logits.split(chunk_size), tokens.split(chunk_size))
-    ]
-    empty = logits.new_zeros(0, dtype=torch.float32)
-    return tuple(torch.cat(v) for v in zip(*out)) if out else (empty, empty)
+    ]  # R = 0: one empty chunk
+    return tuple(map(torch.cat, zip(*out)))
 
 
 # ---- small model helpers ----
-def load_reward_fns(specs, columns):
-    """The --reward-fn functions (MODULE:FUNCTION); a missing one or argument stops the run here."""
-    fns = []
-    for spec in specs:
-        module, _, name = spec.partition(":")
-        try:
-            fns.append(getattr(importlib.import_module(module), name))
-            inspect.signature(fns[-1]).bind([], [], **{c: [] for c in columns})
-        except (ImportError, AttributeError, TypeError) as e:
-            error = f"{type(e).__name__}: {e} (the data's columns: {columns})"
-            raise SystemExit(f"--reward-fn {spec}: {error}") from None
-    if len({s.partition(":")[2] for s in specs}) < len(specs):  # each logged as rewards/{its name}
-        raise SystemExit(f"--reward-fn {' '.join(specs)}: two functions of one name; rename one")
-    return fns
-
-
-def reward_fn_values(fn, rows, texts):
-    """(N,) values of fn(prompts, completions, **columns) (TRL's convention) for N texts, NaN
-    for None. Stops, naming the sample, if fn raises or returns a wrong count, NaN or inf."""
-    prompts = [common.prompt_and_responses(row, "prompt")[0] for row in rows]
-    chat = [isinstance(p, list) for p in prompts]  # a conversational prompt gets a message list
-    completions = [[{"role": "assistant", "content": t}] if c else t for c, t in zip(chat, texts)]
-    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "messages")}
-    name = f"--reward-fn {fn.__module__}:{fn.__name__}"
-
-    def sample(i):
-        return f"sample {i} ({prompts[i]!r} -> {completions[i]!r})"
-
-    try:
-        values = fn(prompts, completions, **columns)
-    except Exception:  # find the sample: the first that fails alone
-        for i in range(len(rows)):
-            one = slice(i, i + 1)
-            try:
-                fn(prompts[one], completions[one], **{k: v[one] for k, v in columns.items()})
-            except Exception as e:
-                raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
-        raise
-    if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != len(rows):
-        wanted = "a list of one value each"
-        raise ValueError(f"{name} returned {str(values)[:80]} for {len(rows)} samples: {wanted}")
-    for i, v in enumerate(values):
-        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
-            wanted = "a finite number, or None where it does not apply"
-            raise ValueError(f"{name} returned {v!r} for {sample(i)}: {wanted}")
-    return torch.tensor([math.nan if v is None else float(v) for v in values])
-
-
 def score_responses(rm_scores, reward_fns, rows, texts, weights, iteration):
-    """Step 2: the reward model's scores (B,) (or None) and each reward function's values for the
-    responses (texts) to dataset rows -> (each reward's values (K, B), NaN where one does not apply;
-    their weighted sum (B,), NaN as 0). Stops on a non-finite score or a sample no reward applies to."""
-    values = []
-    if rm_scores is not None:
-        values.append(rm_scores.cpu())
-        if not torch.isfinite(values[0]).all():
-            where = f"non-finite scores at iteration {iteration}"
-            raise FloatingPointError(f"{where}: check --reward-model-name")
-    values += [reward_fn_values(fn, rows, texts) for fn in reward_fns]
-    by_reward = torch.stack(values)  # (K, B)
+    """Step 2: the reward model's scores (B,) or None, and each reward function's values for texts
+    answering rows -> (values (K, B), NaN where a reward does not apply; weighted sum (B,), NaN as 0)."""
+    values = [] if rm_scores is None else [rm_scores.cpu()]
+    if values and not values[0].isfinite().all():
+        raise FloatingPointError(f"non-finite scores at iteration {iteration}: check --reward-model-name")
+    by_reward = torch.stack(values + [reward_fn_values(fn, rows, texts) for fn in reward_fns])
     unscored = by_reward.isnan().all(0)
     if unscored.any():
         i = int(unscored.nonzero()[0])
-        sample = f"sample {i} ({rows[i]} -> {texts[i]!r})"
-        raise ValueError(f"no reward applies to {sample}: each returned None")
+        raise ValueError(f"no reward applies to sample {i} ({rows[i]} -> {texts[i]!r}): each returned None")
     return by_reward, (torch.tensor(weights)[:, None] * by_reward).nansum(0)
 
 
 def model_inputs(query_ids, query_mask, responses, mask):
-    """Inputs (B, Lq + T) for left-padded prompts (B, Lq), right-padded responses (B, T), positions
-    as generate's; logits where position Lq − 1 + t predicts a valid token t (responses[mask]).
-    Rollout and update share it, so that both compute the same log-probabilities."""
+    """Inputs (B, Lq + T) for left-padded prompts (B, Lq), right-padded responses (B, T), positions as
+    generate's; logits where position Lq − 1 + t predicts valid token t. Rollout and update share it."""
     seq_mask = torch.cat([query_mask.bool(), mask], 1).long()
     return {
         "input_ids": torch.cat([query_ids, responses], 1),
@@ -373,8 +312,7 @@ def model_inputs(query_ids, query_mask, responses, mask):
 
 def scatter(values, mask):
     """values (R,) in the row-major order of mask's (B, T) True entries -> (B, T), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(mask, values)
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def lr_multiplier(step, num_steps, args):
@@ -421,70 +359,65 @@ class Experience:
     queries: torch.Tensor  # (B, Lq) prompt ids, left-padded
     query_mask: torch.Tensor  # (B, Lq)
     responses: torch.Tensor  # (B, T), PAD after the first end token
-    mask: torch.Tensor  # (B, T) the valid response tokens, the end token included
-    has_eos: torch.Tensor  # (B,) false: cut at T without an end token
-    logprobs: torch.Tensor  # (B, T) log π_old of each response token
-    entropy: torch.Tensor  # (B, T) of the sampling distribution
-    ref_logprobs: torch.Tensor | None = None  # (B, T) log π_ref (None without a reference)
-    values: torch.Tensor | None = None  # (B, T) V before each response token (PPO)
-    scores: torch.Tensor | None = None  # (B,) the reward model's (None without one)
-    advantages: torch.Tensor | None = None  # (B, T) or (B,), set after scoring
-    returns: torch.Tensor | None = None  # (B, T) the value targets (PPO)
+    mask: torch.Tensor  # (B, T) the valid tokens, end token included
+    has_eos: torch.Tensor  # (B,) false: cut at T
+    logprobs: torch.Tensor  # (B, T) log π_old
+    entropy: torch.Tensor  # (B, T)
+    ref_logprobs: torch.Tensor | None = None  # (B, T) log π_ref
+    values: torch.Tensor | None = None  # (B, T) V before each token (PPO)
+    scores: torch.Tensor | None = None  # (B,) the reward model's
+    advantages: torch.Tensor | None = None  # (B, T) or (B,)
+    returns: torch.Tensor | None = None  # (B, T) value targets (PPO)
 
-    def __getitem__(self, rows):
-        """The same fields at `rows` (an index tensor) only: a minibatch."""
+    def __getitem__(self, rows):  # a minibatch: the fields at `rows` (an index tensor)
         return Experience(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
 
 
 @torch.no_grad()
 def rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed, value_fn=None):
-    """Steps 1–2 for lists of prompt ids: responses sampled --generation-batch-size prompts at a time,
-    call j seeded with seed + j (however ranks split the batch); then, --rollout-forward-batch-size at a
-    time: log π, log π_ref and the entropy at each response token, the value before it (value_fn:
-    inputs -> (B, L)), the reward model's score at the last one (None for a model that is None)."""
-    pad_id = tokenizer.pad_token_id
+    """Steps 1–2 for lists of prompt ids: responses sampled by --generation-batch-size, call j seeded
+    with seed + j; then, by --rollout-forward-batch-size, per response token log π, log π_ref, the
+    entropy, the value before it (value_fn), and the reward model's score at the last (None: no model)."""
+    pad_id, temp, max_new = tokenizer.pad_token_id, args.temperature, args.response_length
     batch = common.collate_prompts(queries, pad_id)
-    batch = {k: v.to(device) for k, v in batch.items()}  # (B, Lq), left-padded
+    ids, ids_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, Lq)
     chunks = []
-    max_new = args.response_length
+    n = args.generation_batch_size
     with gathered(policy), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        for j, i in enumerate(range(0, len(queries), args.generation_batch_size)):
+        for j, i in enumerate(range(0, len(queries), n)):
             torch.manual_seed(seed + j)
-            ids = batch["input_ids"][i : i + args.generation_batch_size]
-            ids_mask = batch["attention_mask"][i : i + args.generation_batch_size]
-            chunks.append(common.generate(policy, ids, ids_mask, tokenizer, max_new, args.temperature))
+            s = slice(i, i + n)
+            chunks.append(common.generate(policy, ids[s], ids_mask[s], tokenizer, max_new, temp))
     T = max(c.shape[1] for c in chunks)  # generate stops once every row of a call has ended
     responses = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks])  # (B, T)
     stop_ids = common.stop_token_ids(tokenizer, policy)
     responses, mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
-    Lq = batch["input_ids"].shape[1]
     out = {k: [] for k in ("logprobs", "entropy", "ref_logprobs", "values", "scores")}
     for i in range(0, len(queries), args.rollout_forward_batch_size):
         s = slice(i, i + args.rollout_forward_batch_size)
-        fwd = model_inputs(batch["input_ids"][s], batch["attention_mask"][s], responses[s], mask[s])
-        tokens = responses[s][mask[s]]  # (R,)
+        m = mask[s]
+        fwd = model_inputs(ids[s], ids_mask[s], responses[s], m)
+        tokens = responses[s][m]  # (R,)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = policy(**fwd).logits  # (R, V)
-            logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
-            out["logprobs"].append(scatter(logprobs, mask[s]))  # (b, T)
-            out["entropy"].append(scatter(entropy, mask[s]))
+            logprobs, entropy = logprobs_and_entropy(policy(**fwd).logits, tokens, temp, pad_id)
+            out["logprobs"].append(scatter(logprobs, m))  # (b, T)
+            out["entropy"].append(scatter(entropy, m))
             if ref_model is not None:
                 logits = ref_model(**fwd).logits
-                ref_logprobs, _ = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
-                out["ref_logprobs"].append(scatter(ref_logprobs, mask[s]))
+                out["ref_logprobs"].append(scatter(logprobs_and_entropy(logits, tokens, temp, pad_id)[0], m))
             fwd.pop("logits_to_keep")
             if value_fn is not None:  # V(state before response token t), (b, T)
-                out["values"].append(value_fn(**fwd)[:, Lq - 1 : -1])
+                out["values"].append(value_fn(**fwd)[:, ids.shape[1] - 1 : -1])
             if reward_model is not None:  # at the last real token (right padding), less the bias
                 bias = getattr(reward_model.config, "reward_bias", 0.0)
                 out["scores"].append(reward_model(**fwd).logits.squeeze(-1).float() - bias)
     out = {k: torch.cat(v) for k, v in out.items() if v}
-    return Experience(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos, **out)
+    return Experience(ids, ids_mask, responses, mask, has_eos, **out)
 
 
 def with_lora(model, args, head=False):
-    """LoRA adapters (Hu et al. 2021) on --lora-target-modules, all else frozen but, with `head`,
-    the score head. B starts at 0, so the model starts unchanged."""
+    """LoRA (Hu et al. 2021) on --lora-target-modules, all else frozen but the score head if `head`;
+    B starts at 0: the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
     if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
@@ -492,34 +425,32 @@ def with_lora(model, args, head=False):
     targets = args.lora_target_modules
     tied = {"lm_head", "embed_tokens"} & set(targets)
     if tied and model.config.get_text_config().tie_word_embeddings:  # a merge would change both
-        raise SystemExit(f"--lora-target-modules {' '.join(tied)}: the model ties its embeddings; leave it out")
+        raise SystemExit(f"--lora-target-modules {' '.join(tied)}: the model ties its embeddings; drop it")
     heads = ["score"] if head else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     config.target_modules = targets[0] if targets == ["all-linear"] else targets
     config.modules_to_save = heads or None
-    routers = ["router", "gate", "shared_expert_gate"]  # nn.Linear in MoE models: they stay whole
-    names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
-    config.exclude_modules = [m for m in routers if m in names] + heads  # only those there: peft warns
+    names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    routers = [m for m in ("router", "gate", "shared_expert_gate") if m in names]  # MoE: kept whole
+    config.exclude_modules = routers + heads  # only names there: peft warns of the others
     return get_peft_model(model, config)
 
 
 def save_model(model, tokenizer, path, rank, args, last=False):
-    """`save`; for LoRA the adapters to {path}/adapter and, with --lora-merge, the merged model
-    to {path} (in place at the `last` save, else in a copy)."""
+    """`save`; LoRA: the adapters to {path}/adapter and, with --lora-merge, the merged model to {path}
+    (in place at the `last` save, else a copy)."""
     if not args.lora_r:
         return save(model, tokenizer, path, rank)
-    adapter = os.path.join(path, "adapter")
     if rank == 0:
-        model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
+        model.save_pretrained(f"{path}/adapter")
+        tokenizer.save_pretrained(f"{path}/adapter")
     if args.lora_merge:
-        merged = model if last else copy.deepcopy(model)
-        save(merged.merge_and_unload(), tokenizer, path, rank)
+        save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
 
 
 class AdaptersOff(torch.nn.Module):
-    """A LoRA model with its adapters off: the model it started from, frozen, with no second copy
-    (as TRL's reference, #624). Held in a list, so that its parameters stay out of this module."""
+    """A LoRA model with its adapters off: the frozen model it started from, no second copy (TRL's
+    reference, #624). Held in a list: its parameters stay out of this module."""
 
     def __init__(self, model):
         super().__init__()
@@ -536,16 +467,16 @@ def setup(args):
     """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
     if args.lora_r and args.fsdp:  # before any model loads
         raise SystemExit("--lora-r with --fsdp: not supported; train adapters with DDP (no --fsdp)")
-    rank = int(os.environ.get("RANK", "0"))
-    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    env = os.environ
+    rank, args.world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if "LOCAL_RANK" in os.environ:
+    device = torch.device(f"cuda:{env.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if "LOCAL_RANK" in env:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     elif args.fsdp:
-        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node 8 <script> --fsdp")
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc_per_node N <script> --fsdp")
     torch.manual_seed(args.seed + rank)
     return rank, device
 
@@ -555,20 +486,19 @@ def to_device(model, device, args):
     if not args.fsdp:
         return model.to(device)
     mesh = dist.init_device_mesh(device.type, (args.world_size,))  # each rank keeps 1/N
-    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mp = bf16 if args.bf16 else MixedPrecisionPolicy()
-    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())]
-    for m in layers + [model]:
-        fully_shard(m, mesh=mesh, mp_policy=mp)
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    blocks = model._no_split_modules or ()
+    for m in [m for m in model.modules() if type(m).__name__ in blocks] + [model]:
+        fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
     return model
 
 
 def save(model, tokenizer, path, rank):
-    """save_pretrained on rank 0, a tied head once (every rank calls it: FSDP gathers to rank 0)."""
+    """save_pretrained on rank 0, a tied head once (all ranks call it: FSDP gathers to rank 0)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    names = dict(model.named_parameters(remove_duplicate=False))
-    tied = names.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
+    every = dict(model.named_parameters(remove_duplicate=False))
+    tied = every.keys() - dict(model.named_parameters()).keys()  # a tied head's second name
     if rank == 0:
         model.save_pretrained(path, state_dict={k: v for k, v in state.items() if k not in tied})
         tokenizer.save_pretrained(path)
@@ -577,26 +507,24 @@ def save(model, tokenizer, path, rank):
 def save_checkpoint(path, model, optimizer, state, rank):
     """For --resume: weights, AdamW moments, trainer_state.json (steps reseed: no RNG state)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dist.checkpoint.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     if rank == 0:  # written last: it marks the checkpoint complete
         with open(f"{path}/trainer_state.json", "w") as f:
             json.dump(state, f)
 
 
 def load_checkpoint(output_dir, model, optimizer, run):
-    """The latest complete checkpoint of this `run` into model and optimizer; its trainer state."""
+    """The last complete checkpoint of this `run` into model and optimizer; its trainer state."""
     done = sorted(glob.glob(f"{output_dir}/resume/*/trainer_state.json"))
     if not done:
-        hint = "write some with --checkpoint-every"
-        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume; {hint}")
+        raise SystemExit(f"--resume: no complete checkpoint in {output_dir}/resume: --checkpoint-every")
     path = os.path.dirname(done[-1])
     with open(done[-1]) as f:
         state = json.load(f)
     if state["run"] != run:
-        theirs = state["run"]
-        raise SystemExit(f"--resume: {path} is from a run of {theirs}, not {run}: use its flags")
+        raise SystemExit(f"--resume: {path} is from a run of {state['run']}, not {run}: use its flags")
     model_state, optim_state = get_state_dict(model, optimizer)
-    dist.checkpoint.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     print(f"resumed from {path} at step {state['step']}")
     return state

@@ -1,5 +1,5 @@
 """Reward functions for grpo.py and ppo.py (--reward-fn rewards:NAME): verifiable rewards (RLVR; Lambert et al.
-2024, Tülu 3), checked by a program instead of scored by a reward model. Copy this file along with the script.
+2024, Tülu 3), checked by a program instead of scored by a reward model.
 
 The calling convention is TRL's: f(prompts, completions, **columns) -> list[float | None], one value per sample.
 prompts and completions are strings, or message lists for conversational data (a completion is then
@@ -7,10 +7,20 @@ prompts and completions are strings, or message lists for conversational data (a
 (e.g. `answer`); None means the function does not apply to that sample.
 
     python grpo.py --model-name MODEL --dataset-name gsm8k.jsonl --reward-fn rewards:exact_answer
+
+grpo.py and ppo.py import it: `load_reward_fns` and `reward_fn_values` at the end load and call these.
 """
 
+import importlib
+import inspect
+import math
+import numbers
 import re
 from fractions import Fraction
+
+import torch
+
+import common
 
 MINUS = r"(?:(?<!\w)-)?"
 """a minus sign, where no digit or letter comes right before it (in 10-15 or a-7 the hyphen is no minus)"""
@@ -94,3 +104,50 @@ def math_verify(prompts, completions, answer, **columns):
         raise SystemExit("rewards:math_verify needs the math-verify package: pip install math-verify==0.9.0") from None
     refs = [parse("$" + str(ref).split("####")[-1].strip() + "$") for ref in answer]
     return [float(bool(ref) and verify(ref, parse(text_of(c)))) for c, ref in zip(completions, refs)]
+
+
+# ---- the calling convention, as grpo.py and ppo.py use it ----
+def load_reward_fns(specs, columns):
+    """The --reward-fn functions (MODULE:FUNCTION); a missing one or argument stops the run here."""
+    fns = []
+    for spec in specs:
+        module, _, name = spec.partition(":")
+        try:
+            fns.append(getattr(importlib.import_module(module), name))
+            inspect.signature(fns[-1]).bind([], [], **{c: [] for c in columns})
+        except (ImportError, AttributeError, TypeError) as e:
+            error = f"{type(e).__name__}: {e} (the data's columns: {columns})"
+            raise SystemExit(f"--reward-fn {spec}: {error}") from None
+    if len({s.partition(":")[2] for s in specs}) < len(specs):  # each logged as rewards/{its name}
+        raise SystemExit(f"--reward-fn {' '.join(specs)}: two functions of one name; rename one")
+    return fns
+
+
+def reward_fn_values(fn, rows, texts):
+    """(N,) values of fn(prompts, completions, **columns) for N texts answering dataset rows, NaN for
+    None. Stops, naming the sample, if fn raises or returns a wrong count, NaN or inf."""
+    prompts = [common.prompt_and_responses(row, "prompt")[0] for row in rows]
+    chat = [isinstance(p, list) for p in prompts]  # a conversational prompt gets a message list
+    completions = [[{"role": "assistant", "content": t}] if c else t for c, t in zip(chat, texts)]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    name = f"--reward-fn {fn.__module__}:{fn.__name__}"
+
+    def sample(i):
+        return f"sample {i} ({prompts[i]!r} -> {completions[i]!r})"
+
+    try:
+        values = fn(prompts, completions, **columns)
+    except Exception:  # find the sample: the first that fails alone
+        for i in range(len(rows)):
+            one = slice(i, i + 1)
+            try:
+                fn(prompts[one], completions[one], **{k: v[one] for k, v in columns.items()})
+            except Exception as e:
+                raise ValueError(f"{name} raised {e!r} on {sample(i)}") from e
+        raise
+    if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != len(rows):
+        raise ValueError(f"{name} returned {str(values)[:80]} for {len(rows)} samples: a list of one value each")
+    for i, v in enumerate(values):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
+            raise ValueError(f"{name} returned {v!r} for {sample(i)}: a finite number, or None where it does not apply")
+    return torch.tensor([math.nan if v is None else float(v) for v in values])

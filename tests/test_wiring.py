@@ -285,7 +285,7 @@ def test_reward_fns_get_the_rows_their_responses_answer(script, rollout, toy_bas
     in order, those the rollout sampled from (GRPO: each repeated G times). (The toy task's gold reward cannot
     see a shuffle: it depends on the prompt only through a repeated first word.)"""
     calls, _ = calls_of(
-        f"{rollout} reward_fn_values",
+        f"{rollout} score_responses",  # the rows it passes on to each reward function
         f"{script} --model-name {toy_base} --reward-fn toy_task:gold_reward --batch-size 16 --num-epochs 0.0004 "
         f"--num-minibatches 1 --num-ppo-epochs 1 --output-dir {tmp_path}".split(),
     )
