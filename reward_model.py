@@ -43,11 +43,11 @@ import common
 class Args:
     # ---- shared by every script ----
     exp_name: str = os.path.basename(__file__)[:-3]
-    """run name: TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
+    """run name; TensorBoard logs go to runs/{exp_name}__{seed}__{unix time}"""
     seed: int = 1
-    """seed of data order, initialisation, dropout and sampling (rank r: seed + r)"""
+    """seed of data order, init, dropout and sampling (rank r: seed + r)"""
     device: str = "auto"
-    """auto (CUDA if any), cpu or cuda; under torchrun rank r takes cuda:LOCAL_RANK"""
+    """auto (CUDA if any), cpu or cuda; torchrun's rank r: cuda:LOCAL_RANK"""
     bf16: bool = False
     """bfloat16 autocast of forward passes (weights, AdamW state stay float32)"""
     fsdp: bool = False
@@ -55,7 +55,7 @@ class Args:
     track: bool = False
     """also log to Weights & Biases (WANDB_PROJECT, WANDB_ENTITY)"""
     output_dir: str = os.path.join("runs", "models", exp_name)
-    """folder the trained model and tokenizer are saved to"""
+    """folder of the trained model and tokenizer"""
     checkpoint_every: int = 0
     """optimizer steps between --resume checkpoints in {output_dir}/resume (0: none)"""
     resume: bool = False
@@ -206,7 +206,7 @@ def with_lora(model, args, head=False):
     B starts at 0: the model starts unchanged."""
     from peft import LoraConfig, get_peft_model
 
-    if args.gradient_checkpointing:  # the recomputed blocks need an input that requires grad
+    if args.gradient_checkpointing:  # recomputed blocks need an input that requires grad
         model.enable_input_require_grads()
     targets = args.lora_target_modules
     tied = {"lm_head", "embed_tokens"} & set(targets)
@@ -218,7 +218,7 @@ def with_lora(model, args, head=False):
     config.modules_to_save = heads or None
     names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
     routers = [m for m in ("router", "gate", "shared_expert_gate") if m in names]  # MoE: kept whole
-    config.exclude_modules = routers + heads  # only names there: peft warns of the others
+    config.exclude_modules = routers + heads  # only those there: peft warns of others
     return get_peft_model(model, config)
 
 
@@ -234,7 +234,7 @@ def save_model(model, tokenizer, path, rank, args, last=False):
         save((model if last else copy.deepcopy(model)).merge_and_unload(), tokenizer, path, rank)
 
 
-# ---- plumbing: torchrun, FSDP2, saving, resuming (the same text in every script) ----
+# ---- plumbing: torchrun, FSDP2, saving, resuming (the same in every script) ----
 def setup(args):
     """(rank, device); under torchrun the process group. Seeds torch with seed + rank."""
     if args.lora_r and args.fsdp:  # before any model loads
@@ -266,7 +266,7 @@ def to_device(model, device, args):
 
 
 def save(model, tokenizer, path, rank):
-    """save_pretrained on rank 0, a tied head once (all ranks call it: FSDP gathers to rank 0)."""
+    """save_pretrained on rank 0, a tied head once (all ranks call it: FSDP gathers)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     every = dict(model.named_parameters(remove_duplicate=False))
