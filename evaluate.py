@@ -1,10 +1,9 @@
 """Evaluate policies: reward against KL, next to the exact optimum, best-of-n and each other.
 
-Each row: a mean over the same held-out prompts ± its standard error. Per policy: reward-model score,
-KL to the reference (SFT) policy, length, entropy, end-token rate, win rate against the data's
-references; on the toy task also the exact gold reward, KL to P_ref and optimality ratios (R_π − R_0)
-/ (R*(KL_π) − R_0) vs P_ref and vs SFT. Baseline: best-of-n from the reference (Stiennon et al. 2020;
-Nakano et al. 2021). docs/evaluate.md says how each is measured.
+Per policy, on the same held-out prompts (mean ± standard error): reward-model score, KL to the
+reference (SFT) policy, length, entropy, end-token rate, win rate against the data's references; toy
+task: also gold reward, KL to P_ref and optimality ratios (R_π − R_0) / (R*(KL_π) − R_0) vs P_ref and
+vs SFT. Baseline: best-of-n of the reference (Stiennon et al. 2020). How: docs/evaluate.md.
 
     python evaluate.py  # every policy of runs/models on the toy task's held-out prompts, CPU, 4 min
     python evaluate.py --policies runs/models/ppo --checkpoints-dirs runs/models/ppo/checkpoints
@@ -37,10 +36,10 @@ class Sampling:
     """auto (CUDA if there is one), cpu or cuda"""
     bf16: bool = False
     """bfloat16 autocast for the forward passes"""
-    ref_policy: str = os.path.join("runs", "models", "sft")
+    ref_policy: str = "runs/models/sft"
     """the reference policy: KLs are to it, best-of-n samples it"""
-    reward_model_name: str = os.path.join("runs", "models", "reward_model")
-    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
+    reward_model_name: str = "runs/models/reward_model"
+    """reward model from reward_model.py (minus its config.reward_bias)"""
     dataset_name: str = "toy"
     """toy, a local file or folder, or a Hub id: prompt, and completion (reference responses)"""
     max_length: int | None = None
@@ -50,41 +49,41 @@ class Sampling:
     num_samples: int = 1000
     """prompts: the held-out ones, the same for every row (best_of_n.py: the first training ones)"""
     temperature: float = 1.0
-    """sampling temperature of every policy; KLs are between the sampling distributions"""
+    """sampling temperature of every policy; KLs are between sampling distributions"""
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    """n of best-of-n; max(n) reference samples per prompt, also for the SFT-relative optimum"""
+    """n of best-of-n; max(n) reference samples per prompt, also for the optimum vs SFT"""
     per_device_batch_size: int = 250
     """sequences per generate call or forward pass"""
 
 
 @dataclass
 class Args(Sampling):
-    output_dir: str = os.path.join("runs", "evaluate")
+    output_dir: str = "runs/evaluate"
     """folder of the table (results.md, results.json) and the plots"""
     policies: list[str] = field(default_factory=list)
     """policy folders to evaluate; default those of runs/models/{METHODS} there are"""
     judge: str | None = None
-    """reward model judging win rates against the reference responses; default the toy's gold"""
+    """reward model judging win rates against the references; default the toy's gold"""
     dataset_eval_split: str = "test"
     """split whose prompts are evaluated"""
     min_kl_for_ratio: float = 0.05
-    """no optimality ratio for a policy closer than this to the reference (nats): 0/0 at KL 0"""
+    """no optimality ratio for a policy closer than this to the reference (nats): 0/0"""
     num_bootstrap: int = 200
     """resamples of the prompts for the ratios' standard errors"""
     checkpoints_dirs: list[str] = field(default_factory=list)
-    """folders of intermediate policies (--save-every): each evaluated, plotted along training"""
+    """folders of policies saved along training (--save-every): each evaluated and plotted"""
 
 
 # ---- pure functions (tests/test_evaluate.py) ----
 def best_of_n_kl(n):
-    """KL(best-of-n ‖ reference) = log n − (n − 1)/n nats (Stiennon et al. 2020, App. G; Nakano et
-    al. 2021): exact without ties in reward, an upper bound otherwise."""
+    """KL(best-of-n ‖ reference) = log n − (n − 1)/n nats (Stiennon et al. 2020, App. G;
+    Nakano et al. 2021): exact without ties in reward, else an upper bound."""
     return math.log(n) - (n - 1) / n
 
 
 def best_of_n_expectation(scores, values, n):
-    """Expected `values` (N,) of the highest-`scores` (N,) of n of N samples, over all C(N, n)
-    subsets: the i-th lowest is the best with probability C(i − 1, n − 1) / C(N, n)."""
+    """Expected `values` (N,) of the top-`scores` (N,) of n of N samples, over all C(N, n) subsets:
+    the i-th lowest is the best with probability C(i − 1, n − 1) / C(N, n)."""
     order = np.argsort(scores, kind="stable")
     subsets = [math.comb(i - 1, n - 1) for i in range(1, len(scores) + 1)]
     weights = np.array(subsets, float) / math.comb(len(scores), n)
@@ -108,12 +107,6 @@ def wins(policy_scores, reference_scores):
     return (p > r) + 0.5 * (p == r)
 
 
-def mean_se(x):
-    """(mean over prompts, its standard error: sample standard deviation / √n)."""
-    x = np.asarray(x, float)
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
 def best_of_n_per_prompt(selector, values, n):
     """(P,): per prompt, the expected `values` (P, N) of the best of n by `selector` (P, N)."""
     return np.array([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)])
@@ -121,8 +114,8 @@ def best_of_n_per_prompt(selector, values, n):
 
 def snis_optimum(rewards, betas):
     """π*_β ∝ π_0 exp(r/β) (DPO paper, eq. 4) by self-normalised importance sampling from rewards
-    (P, N) of N samples of π_0 per prompt; ŵ ∝ exp(r/β): E*[r] ≈ Σ ŵ r, KL ≈ Σ ŵ log(N ŵ) (≤ log N),
-    ESS = 1/Σ ŵ². Returns per-prompt (P, B) kl, reward, ess; β = inf: π_0."""
+    (P, N) of N samples of π_0: ŵ ∝ exp(r/β), E*[r] ≈ Σ ŵ r, KL ≈ Σ ŵ log(N ŵ), ESS = 1/Σ ŵ².
+    Returns (P, B) kl, reward, ess; β = inf: π_0."""
     r = np.asarray(rewards, float)
     kl, reward, ess = (np.zeros((len(r), len(betas))) for _ in range(3))
     for b, beta in enumerate(betas):
@@ -135,13 +128,12 @@ def snis_optimum(rewards, betas):
 
 
 def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_bootstrap=200, min_kl=0.05):
-    """Optimality ratio of the means of gold, kl (P,), ref_gold (P,) or scalar against a frontier
-    (P, B) or (B,), ± the sd over bootstrap resamples of the prompts. (None, None) where KL_π <
-    min_kl (0/0) or beyond the frontier (no extrapolation)."""
+    """Optimality ratio of the means of gold, kl (P,), ref_gold (P,) or scalar on a frontier (P, B)
+    or (B,), ± its sd over bootstrap resamples of the prompts; (None, None) where KL_π < min_kl
+    or beyond the frontier."""
     P = len(gold)
     cols = [np.broadcast_to(np.asarray(a, float), (P,)) for a in (gold, kl, ref_gold)]
-    f_kl = np.broadcast_to(np.asarray(frontier_kl, float), (P, np.shape(frontier_kl)[-1]))  # (P, B)
-    f_r = np.broadcast_to(np.asarray(frontier_reward, float), (P, np.shape(frontier_reward)[-1]))
+    f_kl, f_r = (np.broadcast_to(np.asarray(f, float), (P, np.shape(f)[-1])) for f in (frontier_kl, frontier_reward))
 
     def ratio(idx):
         fk, fr = f_kl[idx].mean(0), f_r[idx].mean(0)
@@ -159,11 +151,11 @@ def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_boo
 
 
 # ---- helpers ----
-LOGITS_PER_PASS = 8192  # response tokens whose float32 logits a pass keeps: 1.6 GB at V = 49k
+LOGITS_PER_PASS = 8192  # response tokens' float32 logits a pass keeps: 1.6 GB at V = 49k
 
 
 def start(args):
-    """The lengths' defaults (toy's, else the usual) set and checked; seeded; the --device."""
+    """Sets the lengths' defaults, checks args, seeds; the --device."""
     on_toy = args.dataset_name == "toy"
     args.max_length = args.max_length or (64 if on_toy else 1024)
     args.response_length = args.response_length or (24 if on_toy else 256)
@@ -177,7 +169,7 @@ def start(args):
 
 
 def load_model(name, tokenizer, device, scorer=False):
-    """A float32 frozen policy, or with `scorer` a reward model, fit to `tokenizer`."""
+    """A frozen float32 policy, or with `scorer` a reward model, fit to `tokenizer`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kw = {"num_labels": 1} if scorer else {}
@@ -188,8 +180,7 @@ def load_model(name, tokenizer, device, scorer=False):
 
 
 def load_models(args, device, others):
-    """The reference policy's tokenizer (checked to be every other model's: KLs need one), the
-    reference policy and the reward model."""
+    """The reference policy's tokenizer (checked to be every model's), that policy, the reward model."""
     tok = common.load_tokenizer(args.ref_policy, ": run `python sft.py`, or pass --ref-policy")
     for name in [args.reward_model_name, *others]:
         hint = ": run its training script first, or pass another folder"
@@ -259,8 +250,8 @@ def forward(model, queries, responses, tok, args, device, **kw):
 
 @torch.no_grad()
 def response_logprobs(model, queries, responses, tok, args, device):
-    """(N,) Σ over response tokens of log softmax(logits / T) without PAD, and (N,) its mean entropy
-    per token; as in the trainers, logits only where a response token is predicted."""
+    """(N,) Σ over response tokens of log softmax(logits / T) without PAD, (N,) mean entropy per
+    token; as in the trainers, logits only where a response token is predicted."""
     longest = max(map(len, responses), default=1)
     size, out = max(1, min(args.per_device_batch_size, LOGITS_PER_PASS // max(longest, 1))), []
     for q, r in batches(size, queries, responses):
@@ -287,8 +278,8 @@ def reward_scores(model, queries, responses, tok, args, device):
 
 # ---- the measurement: the prompts, what every row is measured against, then the rows ----
 def held_out_prompts(args, tok):
-    """The first --num-samples held-out prompts within the length limit: token ids, the prompts as
-    the data gives them, and the reference responses' ids (toy: P_ref's) if the data has them."""
+    """The first --num-samples held-out prompts within the length limit: ids, as the data gives
+    them, and the reference responses' ids (toy: P_ref's) if there are any."""
     kind = "sft" if args.dataset_name == "toy" else "prompt"
     ds = common.load_splits(args.dataset_name, kind, eval_split=args.dataset_eval_split, seed=args.seed)[1]
     ds = ds.select(range(min(args.num_samples, len(ds))))
@@ -343,9 +334,8 @@ def toy_values(prompts, texts, length):
 
 
 def add_optima(ev, bon_prompts):
-    """The toy task's optima from ev.bon_gold: the exact frontier, the one relative to the reference
-    by importance sampling, and that estimate's shortfall where the answer is exact (the same from N
-    samples of P_ref, against the exact frontier)."""
+    """Toy task: the exact frontier, the one of the reference by SNIS from ev.bon_gold, and that
+    estimate's shortfall where the answer is exact (the same from N samples of P_ref)."""
     args, P, N = ev.args, *ev.bon_gold.shape
     length, betas = args.response_length, [math.inf, *np.geomspace(20, 0.05, 80)]
     ev.frontier = [(kl, r) for _, kl, r in toy_task.optimal_frontier(ev.prompts, betas, length)]  # by KL
@@ -361,15 +351,17 @@ def add_optima(ev, bon_prompts):
 
 
 def with_se(row, **per_prompt):
-    """The mean over prompts of each per-prompt array into `row`, its standard error as key_se."""
-    for key, values in per_prompt.items():
-        row[key], row[key + "_se"] = mean_se(values)
+    """Into `row`: each per-prompt array's mean, and as key_se its standard error (sample sd / √n)."""
+    for key, x in per_prompt.items():
+        x = np.asarray(x, float)
+        se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+        row[key], row[key + "_se"] = float(x.mean()), float(se)
     return row
 
 
 def add_toy(ev, row, gold, kl_p_ref, kl_ref):
-    """From per-prompt (P,) gold rewards and KLs: gold reward, KL to P_ref, both optimality ratios,
-    the effective samples behind the SFT-relative optimum at this KL and its measured shortfall."""
+    """From per-prompt (P,) gold rewards and KLs: gold, KL to P_ref, both ratios, the ESS of the
+    optimum vs SFT at this KL and its shortfall."""
     with_se(row, gold_reward=gold, kl_to_p_ref=kl_p_ref)
     row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], ev.frontier)
     boot = ev.rng, ev.args.num_bootstrap, ev.args.min_kl_for_ratio
@@ -412,8 +404,8 @@ def evaluate_policy(ev, name):
 
 
 def best_of_n_rows(ev, selector, scores, gap, label):
-    """A row per n: expectations over each prompt's n-subsets of the sample `selector` (P, N) ranks
-    highest; KL to P_ref: the formula + E_bon[log π_ref − log P_ref], `gap` (P, N)."""
+    """A row per n: expectations over n-subsets of the sample `selector` (P, N) ranks highest; KL
+    to P_ref: the formula + E_bon[`gap` (P, N)]."""
     out = []
     for n in ev.args.best_of_n:
         row = with_se({"policy": f"best-of-{n}{label}"}, score=best_of_n_per_prompt(selector, scores, n))
@@ -465,23 +457,23 @@ def two_plots(size):
 
 
 def plot_frontiers(results, labels, path):
-    """Gold reward against KL to P_ref (left: the exact optimum) and to the SFT model (right: the
-    importance-sampled one), with best-of-n and every policy, for one or more evaluations."""
+    """Gold reward against KL to P_ref (left: exact optimum) and to SFT (right: SNIS optimum), with
+    best-of-n and every policy, of one or more evaluations."""
     fig, axes = two_plots((11, 4.5))
     shown = [r for res in results for r in res["policies"] + res["best_of_n"][:4]]  # to n = 8
     limit = 1.1 * max(r["kl_to_p_ref"] for r in shown)
-    for i, (label, res) in enumerate(zip(labels, results)):
+    for c, label, res in zip([f"C{i}" for i in range(len(results))], labels, results):
         vs_sft = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
         for ax, x, frontier in zip(axes, ("kl_to_p_ref", "kl_to_ref_policy"), (res["frontier"], vs_sft)):
-            optimum = [f for f in frontier if f[0] <= limit]
-            ax.plot(*zip(*optimum), "-", color=f"C{i}", lw=1, label=f"{label}: optimum")
+            ax.plot(*zip(*[f for f in frontier if f[0] <= limit]), "-", color=c, lw=1, label=f"{label}: optimum")
             bon = [(r[x], r["gold_reward"]) for r in res["best_of_n"] if r[x] <= limit]
-            ax.plot(*zip(*bon), ".:", color=f"C{i}", lw=0.8, label=f"{label}: best-of-n")
-            for row, marker in zip(res["policies"], "o*^sDvP"):
-                name = os.path.basename(row["policy"].rstrip("/"))
+            ax.plot(*zip(*bon), ".:", color=c, lw=0.8, label=f"{label}: best-of-n")
+            for r, marker in zip(res["policies"], "o*^sDvP"):
+                name = os.path.basename(r["policy"].rstrip("/"))
                 name = f"{label}: {name}" if len(labels) > 1 else name
-                point = (row[x], row["gold_reward"], row["gold_reward_se"], row[x + "_se"])
-                ax.errorbar(*point, fmt=marker, color=f"C{i}", markersize=8, label=name)
+                ax.errorbar(
+                    r[x], r["gold_reward"], r["gold_reward_se"], r[x + "_se"], marker, color=c, ms=8, label=name
+                )
     for ax, x in zip(axes, ("P_ref (exact optimum ∝ P_ref", "the SFT model (optimum ∝ π_SFT")):
         ax.set(xlabel=f"KL to {x}·exp(r/β)), nats per response", ylabel="gold reward")
         ax.grid(alpha=0.3)
@@ -491,18 +483,18 @@ def plot_frontiers(results, labels, path):
 
 
 def plot_checkpoints(rows, path):
-    """Along training, per checkpoints folder: the reward-model score and gold reward against KL
-    (over-optimisation: Gao et al. 2022), and the corrected optimality ratio against episodes."""
+    """Per checkpoints folder: score and gold reward against KL (over-optimisation: Gao et al.
+    2022), the corrected ratio vs SFT against episodes."""
     fig, (left, right) = two_plots((11, 4))
-    for i, (run, rs) in enumerate(rows.items()):
+    for c, (run, rs) in zip([f"C{i}" for i in range(len(rows))], rows.items()):
         x = [r.get("kl_to_p_ref", r["kl_to_ref_policy"]) for r in rs]
-        left.plot(x, [r["score"] for r in rs], "o-", color=f"C{i}", label=f"{run}: reward-model score")
+        left.plot(x, [r["score"] for r in rs], "o-", color=c, label=f"{run}: reward-model score")
         if "gold_reward" in rs[0]:
-            left.plot(x, [r["gold_reward"] for r in rs], "s--", color=f"C{i}", label=f"{run}: gold reward")
+            left.plot(x, [r["gold_reward"] for r in rs], "s--", color=c, label=f"{run}: gold reward")
             rs = [r for r in rs if r.get("optimality_ratio_vs_sft") is not None]
             corrected = [r["optimality_ratio_vs_sft"] * r["optimum_vs_sft_check"] for r in rs]
             if rs:
-                right.plot([r["episodes"] for r in rs], corrected, "o-", color=f"C{i}", label=run)
+                right.plot([r["episodes"] for r in rs], corrected, "o-", color=c, label=run)
     left.set(xlabel="KL to P_ref (toy) or to the reference policy, nats", ylabel="reward")
     right.set(xlabel="episodes", ylabel="optimality ratio vs SFT, corrected", ylim=(0, 1.05))
     for ax in (left, right):
@@ -530,17 +522,15 @@ if __name__ == "__main__":
 
     # 2. N reference samples per prompt: best-of-n; toy task: the optima
     P, N, on_toy = len(queries), max(args.best_of_n), args.dataset_name == "toy"
-    bon_queries = [q for q in queries for _ in range(N)]
-    bon_prompts = [p for p in prompts for _ in range(N)]
-    bon_responses = sample(ref_model, bon_queries, tok, args, device)
-    bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tok, args, device).reshape(P, N)
+    bon_q, bon_p = [q for q in queries for _ in range(N)], [p for p in prompts for _ in range(N)]
+    bon_r = sample(ref_model, bon_q, tok, args, device)
+    bon_scores = reward_scores(reward_model, bon_q, bon_r, tok, args, device).reshape(P, N)
     gap = None
     if on_toy:
-        texts = tok.batch_decode(bon_responses, skip_special_tokens=True)
-        gold, ref_lp = toy_values(bon_prompts, texts, args.response_length)
+        gold, ref_lp = toy_values(bon_p, tok.batch_decode(bon_r, skip_special_tokens=True), args.response_length)
         ev.bon_gold = gold.reshape(P, N)
-        add_optima(ev, bon_prompts)
-        lp = response_logprobs(ref_model, bon_queries, bon_responses, tok, args, device)[0]
+        add_optima(ev, bon_p)
+        lp = response_logprobs(ref_model, bon_q, bon_r, tok, args, device)[0]
         gap = (lp - ref_lp).reshape(P, N)  # log π_ref − log P_ref
 
     # 3. every policy; best-of-n chosen by the reward model and (toy: a perfect one) by gold
@@ -564,16 +554,17 @@ if __name__ == "__main__":
     # 5. the table, JSON and plots
     table = markdown_table(ev, rows + bon + bon_gold + [r for v in checkpoints.values() for r in v])
     print(table)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/results.md", "w") as f:
         f.write(table + "\n")
     results = {"args": vars(args), "policies": rows, "best_of_n": bon, "best_of_n_gold": bon_gold}
     results |= {"checkpoints": checkpoints, "frontier": ev.frontier, "frontier_vs_ref_policy": None}
     if on_toy:
         results["frontier_vs_ref_policy"] = [list(map(float, f)) for f in ev.ref_frontier]
-        plot_frontiers([results], ["this run"], os.path.join(args.output_dir, "frontier.png"))
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        plot_frontiers([results], ["this run"], f"{out}/frontier.png")
+    with open(f"{out}/results.json", "w") as f:
         json.dump(results, f, indent=2)
     if checkpoints:
-        plot_checkpoints(checkpoints, os.path.join(args.output_dir, "checkpoints.png"))
-    print(f"wrote {args.output_dir}/results.md, results.json and its plots")
+        plot_checkpoints(checkpoints, f"{out}/checkpoints.png")
+    print(f"wrote {out}/results.md, results.json and its plots")

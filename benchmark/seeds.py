@@ -44,8 +44,9 @@ def seed_record(seed, sft, rm, ev):
     """One seed's numbers, flat, from sft.py's and reward_model.py's results and evaluate.py's
     results.json (policy rows named by folder: sft, ppo, ...); a field a row lacks is None."""
     rows = {os.path.basename(r["policy"].rstrip("/")): r for r in ev["policies"]}
-    record = {"seed": seed, "sft_excess_nll": sft["excess_nll"], "sft_kl_to_p_ref": rows["sft"]["kl_to_p_ref"]}
-    record |= {k: rm[k.removeprefix("rm_")] for k in SEED_FIELDS[2:5]}  # accuracy, bayes_accuracy, ...
+    record = {"seed": seed, "sft_excess_nll": sft["excess_nll"]}
+    record["sft_kl_to_p_ref"] = rows["sft"]["kl_to_p_ref"]
+    record |= {k: rm[k.removeprefix("rm_")] for k in SEED_FIELDS[2:5]}  # accuracy, ..., gold_pearson
     for m in METHODS[1:]:
         row = rows.get(m, {})
         for k, key in ROW_FIELDS.items():
@@ -76,7 +77,8 @@ def run_chain(seed):
     those that ran."""
     root = os.path.join("runs", "seeds", str(seed))
     sft, rm, data = f"{root}/sft", f"{root}/reward_model", f"{root}/expert_iteration.jsonl"
-    trio, ref = f"--model-name {sft} --reward-model-name {rm}", f"--ref-policy {sft} --reward-model-name {rm}"
+    trio = f"--model-name {sft} --reward-model-name {rm}"
+    ref = f"--ref-policy {sft} --reward-model-name {rm}"
     policies = " ".join(f"{root}/{m}" for m in METHODS)
     stages = {  # name: script and flags (and --seed); the output folder {root}/{name}
         "sft": "sft.py",
@@ -112,18 +114,17 @@ if __name__ == "__main__":
         seconds = run_chain(seed)
         root = os.path.join("runs", "seeds", str(seed))
         results.append(read_json(f"{root}/evaluate/results.json"))
-        sft = read_json(f"{root}/sft/training_args.json")["result"]
-        rm = read_json(f"{root}/reward_model/training_args.json")["result"]
+        sft, rm = (read_json(f"{root}/{s}/training_args.json")["result"] for s in ("sft", "reward_model"))
         records.append({**seed_record(seed, sft, rm, results[-1]), "seconds": seconds})
         print(f"seed {seed}: {sum(seconds.values()):.0f} s {seconds}", flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "seeds.json"), "w") as f:
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/seeds.json", "w") as f:
         json.dump(records, f, indent=2)
     keys = ["seed", *SEED_FIELDS]
     rows = [[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in records]
     rows.append(["mean ± sd"] + ["{:.3f} ± {:.3f}".format(*mean_sd(records, k)) for k in SEED_FIELDS])
-    with open(os.path.join(args.output_dir, "seeds.md"), "w") as f:
+    with open(f"{out}/seeds.md", "w") as f:
         f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
-    path = os.path.join(args.output_dir, "frontier_seeds.png")
-    plot_frontiers(results, [r["seed"] for r in records], path)
+    plot_frontiers(results, [r["seed"] for r in records], f"{out}/frontier_seeds.png")
