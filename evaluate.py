@@ -183,8 +183,7 @@ def load_models(args, device, others):
     """The reference policy's tokenizer (checked to be every model's), that policy, the reward model."""
     tok = common.load_tokenizer(args.ref_policy, ": run `python sft.py`, or pass --ref-policy")
     for name in [args.reward_model_name, *others]:
-        hint = ": run its training script first, or pass another folder"
-        if common.load_tokenizer(name, hint).get_vocab() != tok.get_vocab():
+        if common.load_tokenizer(name, ": train it first, or pass another folder").get_vocab() != tok.get_vocab():
             raise ValueError(f"{name} has another tokenizer than {args.ref_policy}: KLs need one")
     ref = load_model(args.ref_policy, tok, device)
     return tok, ref, load_model(args.reward_model_name, tok, device, scorer=True)
@@ -370,8 +369,7 @@ def add_toy(ev, row, gold, kl_p_ref, kl_ref):
     vs_sft = ratio_with_se(gold, kl_ref, ev.bon_gold.mean(1), ev.ref_kl, ev.ref_reward, *boot)
     row["optimality_ratio_vs_sft"], row["optimality_ratio_vs_sft_se"] = vs_sft
     kl = float(np.mean(kl_ref))
-    ess = sorted((k, e) for _, k, _, e in ev.ref_frontier)
-    row["optimum_vs_sft_ess"] = float(np.interp(kl, *zip(*ess)))
+    row["optimum_vs_sft_ess"] = float(np.interp(kl, *zip(*sorted((k, e) for _, k, _, e in ev.ref_frontier))))
     if vs_sft[0] is not None:
         row["optimum_vs_sft_check"] = float(np.interp(kl, *zip(*ev.check)))
     return row
@@ -471,9 +469,8 @@ def plot_frontiers(results, labels, path):
             for r, marker in zip(res["policies"], "o*^sDvP"):
                 name = os.path.basename(r["policy"].rstrip("/"))
                 name = f"{label}: {name}" if len(labels) > 1 else name
-                ax.errorbar(
-                    r[x], r["gold_reward"], r["gold_reward_se"], r[x + "_se"], marker, color=c, ms=8, label=name
-                )
+                point = r[x], r["gold_reward"], r["gold_reward_se"], r[x + "_se"]
+                ax.errorbar(*point, marker, color=c, ms=8, label=name)
     for ax, x in zip(axes, ("P_ref (exact optimum ∝ P_ref", "the SFT model (optimum ∝ π_SFT")):
         ax.set(xlabel=f"KL to {x}·exp(r/β)), nats per response", ylabel="gold reward")
         ax.grid(alpha=0.3)
