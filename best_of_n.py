@@ -1,7 +1,6 @@
-"""Expert iteration's data (AlpacaFarm; Dubois et al. 2023): for each of the first --num-samples
-training prompts, max(--best-of-n) samples of the reference policy, and the one the reward model
-scores highest (a cut one, without an end token, only where all are) as a (prompt, completion) row
-for sft.py --dataset-name.
+"""Expert iteration's data (AlpacaFarm; Dubois et al. 2023): of max(--best-of-n) samples of the
+reference policy for each of the first --num-samples training prompts, the one the reward model
+scores highest (a cut one only where all are) as a (prompt, completion) row for sft.py.
 
     python best_of_n.py --output runs/data/expert_iteration.jsonl --best-of-n 16 --num-samples 4000
 """

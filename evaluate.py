@@ -197,7 +197,7 @@ def batches(size, *lists):
 
 @torch.no_grad()
 def sample(model, queries, tok, args, device):
-    """One response per prompt id list, cut after its first end token (if any: else at the cap)."""
+    """One response per prompt (ids), cut after its first end token if any."""
     stops, out = common.stop_token_ids(tok, model), []
     for (q,) in batches(args.per_device_batch_size, queries):
         batch = {k: v.to(device) for k, v in common.collate_prompts(q, tok.pad_token_id).items()}
@@ -275,7 +275,7 @@ def reward_scores(model, queries, responses, tok, args, device):
     return torch.cat(out).numpy() - getattr(model.config, "reward_bias", 0.0)
 
 
-# ---- the measurement: the prompts, what every row is measured against, then the rows ----
+# ---- the measurement: the prompts, what rows are measured against, the rows ----
 def held_out_prompts(args, tok):
     """The first --num-samples held-out prompts within the length limit: ids, as the data gives
     them, and the reference responses' ids (toy: P_ref's) if there are any."""
@@ -297,7 +297,7 @@ def held_out_prompts(args, tok):
 
 @dataclass
 class Evaluation:
-    """What every row is measured against; the toy task's optima are None on other data."""
+    """What every row is measured against; the toy task's optima None on other data."""
 
     args: Args
     tokenizer: object
@@ -311,11 +311,11 @@ class Evaluation:
     ref_judged: np.ndarray | None = None  # (P,) the judge's verdicts on the references
     frontier: list | None = None  # [(KL to P_ref, gold)] of π*_β ∝ P_ref exp(r/β), exact
     ref_gold: float | None = None  # P_ref's gold reward (KL 0)
-    bon_gold: np.ndarray | None = None  # (P, N) gold reward of N reference samples per prompt
-    ref_frontier: list | None = None  # [(β, KL, gold, ESS)] of π*_β ∝ π_ref exp(r/β), by SNIS
+    bon_gold: np.ndarray | None = None  # (P, N) gold of N reference samples per prompt
+    ref_frontier: list | None = None  # [(β, KL, gold, ESS)] of π*_β ∝ π_ref exp(r/β), SNIS
     ref_kl: np.ndarray | None = None  # (P, B) its KL
-    ref_reward: np.ndarray | None = None  # (P, B) its gold reward
-    check: list | None = None  # [(KL, the SNIS estimate's share of the exact optimum's gain)]
+    ref_reward: np.ndarray | None = None  # (P, B) its gold
+    check: list | None = None  # [(KL, the SNIS optimum's share of the exact one's gain)]
 
 
 def judged(ev, responses, texts):
