@@ -1,17 +1,9 @@
 """Evaluate policies: reward against KL, next to the exact optimum, best-of-n and each other.
 
-Every row is measured on the same held-out prompts: a mean over prompts ± its standard error. Per
-policy, one response per prompt: the reward-model score; the KL to the reference policy (the SFT
-model), the mean of Σ_t log π − log π_ref; length, per-token entropy, end-token rate; the win rate
-against the data's reference responses under a judge. On the toy task also the exact gold reward and
-KL to P_ref, and two optimality ratios (R_π − R_0) / (R*(KL_π) − R_0), the share of the best gain at
-that KL, with bootstrap standard errors over prompts:
-* vs P_ref: R* the exact frontier of π*_β ∝ P_ref exp(r/β) (toy_task.optimal_frontier);
-* vs SFT: R* that of π*_β ∝ π_SFT exp(r/β), what the methods aim at, by self-normalised importance
-  sampling from the reference's samples (low with few effective samples: `optimum_vs_sft_check` is
-  that shortfall, measured on as many samples of P_ref; ratio × check = corrected).
-The baseline is best-of-n from the reference (Stiennon et al. 2020; Nakano et al. 2021), at KL
-log n − (n − 1)/n. Expert iteration's data: best_of_n.py; all methods over seeds: benchmark/seeds.py.
+Per policy, on the same held-out prompts (mean ± standard error): reward-model score, KL to the
+reference (SFT) policy, length, entropy, end-token rate, win rate against the data's references; toy
+task: also gold reward, KL to P_ref and optimality ratios (R_π − R_0) / (R*(KL_π) − R_0) vs P_ref and
+vs SFT. Baseline: best-of-n of the reference (Stiennon et al. 2020). How: docs/evaluate.md.
 
     python evaluate.py  # every policy of runs/models on the toy task's held-out prompts, CPU, 4 min
     python evaluate.py --policies runs/models/ppo --checkpoints-dirs runs/models/ppo/checkpoints
@@ -44,56 +36,54 @@ class Sampling:
     """auto (CUDA if there is one), cpu or cuda"""
     bf16: bool = False
     """bfloat16 autocast for the forward passes"""
-    ref_policy: str = os.path.join("runs", "models", "sft")
-    """the reference policy: KLs are measured to it and best-of-n samples from it"""
-    reward_model_name: str = os.path.join("runs", "models", "reward_model")
-    """reward model from reward_model.py (its config.reward_bias is subtracted)"""
+    ref_policy: str = "runs/models/sft"
+    """the reference policy: KLs are to it, best-of-n samples it"""
+    reward_model_name: str = "runs/models/reward_model"
+    """reward model from reward_model.py (minus its config.reward_bias)"""
     dataset_name: str = "toy"
     """toy, a local file or folder, or a Hub id: prompt, and completion (reference responses)"""
     max_length: int | None = None
     """tokens per sequence (prompt + response); default 64 on the toy task, else 1024"""
     response_length: int | None = None
-    """most tokens per response, its end token included; default 24 on the toy task, else 256"""
+    """most tokens per response, end token included; default 24 on the toy task, else 256"""
     num_samples: int = 1000
     """prompts: the held-out ones, the same for every row (best_of_n.py: the first training ones)"""
     temperature: float = 1.0
-    """sampling temperature of every policy; KLs are between the sampling distributions"""
+    """sampling temperature of every policy; KLs are between sampling distributions"""
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    """n of best-of-n; max(n) reference samples per prompt, also for the SFT-relative optimum"""
+    """n of best-of-n; max(n) reference samples per prompt, also for the optimum vs SFT"""
     per_device_batch_size: int = 250
     """sequences per generate call or forward pass"""
 
 
 @dataclass
 class Args(Sampling):
-    output_dir: str = os.path.join("runs", "evaluate")
+    output_dir: str = "runs/evaluate"
     """folder of the table (results.md, results.json) and the plots"""
     policies: list[str] = field(default_factory=list)
     """policy folders to evaluate; default those of runs/models/{METHODS} there are"""
     judge: str | None = None
-    """reward model judging win rates against the reference responses; default the toy's gold"""
+    """reward model judging win rates against the references; default the toy's gold"""
     dataset_eval_split: str = "test"
     """split whose prompts are evaluated"""
     min_kl_for_ratio: float = 0.05
-    """no optimality ratio for a policy closer than this to the reference (nats): 0/0 at KL 0"""
+    """no optimality ratio for a policy closer than this to the reference (nats): 0/0"""
     num_bootstrap: int = 200
     """resamples of the prompts for the ratios' standard errors"""
     checkpoints_dirs: list[str] = field(default_factory=list)
-    """folders of intermediate policies (--save-every): each evaluated, plotted along training"""
+    """folders of policies saved along training (--save-every): each evaluated and plotted"""
 
 
-# ---- pure functions (tested in tests/test_evaluate.py) ----
+# ---- pure functions (tests/test_evaluate.py) ----
 def best_of_n_kl(n):
-    """KL(best-of-n ‖ reference) = log n − (n − 1)/n nats (Stiennon et al. 2020, App. G; Nakano et
-    al. 2021): exact without ties in reward, an upper bound otherwise."""
+    """KL(best-of-n ‖ reference) = log n − (n − 1)/n nats (Stiennon et al. 2020, App. G;
+    Nakano et al. 2021): exact without ties in reward, else an upper bound."""
     return math.log(n) - (n - 1) / n
 
 
 def best_of_n_expectation(scores, values, n):
-    """Expected `values` (N,) of the highest-`scores` (N,) of n samples drawn without replacement
-    from N, over all C(N, n) subsets: sorted by score, the i-th lowest is the best of a subset iff
-    it holds it and n − 1 of the i − 1 below, with probability C(i − 1, n − 1) / C(N, n). Unbiased
-    for every n ≤ N; ties by position."""
+    """Expected `values` (N,) of the top-`scores` (N,) of n of N samples, over all C(N, n) subsets:
+    the i-th lowest is the best with probability C(i − 1, n − 1) / C(N, n)."""
     order = np.argsort(scores, kind="stable")
     subsets = [math.comb(i - 1, n - 1) for i in range(1, len(scores) + 1)]
     weights = np.array(subsets, float) / math.comb(len(scores), n)
@@ -117,23 +107,15 @@ def wins(policy_scores, reference_scores):
     return (p > r) + 0.5 * (p == r)
 
 
-def mean_se(x):
-    """(mean over prompts, its standard error: sample standard deviation / √n)."""
-    x = np.asarray(x, float)
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
 def best_of_n_per_prompt(selector, values, n):
     """(P,): per prompt, the expected `values` (P, N) of the best of n by `selector` (P, N)."""
     return np.array([best_of_n_expectation(s, v, n) for s, v in zip(selector, values)])
 
 
 def snis_optimum(rewards, betas):
-    """The KL-regularised optimum π*_β ∝ π_0 exp(r/β) (DPO paper, eq. 4, π_0 for π_ref) relative to
-    a sampling policy π_0, by self-normalised importance sampling from rewards (P, N) of N samples
-    for each of P prompts. Per prompt, with w_j = exp(r_j/β) normalised to ŵ_j: E*[r] ≈ Σ ŵ_j r_j,
-    KL(π* ‖ π_0) ≈ Σ ŵ_j log(N ŵ_j) (≤ log N: underestimated with few effective samples), ESS =
-    (Σw)²/Σw². Exact as N → ∞. Returns per-prompt (P, B) kl, reward, ess; β = inf: π_0."""
+    """π*_β ∝ π_0 exp(r/β) (DPO paper, eq. 4) by self-normalised importance sampling from rewards
+    (P, N) of N samples of π_0: ŵ ∝ exp(r/β), E*[r] ≈ Σ ŵ r, KL ≈ Σ ŵ log(N ŵ), ESS = 1/Σ ŵ².
+    Returns (P, B) kl, reward, ess; β = inf: π_0."""
     r = np.asarray(rewards, float)
     kl, reward, ess = (np.zeros((len(r), len(betas))) for _ in range(3))
     for b, beta in enumerate(betas):
@@ -146,18 +128,16 @@ def snis_optimum(rewards, betas):
 
 
 def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_bootstrap=200, min_kl=0.05):
-    """Optimality ratio of per-prompt gold rewards and KLs (P,) against a frontier per prompt (P, B)
-    or exact (B,), R_ref (P,) or scalar: from the means over prompts, its standard error the spread
-    over `num_bootstrap` resamples of the prompts (all per-prompt values together). (None, None)
-    where KL_π < min_kl (0/0) or beyond the frontier's largest KL (no extrapolation)."""
+    """Optimality ratio of the means of gold, kl (P,), ref_gold (P,) or scalar on a frontier (P, B)
+    or (B,), ± its sd over bootstrap resamples of the prompts; (None, None) where KL_π < min_kl
+    or beyond the frontier."""
     P = len(gold)
     cols = [np.broadcast_to(np.asarray(a, float), (P,)) for a in (gold, kl, ref_gold)]
-    f_kl = np.broadcast_to(np.asarray(frontier_kl, float), (P, np.shape(frontier_kl)[-1]))  # (P, B)
-    f_r = np.broadcast_to(np.asarray(frontier_reward, float), (P, np.shape(frontier_reward)[-1]))
+    f_kl, f_r = (np.broadcast_to(np.asarray(f, float), (P, np.shape(f)[-1])) for f in (frontier_kl, frontier_reward))
 
     def ratio(idx):
         fk, fr = f_kl[idx].mean(0), f_r[idx].mean(0)
-        g, k, g0 = (c[idx].mean() for c in cols)  # gold, KL, the reference's gold
+        g, k, g0 = (c[idx].mean() for c in cols)
         if k < min_kl or k > fk.max():
             return None
         return optimality_ratio(g, k, g0, sorted(zip(fk, fr)))
@@ -171,45 +151,42 @@ def ratio_with_se(gold, kl, ref_gold, frontier_kl, frontier_reward, rng, num_boo
 
 
 # ---- helpers ----
-LOGITS_PER_PASS = 8192
-"""response tokens whose logits a scoring pass keeps (float32: 8192 × V × 4 bytes, 1.6 GB at 49k)"""
+LOGITS_PER_PASS = 8192  # response tokens' float32 logits a pass keeps: 1.6 GB at V = 49k
 
 
-def checked(args):
-    """args with the lengths' defaults (the toy task's, else the usual ones), checked."""
+def start(args):
+    """Sets the lengths' defaults, checks args, seeds; the --device."""
     on_toy = args.dataset_name == "toy"
     args.max_length = args.max_length or (64 if on_toy else 1024)
     args.response_length = args.response_length or (24 if on_toy else 256)
-    bad_n = min(args.best_of_n, default=0) < 1
-    if args.temperature <= 0 or bad_n or args.response_length >= args.max_length:
-        raise ValueError("--temperature must be > 0, --best-of-n ≥ 1, --response-length < --max-length")
-    return args
-
-
-def seeded_device(args):
-    """The device of --device, with Python, NumPy and PyTorch seeded by --seed."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.temperature <= 0 or min(args.best_of_n, default=0) < 1 or args.response_length >= args.max_length:
+        raise ValueError("need --temperature > 0, --best-of-n ≥ 1, --response-length < --max-length")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if cuda else "cpu")
 
 
-def load_tokenizer(ref_policy, others):
-    """The reference policy's tokenizer, once every other model has been checked to share it."""
-    tokenizer = common.load_tokenizer(ref_policy, ": run `python sft.py`, or pass --ref-policy")
-    for name in others:
-        hint = ": run its training script first, or pass another folder"
-        if common.load_tokenizer(name, hint).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{name} has another tokenizer than {ref_policy}: KLs need one")
-    return tokenizer
+def load_model(name, tokenizer, device, scorer=False):
+    """A frozen float32 policy, or with `scorer` a reward model, fit to `tokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-
-def load_model(cls, name, tokenizer, device):
-    labels = {"num_labels": 1} if "Sequence" in cls.__name__ else {}
-    model = cls.from_pretrained(name, dtype=torch.float32, **labels)
+    kw = {"num_labels": 1} if scorer else {}
+    cls = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    model = cls.from_pretrained(name, dtype=torch.float32, **kw)
     common.fit_model(model, tokenizer)
     return model.requires_grad_(False).eval().to(device)
+
+
+def load_models(args, device, others):
+    """The reference policy's tokenizer (checked to be every model's), that policy, the reward model."""
+    tok = common.load_tokenizer(args.ref_policy, ": run `python sft.py`, or pass --ref-policy")
+    for name in [args.reward_model_name, *others]:
+        if common.load_tokenizer(name, ": train it first, or pass another folder").get_vocab() != tok.get_vocab():
+            raise ValueError(f"{name} has another tokenizer than {args.ref_policy}: KLs need one")
+    ref = load_model(args.ref_policy, tok, device)
+    return tok, ref, load_model(args.reward_model_name, tok, device, scorer=True)
 
 
 def batches(size, *lists):
@@ -219,15 +196,15 @@ def batches(size, *lists):
 
 
 @torch.no_grad()
-def sample(model, queries, tokenizer, args, device):
-    """One response per prompt id list, cut after its first end token (if any: else at the cap)."""
-    stops, out = common.stop_token_ids(tokenizer, model), []
-    generation = {"max_new_tokens": args.response_length, "temperature": args.temperature}
+def sample(model, queries, tok, args, device):
+    """One response per prompt (ids), cut after its first end token if any."""
+    stops, out = common.stop_token_ids(tok, model), []
     for (q,) in batches(args.per_device_batch_size, queries):
-        batch = common.collate_prompts(q, tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in common.collate_prompts(q, tok.pad_token_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            new = common.generate(model, **batch, tokenizer=tokenizer, **generation)
+            new = common.generate(
+                model, **batch, tokenizer=tok, max_new_tokens=args.response_length, temperature=args.temperature
+            )
         for g in new.tolist():
             ends = [g.index(s) for s in stops if s in g]
             out.append(g[: min(ends) + 1] if ends else g)
@@ -260,65 +237,57 @@ def scatter(values, mask):
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
+def forward(model, queries, responses, tok, args, device, **kw):
+    """The model's logits on prompt + response ids, padded."""
+    seqs = [a + b for a, b in zip(queries, responses)]
+    ids, mask = common.pad(seqs, tok.pad_token_id).to(device), common.attention_mask(seqs).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
 @torch.no_grad()
-def response_logprobs(model, queries, responses, tokenizer, args, device):
-    """(N,) Σ over response tokens of log softmax(logits / T) without PAD, as sampled, and (N,) its
-    mean entropy per token. As in the trainers, the LM head runs only where a response token is
-    predicted, softmax in float32 chunks: no (N, L, V) logits, ≤ LOGITS_PER_PASS tokens a pass."""
+def response_logprobs(model, queries, responses, tok, args, device):
+    """(N,) Σ over response tokens of log softmax(logits / T) without PAD, (N,) mean entropy per
+    token; as in the trainers, logits only where a response token is predicted."""
     longest = max(map(len, responses), default=1)
-    size = max(1, min(args.per_device_batch_size, LOGITS_PER_PASS // max(longest, 1)))
-    out = []
+    size, out = max(1, min(args.per_device_batch_size, LOGITS_PER_PASS // max(longest, 1))), []
     for q, r in batches(size, queries, responses):
-        seqs = [a + b for a, b in zip(q, r)]
-        ids = common.pad(seqs, tokenizer.pad_token_id).to(device)
-        mask = common.attention_mask(seqs).to(device)
         labels = [[common.IGNORE_INDEX] * len(a) + b for a, b in zip(q, r)]
         labels = common.pad(labels, common.IGNORE_INDEX)[:, 1:].to(device)  # (n, L − 1): for t + 1
         keep = labels != common.IGNORE_INDEX
-        to_keep = F.pad(keep, (0, 1))  # (n, L): the positions whose logits predict a response token
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=to_keep).logits  # (R, V)
-        pad_id = tokenizer.pad_token_id
-        logp, entropy = logprobs_and_entropy(logits, labels[keep], args.temperature, pad_id)  # (R,)
+        logits = forward(model, q, r, tok, args, device, logits_to_keep=F.pad(keep, (0, 1)))  # (R, V)
+        logp, ent = logprobs_and_entropy(logits, labels[keep], args.temperature, tok.pad_token_id)
         n = keep.sum(1).clamp(min=1)
-        per_response = [scatter(logp, keep).sum(1), scatter(entropy, keep).sum(1) / n]
-        out.append(torch.stack(per_response, 1).cpu())
+        out.append(torch.stack([scatter(logp, keep).sum(1), scatter(ent, keep).sum(1) / n], 1).cpu())
     out = torch.cat(out).numpy()
     return out[:, 0], out[:, 1]
 
 
 @torch.no_grad()
-def reward_scores(model, queries, responses, tokenizer, args, device):
+def reward_scores(model, queries, responses, tok, args, device):
     """(N,) the reward of prompt + response at its last token, minus config.reward_bias."""
-    out = []
-    for q, r in batches(args.per_device_batch_size, queries, responses):
-        seqs = [a + b for a, b in zip(q, r)]
-        ids = common.pad(seqs, tokenizer.pad_token_id).to(device)
-        mask = common.attention_mask(seqs).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            out.append(model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu())
+    out = [
+        forward(model, q, r, tok, args, device).squeeze(-1).float().cpu()
+        for q, r in batches(args.per_device_batch_size, queries, responses)
+    ]
     return torch.cat(out).numpy() - getattr(model.config, "reward_bias", 0.0)
 
 
-# ---- the measurement: the prompts, what every row is measured against, then one row at a time ----
-def held_out_prompts(args, tokenizer):
-    """The first --num-samples held-out prompts within the length limit: token ids, the prompts as the
-    data gives them (strings or messages), and the reference responses' token ids if the data has them
-    (a completion column, or conversations that end with a reply; toy: P_ref's, its SFT split), else
-    None."""
+# ---- the measurement: the prompts, what rows are measured against, the rows ----
+def held_out_prompts(args, tok):
+    """The first --num-samples held-out prompts within the length limit: ids, as the data gives
+    them, and the reference responses' ids (toy: P_ref's) if there are any."""
     kind = "sft" if args.dataset_name == "toy" else "prompt"
-    split = args.dataset_eval_split
-    eval_ds = common.load_splits(args.dataset_name, kind, eval_split=split, seed=args.seed)[1]
-    eval_ds = eval_ds.select(range(min(args.num_samples, len(eval_ds))))
-    rows = eval_ds.to_list()
-    columns = eval_ds.column_names
-    replies = "messages" in columns and all(r["messages"][-1]["role"] == "assistant" for r in rows)
-    kind = "sft" if "completion" in columns or replies else "prompt"
-    prompt_ids, completions, _ = common.encode_dataset(tokenizer, eval_ds, kind)
+    ds = common.load_splits(args.dataset_name, kind, eval_split=args.dataset_eval_split, seed=args.seed)[1]
+    ds = ds.select(range(min(args.num_samples, len(ds))))
+    rows, cols = ds.to_list(), ds.column_names
+    replies = "messages" in cols and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    kind = "sft" if "completion" in cols or replies else "prompt"
+    prompt_ids, completions, _ = common.encode_dataset(tok, ds, kind)
     keep = [i for i, p in enumerate(prompt_ids) if len(p) <= args.max_length - args.response_length]
     if not keep:
-        raise ValueError("every prompt is over --max-length − --response-length; raise --max-length")
-    print(f"{len(keep)} held-out prompts ({len(eval_ds) - len(keep)} over the length limit dropped)")
+        raise ValueError("every prompt over --max-length − --response-length; raise --max-length")
+    print(f"{len(keep)} held-out prompts ({len(ds) - len(keep)} over the length limit dropped)")
     prompts = [common.prompt_and_responses(rows[i], kind)[0] for i in keep]
     references = [completions[0][i] for i in keep] if completions else None
     return [prompt_ids[i] for i in keep], prompts, references
@@ -326,102 +295,96 @@ def held_out_prompts(args, tokenizer):
 
 @dataclass
 class Evaluation:
-    """What every row is measured against; the toy task's optima are None on other data."""
+    """What every row is measured against; the toy task's optima None on other data."""
 
     args: Args
     tokenizer: object
     device: torch.device
-    ref_model: object  # the reference policy: KLs to it, best-of-n from it
+    ref_model: object
     reward_model: object
-    judge: object  # the --judge reward model, or None (toy task: the exact gold reward)
+    judge: object  # --judge's reward model, or None (toy: the gold reward)
     queries: list  # P prompts' token ids
-    prompts: list  # the same P prompts as the data gives them (strings or messages)
-    rng: np.random.Generator  # the bootstrap's resamples of the prompts
-    ref_judged: np.ndarray | None = None  # (P,) the judge's verdicts on the reference responses
-    frontier: list | None = None  # [(KL to P_ref, gold reward)] of π*_β ∝ P_ref exp(r/β), exact
-    ref_gold: float | None = None  # P_ref's exact expected gold reward (KL 0)
-    bon_gold: np.ndarray | None = None  # (P, N) gold reward of N reference samples per prompt
-    ref_frontier: list | None = None  # [(β, KL, gold, ESS)] of π*_β ∝ π_ref exp(r/β), estimated
-    ref_kl: np.ndarray | None = None  # (P, B) that estimate's KL per prompt
-    ref_reward: np.ndarray | None = None  # (P, B) and gold reward per prompt
-    check: list | None = None  # [(KL, the estimate's share of the exact optimum's gain)]
+    prompts: list  # as the data gives them
+    rng: np.random.Generator  # the bootstrap's
+    ref_judged: np.ndarray | None = None  # (P,) the judge's verdicts on the references
+    frontier: list | None = None  # [(KL to P_ref, gold)] of π*_β ∝ P_ref exp(r/β), exact
+    ref_gold: float | None = None  # P_ref's gold reward (KL 0)
+    bon_gold: np.ndarray | None = None  # (P, N) gold of N reference samples per prompt
+    ref_frontier: list | None = None  # [(β, KL, gold, ESS)] of π*_β ∝ π_ref exp(r/β), SNIS
+    ref_kl: np.ndarray | None = None  # (P, B) its KL
+    ref_reward: np.ndarray | None = None  # (P, B) its gold
+    check: list | None = None  # [(KL, the SNIS optimum's share of the exact one's gain)]
 
 
 def judged(ev, responses, texts):
     """The judge's verdicts: the --judge reward model's, else (toy task) the exact gold reward."""
     if ev.judge is not None:
         return reward_scores(ev.judge, ev.queries, responses, ev.tokenizer, ev.args, ev.device)
-    on_toy = ev.args.dataset_name == "toy"
-    return np.array(toy_task.gold_reward(ev.prompts, texts)) if on_toy else None
+    if ev.args.dataset_name == "toy":
+        return np.array(toy_task.gold_reward(ev.prompts, texts))
+
+
+def toy_values(prompts, texts, length):
+    """Toy task: (gold reward, log P_ref) of each response."""
+    gold = np.array(toy_task.gold_reward(prompts, texts))
+    return gold, np.array([toy_task.ref_logprob(p, t, length) for p, t in zip(prompts, texts)])
 
 
 def add_optima(ev, bon_prompts):
-    """The toy task's optima from ev.bon_gold: the exact frontier, the one relative to the reference
-    policy (importance sampling from its N samples) and that estimate's shortfall where the answer
-    is exact: the same importance sampling from N samples of P_ref (toy_task's sampler) against the
-    exact frontier. P_ref and SFT are close, so the SFT-relative estimate falls about as short."""
+    """Toy task: the exact frontier, the one of the reference by SNIS from ev.bon_gold, and that
+    estimate's shortfall where the answer is exact (the same from N samples of P_ref)."""
     args, P, N = ev.args, *ev.bon_gold.shape
-    betas = [math.inf, *np.geomspace(20, 0.05, 80)]  # a fine grid of β, sorted by KL
-    exact = toy_task.optimal_frontier(ev.prompts, betas, args.response_length)
-    ev.frontier = [(kl, r) for _, kl, r in exact]
+    length, betas = args.response_length, [math.inf, *np.geomspace(20, 0.05, 80)]
+    ev.frontier = [(kl, r) for _, kl, r in toy_task.optimal_frontier(ev.prompts, betas, length)]  # by KL
     ev.ref_gold = ev.frontier[0][1]
-    ref_betas = [math.inf, *np.geomspace(20, 0.1, 60)]
-    ev.ref_kl, ev.ref_reward, ref_ess = snis_optimum(ev.bon_gold, ref_betas)  # per prompt (P, B)
-    means = ev.ref_kl.mean(0), ev.ref_reward.mean(0), ref_ess.mean(0)
-    ev.ref_frontier = list(zip(ref_betas, *means))
-    check_rng = np.random.default_rng(args.seed)
-    check_texts = toy_task.TASK.sample_responses(check_rng, bon_prompts, args.response_length)
-    check_gold = np.array(toy_task.gold_reward(bon_prompts, check_texts)).reshape(P, N)
-    check_kl, check_reward, _ = (x.mean(0) for x in snis_optimum(check_gold, ref_betas))
-    ev.check = []  # (KL, the share of the exact optimum's gain), sorted by KL
-    for k, r in list(zip(check_kl, check_reward))[1:]:
-        optimum_gain = frontier_reward_at(k, ev.frontier) - ev.ref_gold
-        ev.check.append((k, (r - check_reward[0]) / optimum_gain))
-    ev.check.sort()
+    betas = [math.inf, *np.geomspace(20, 0.1, 60)]
+    ev.ref_kl, ev.ref_reward, ess = snis_optimum(ev.bon_gold, betas)  # (P, B)
+    ev.ref_frontier = list(zip(betas, ev.ref_kl.mean(0), ev.ref_reward.mean(0), ess.mean(0)))
+    texts = toy_task.TASK.sample_responses(np.random.default_rng(args.seed), bon_prompts, length)
+    gold = np.array(toy_task.gold_reward(bon_prompts, texts)).reshape(P, N)
+    kl, reward, _ = (x.mean(0) for x in snis_optimum(gold, betas))
+    gain = [frontier_reward_at(k, ev.frontier) - ev.ref_gold for k in kl[1:]]  # the optimum's
+    ev.check = sorted(zip(kl[1:], (reward[1:] - reward[0]) / gain))
 
 
 def with_se(row, **per_prompt):
-    """The mean over prompts of each per-prompt array into `row`, its standard error as key_se."""
-    for key, values in per_prompt.items():
-        row[key], row[key + "_se"] = mean_se(values)
+    """Into `row`: each per-prompt array's mean, and as key_se its standard error (sample sd / √n)."""
+    for key, x in per_prompt.items():
+        x = np.asarray(x, float)
+        se = x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+        row[key], row[key + "_se"] = float(x.mean()), float(se)
     return row
 
 
 def add_toy(ev, row, gold, kl_p_ref, kl_ref):
-    """From per-prompt (P,) gold rewards and KLs: the toy task's gold reward and KL to P_ref, both
-    optimality ratios with bootstrap standard errors, the effective samples behind the SFT-relative
-    optimum at this KL and the estimate's measured shortfall."""
+    """From per-prompt (P,) gold rewards and KLs: gold, KL to P_ref, both ratios, the ESS of the
+    optimum vs SFT at this KL and its shortfall."""
     with_se(row, gold_reward=gold, kl_to_p_ref=kl_p_ref)
     row["optimum_gold_at_kl"] = frontier_reward_at(row["kl_to_p_ref"], ev.frontier)
-    bootstrap = ev.rng, ev.args.num_bootstrap, ev.args.min_kl_for_ratio
-    ratio = ratio_with_se(gold, kl_p_ref, ev.ref_gold, *zip(*ev.frontier), *bootstrap)
-    row["optimality_ratio_vs_p_ref"], row["optimality_ratio_vs_p_ref_se"] = ratio
-    ratio = ratio_with_se(gold, kl_ref, ev.bon_gold.mean(1), ev.ref_kl, ev.ref_reward, *bootstrap)
-    row["optimality_ratio_vs_sft"], row["optimality_ratio_vs_sft_se"] = ratio
+    boot = ev.rng, ev.args.num_bootstrap, ev.args.min_kl_for_ratio
+    vs_p_ref = ratio_with_se(gold, kl_p_ref, ev.ref_gold, *zip(*ev.frontier), *boot)
+    row["optimality_ratio_vs_p_ref"], row["optimality_ratio_vs_p_ref_se"] = vs_p_ref
+    vs_sft = ratio_with_se(gold, kl_ref, ev.bon_gold.mean(1), ev.ref_kl, ev.ref_reward, *boot)
+    row["optimality_ratio_vs_sft"], row["optimality_ratio_vs_sft_se"] = vs_sft
     kl = float(np.mean(kl_ref))
-    ess = sorted((k, e) for _, k, _, e in ev.ref_frontier)
-    row["optimum_vs_sft_ess"] = float(np.interp(kl, *zip(*ess)))
-    if row["optimality_ratio_vs_sft"] is not None:
+    row["optimum_vs_sft_ess"] = float(np.interp(kl, *zip(*sorted((k, e) for _, k, _, e in ev.ref_frontier))))
+    if vs_sft[0] is not None:
         row["optimum_vs_sft_check"] = float(np.interp(kl, *zip(*ev.check)))
     return row
 
 
 def evaluate_policy(ev, name):
-    """Every per-policy metric of the policy in folder `name`, on the prompts of every row."""
-    from transformers import AutoModelForCausalLM
-
-    tok, args, device = ev.tokenizer, ev.args, ev.device
-    same = name == args.ref_policy
-    model = ev.ref_model if same else load_model(AutoModelForCausalLM, name, tok, device)
-    responses = sample(model, ev.queries, tok, args, device)
+    """Every per-policy metric of the policy in folder `name`."""
+    tok, args, device, queries = ev.tokenizer, ev.args, ev.device, ev.queries
+    model = ev.ref_model if name == args.ref_policy else load_model(name, tok, device)
+    responses = sample(model, queries, tok, args, device)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
-    logp, entropy = response_logprobs(model, ev.queries, responses, tok, args, device)
-    logp_ref = response_logprobs(ev.ref_model, ev.queries, responses, tok, args, device)[0]
-    score = reward_scores(ev.reward_model, ev.queries, responses, tok, args, device)
+    logp, entropy = response_logprobs(model, queries, responses, tok, args, device)
+    logp_ref = response_logprobs(ev.ref_model, queries, responses, tok, args, device)[0]
     stops = common.stop_token_ids(tok, ev.ref_model)
     row = with_se(
         {"policy": name},
-        score=score,
+        score=reward_scores(ev.reward_model, queries, responses, tok, args, device),
         kl_to_ref_policy=logp - logp_ref,
         response_length=[len(r) for r in responses],
         eos_rate=[bool(r) and r[-1] in stops for r in responses],
@@ -430,27 +393,22 @@ def evaluate_policy(ev, name):
     if ev.ref_judged is not None:
         with_se(row, win_rate=wins(judged(ev, responses, texts), ev.ref_judged))
     if ev.frontier is not None:
-        gold = np.array(toy_task.gold_reward(ev.prompts, texts))
-        length = args.response_length
-        ref_lp = [toy_task.ref_logprob(p, t, length) for p, t in zip(ev.prompts, texts)]
-        add_toy(ev, row, gold, logp - np.array(ref_lp), logp - logp_ref)
+        gold, ref_lp = toy_values(ev.prompts, texts, args.response_length)
+        add_toy(ev, row, gold, logp - ref_lp, logp - logp_ref)
     print("  " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.endswith("_se")))
     return row
 
 
 def best_of_n_rows(ev, selector, scores, gap, label):
-    """One row per n: the expectations over the n-subsets of each prompt's N samples of the one
-    `selector` (P, N) ranks highest: score, gold reward, KLs (to P_ref: the formula + E_bon[log
-    π_ref − log P_ref], `gap` (P, N))."""
+    """A row per n: expectations over n-subsets of the sample `selector` (P, N) ranks highest; KL
+    to P_ref: the formula + E_bon[`gap` (P, N)]."""
     out = []
     for n in ev.args.best_of_n:
-        score = best_of_n_per_prompt(selector, scores, n)
-        row = with_se({"policy": f"best-of-{n}{label}"}, score=score)
-        row["kl_to_ref_policy"] = best_of_n_kl(n)  # exact (an upper bound when samples tie)
+        row = with_se({"policy": f"best-of-{n}{label}"}, score=best_of_n_per_prompt(selector, scores, n))
+        row["kl_to_ref_policy"] = kl = best_of_n_kl(n)
         if ev.frontier is not None:
             gold = best_of_n_per_prompt(selector, ev.bon_gold, n)
-            kl_p_ref = best_of_n_kl(n) + best_of_n_per_prompt(selector, gap, n)
-            add_toy(ev, row, gold, kl_p_ref, np.full(len(selector), best_of_n_kl(n)))
+            add_toy(ev, row, gold, kl + best_of_n_per_prompt(selector, gap, n), np.full(len(selector), kl))
         out.append(row)
     return out
 
@@ -463,12 +421,14 @@ def cell(row, column):
     return f"{v:.3f} ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else f"{v:.3f}"
 
 
+COLUMNS = ["policy", "score", "kl_to_ref_policy", "response_length", "eos_rate", "entropy", "win_rate"]
+COLUMNS += ["gold_reward", "kl_to_p_ref", "optimality_ratio_vs_p_ref", "optimality_ratio_vs_sft"]
+COLUMNS += ["optimum_vs_sft_ess", "optimum_vs_sft_check"]
+
+
 def markdown_table(ev, rows):
     """The table of every row (mean ± standard error over prompts); toy task: the optima below."""
-    columns = "policy score kl_to_ref_policy response_length eos_rate entropy win_rate gold_reward"
-    columns += " kl_to_p_ref optimality_ratio_vs_p_ref optimality_ratio_vs_sft optimum_vs_sft_ess"
-    columns = (columns + " optimum_vs_sft_check").split()
-    columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
+    columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     table += "\n".join("| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows)
     if ev.frontier is None:
@@ -478,43 +438,39 @@ def markdown_table(ev, rows):
         f"\n\n{P} prompts for every row. P_ref: gold reward {ev.ref_gold:.3f} at KL 0 (exact); "
         f"optimum at KL 1: {frontier_reward_at(1.0, ev.frontier):.3f}. Optimum relative to the "
         f"reference policy (importance sampling, {N} samples per prompt): at KL {at1[1]:.3f} "
-        f"(β = {at1[0]:.2f}) gold "
-        f"{at1[2]:.3f}, effective sample size {at1[3]:.1f} of {N}; no ratio where the KL is under "
-        f"{ev.args.min_kl_for_ratio} or beyond the frontier"
+        f"(β = {at1[0]:.2f}) gold {at1[2]:.3f}, effective sample size {at1[3]:.1f} of {N}; no "
+        f"ratio where the KL is under {ev.args.min_kl_for_ratio} or beyond the frontier"
     )
 
 
-def plot_frontiers(results, labels, path):
-    """Gold reward against KL to P_ref (left: the exact optimum) and to the SFT model (right: the
-    importance-sampled one), with best-of-n and every policy, for one or more evaluations."""
+def two_plots(size):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    return plt.subplots(1, 2, figsize=size, dpi=100)
+
+
+def plot_frontiers(results, labels, path):
+    """Gold reward against KL to P_ref (left: exact optimum) and to SFT (right: SNIS optimum), with
+    best-of-n and every policy, of one or more evaluations."""
+    fig, axes = two_plots((11, 4.5))
     shown = [r for res in results for r in res["policies"] + res["best_of_n"][:4]]  # to n = 8
     limit = 1.1 * max(r["kl_to_p_ref"] for r in shown)
-    for i, (label, res) in enumerate(zip(labels, results)):
-        sft_frontier = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
-        for ax, x, frontier in (
-            (axes[0], "kl_to_p_ref", res["frontier"]),
-            (axes[1], "kl_to_ref_policy", sft_frontier),
-        ):
-            optimum = [f for f in frontier if f[0] <= limit]
-            ax.plot(*zip(*optimum), "-", color=f"C{i}", lw=1, label=f"{label}: optimum")
+    for c, label, res in zip([f"C{i}" for i in range(len(results))], labels, results):
+        vs_sft = sorted((k, r) for _, k, r, _ in res["frontier_vs_ref_policy"])
+        for ax, x, frontier in zip(axes, ("kl_to_p_ref", "kl_to_ref_policy"), (res["frontier"], vs_sft)):
+            ax.plot(*zip(*[f for f in frontier if f[0] <= limit]), "-", color=c, lw=1, label=f"{label}: optimum")
             bon = [(r[x], r["gold_reward"]) for r in res["best_of_n"] if r[x] <= limit]
-            ax.plot(*zip(*bon), ".:", color=f"C{i}", lw=0.8, label=f"{label}: best-of-n")
-            for row, marker in zip(res["policies"], "o*^sDvP"):
-                name = os.path.basename(row["policy"].rstrip("/"))
+            ax.plot(*zip(*bon), ".:", color=c, lw=0.8, label=f"{label}: best-of-n")
+            for r, marker in zip(res["policies"], "o*^sDvP"):
+                name = os.path.basename(r["policy"].rstrip("/"))
                 name = f"{label}: {name}" if len(labels) > 1 else name
-                point = (row[x], row["gold_reward"], row["gold_reward_se"], row[x + "_se"])
-                ax.errorbar(*point, fmt=marker, color=f"C{i}", markersize=8, label=name)
-    for ax, x in zip(
-        axes,
-        ("KL to P_ref (exact optimum ∝ P_ref·exp(r/β))", "KL to the SFT model (optimum ∝ π_SFT·exp(r/β))"),
-    ):
-        ax.set(xlabel=x + ", nats per response", ylabel="gold reward")
+                point = r[x], r["gold_reward"], r["gold_reward_se"], r[x + "_se"]
+                ax.errorbar(*point, marker, color=c, ms=8, label=name)
+    for ax, x in zip(axes, ("P_ref (exact optimum ∝ P_ref", "the SFT model (optimum ∝ π_SFT")):
+        ax.set(xlabel=f"KL to {x}·exp(r/β)), nats per response", ylabel="gold reward")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -522,26 +478,18 @@ def plot_frontiers(results, labels, path):
 
 
 def plot_checkpoints(rows, path):
-    """Along training, per checkpoints folder: the reward-model score and gold reward against KL
-    (over-optimisation: Gao et al. 2022), and the corrected optimality ratio against episodes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for i, (run, run_rows) in enumerate(rows.items()):
-        x = [r.get("kl_to_p_ref", r["kl_to_ref_policy"]) for r in run_rows]
-        score = [r["score"] for r in run_rows]
-        left.plot(x, score, "o-", color=f"C{i}", label=f"{run}: reward-model score")
-        if "gold_reward" in run_rows[0]:
-            gold = [r["gold_reward"] for r in run_rows]
-            left.plot(x, gold, "s--", color=f"C{i}", label=f"{run}: gold reward")
-            with_ratio = [r for r in run_rows if r.get("optimality_ratio_vs_sft") is not None]
-            episodes = [r["episodes"] for r in with_ratio]
-            corrected = [r["optimality_ratio_vs_sft"] * r["optimum_vs_sft_check"] for r in with_ratio]
-            if corrected:
-                right.plot(episodes, corrected, "o-", color=f"C{i}", label=run)
+    """Per checkpoints folder: score and gold reward against KL (over-optimisation: Gao et al.
+    2022), the corrected ratio vs SFT against episodes."""
+    fig, (left, right) = two_plots((11, 4))
+    for c, (run, rs) in zip([f"C{i}" for i in range(len(rows))], rows.items()):
+        x = [r.get("kl_to_p_ref", r["kl_to_ref_policy"]) for r in rs]
+        left.plot(x, [r["score"] for r in rs], "o-", color=c, label=f"{run}: reward-model score")
+        if "gold_reward" in rs[0]:
+            left.plot(x, [r["gold_reward"] for r in rs], "s--", color=c, label=f"{run}: gold reward")
+            rs = [r for r in rs if r.get("optimality_ratio_vs_sft") is not None]
+            corrected = [r["optimality_ratio_vs_sft"] * r["optimum_vs_sft_check"] for r in rs]
+            if rs:
+                right.plot([r["episodes"] for r in rs], corrected, "o-", color=c, label=run)
     left.set(xlabel="KL to P_ref (toy) or to the reference policy, nats", ylabel="reward")
     right.set(xlabel="episodes", ylabel="optimality ratio vs SFT, corrected", ylim=(0, 1.05))
     for ax in (left, right):
@@ -552,55 +500,39 @@ def plot_checkpoints(rows, path):
 
 
 if __name__ == "__main__":
-    args = checked(tyro.cli(Args))
-    on_toy = args.dataset_name == "toy"
-    device = seeded_device(args)
-
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if not args.policies:  # the default policies
+    args = tyro.cli(Args)
+    device = start(args)
+    if not args.policies:
         args.policies = [f"runs/models/{m}" for m in METHODS if os.path.isdir(f"runs/models/{m}")]
-    others = [args.reward_model_name, *args.policies, *([args.judge] if args.judge else [])]
-    tokenizer = load_tokenizer(args.ref_policy, others)
-    ref_model = load_model(AutoModelForCausalLM, args.ref_policy, tokenizer, device)
-    scorer = AutoModelForSequenceClassification
-    reward_model = load_model(scorer, args.reward_model_name, tokenizer, device)
-    judge = load_model(scorer, args.judge, tokenizer, device) if args.judge else None
+    judges = [args.judge] if args.judge else []
+    tok, ref_model, reward_model = load_models(args, device, args.policies + judges)
+    judge = load_model(args.judge, tok, device, scorer=True) if judges else None
 
     # 1. the held-out prompts, and their reference responses if the data has them
-    queries, prompts, references = held_out_prompts(args, tokenizer)
+    queries, prompts, references = held_out_prompts(args, tok)
     rng = np.random.default_rng(args.seed)  # the bootstrap's
-    ev = Evaluation(args, tokenizer, device, ref_model, reward_model, judge, queries, prompts, rng)
+    ev = Evaluation(args, tok, device, ref_model, reward_model, judge, queries, prompts, rng)
     if references:
-        texts = tokenizer.batch_decode(references, skip_special_tokens=True)
-        ev.ref_judged = judged(ev, references, texts)
+        ev.ref_judged = judged(ev, references, tok.batch_decode(references, skip_special_tokens=True))
 
-    # 2. N reference samples for every prompt: best-of-n; on the toy task the exact frontier, the
-    # optimum relative to the reference policy (π*_β ∝ π_ref exp(r/β)) and that one's shortfall
-    P, N = len(queries), max(args.best_of_n)
-    bon_queries = [q for q in queries for _ in range(N)]
-    bon_prompts = [p for p in prompts for _ in range(N)]
-    bon_responses = sample(ref_model, bon_queries, tokenizer, args, device)
-    bon_scores = reward_scores(reward_model, bon_queries, bon_responses, tokenizer, args, device)
-    bon_scores = bon_scores.reshape(P, N)
+    # 2. N reference samples per prompt: best-of-n; toy task: the optima
+    P, N, on_toy = len(queries), max(args.best_of_n), args.dataset_name == "toy"
+    bon_q, bon_p = [q for q in queries for _ in range(N)], [p for p in prompts for _ in range(N)]
+    bon_r = sample(ref_model, bon_q, tok, args, device)
+    bon_scores = reward_scores(reward_model, bon_q, bon_r, tok, args, device).reshape(P, N)
     gap = None
     if on_toy:
-        bon_texts = tokenizer.batch_decode(bon_responses, skip_special_tokens=True)
-        ev.bon_gold = np.array(toy_task.gold_reward(bon_prompts, bon_texts)).reshape(P, N)
-        add_optima(ev, bon_prompts)
-        # best-of-n's KL to P_ref = its KL to the reference + E_bon[log π_ref − log P_ref]
-        lp, _ = response_logprobs(ref_model, bon_queries, bon_responses, tokenizer, args, device)
-        length = args.response_length
-        ref_lp = [toy_task.ref_logprob(p, t, length) for p, t in zip(bon_prompts, bon_texts)]
-        gap = (lp - np.array(ref_lp)).reshape(P, N)
+        gold, ref_lp = toy_values(bon_p, tok.batch_decode(bon_r, skip_special_tokens=True), args.response_length)
+        ev.bon_gold = gold.reshape(P, N)
+        add_optima(ev, bon_p)
+        lp = response_logprobs(ref_model, bon_q, bon_r, tok, args, device)[0]
+        gap = (lp - ref_lp).reshape(P, N)  # log π_ref − log P_ref
 
     # 3. every policy; best-of-n chosen by the reward model and (toy: a perfect one) by gold
     print("policies:")
     rows = [evaluate_policy(ev, name) for name in args.policies]
     bon = best_of_n_rows(ev, bon_scores, bon_scores, gap, "")
-    bon_gold = []
-    if on_toy:
-        bon_gold = best_of_n_rows(ev, ev.bon_gold, bon_scores, gap, " (gold selector)")
+    bon_gold = best_of_n_rows(ev, ev.bon_gold, bon_scores, gap, " (gold selector)") if on_toy else []
 
     # 4. intermediate policies: over-optimisation (score up, gold reward not), learning curves
     checkpoints = {}
@@ -609,25 +541,25 @@ if __name__ == "__main__":
         if run in checkpoints:
             raise ValueError(f"--checkpoints-dirs names {folder} twice")
         print(f"checkpoints of {run}:")
-        checkpoints[run] = []
-        for name in sorted(os.listdir(folder)):  # episode_0000512, ...: episodes seen
-            episodes = int(name.split("_")[-1])
-            row = evaluate_policy(ev, f"{folder}/{name}")
-            checkpoints[run].append(row | {"episodes": episodes})
+        checkpoints[run] = [  # episode_0000512, ...: episodes seen
+            evaluate_policy(ev, f"{folder}/{name}") | {"episodes": int(name.split("_")[-1])}
+            for name in sorted(os.listdir(folder))
+        ]
 
-    # 5. the table (mean ± standard error over prompts), JSON and plots
+    # 5. the table, JSON and plots
     table = markdown_table(ev, rows + bon + bon_gold + [r for v in checkpoints.values() for r in v])
     print(table)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/results.md", "w") as f:
         f.write(table + "\n")
     results = {"args": vars(args), "policies": rows, "best_of_n": bon, "best_of_n_gold": bon_gold}
     results |= {"checkpoints": checkpoints, "frontier": ev.frontier, "frontier_vs_ref_policy": None}
     if on_toy:
         results["frontier_vs_ref_policy"] = [list(map(float, f)) for f in ev.ref_frontier]
-        plot_frontiers([results], ["this run"], os.path.join(args.output_dir, "frontier.png"))
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        plot_frontiers([results], ["this run"], f"{out}/frontier.png")
+    with open(f"{out}/results.json", "w") as f:
         json.dump(results, f, indent=2)
     if checkpoints:
-        plot_checkpoints(checkpoints, os.path.join(args.output_dir, "checkpoints.png"))
-    print(f"wrote {args.output_dir}/results.md, results.json and its plots")
+        plot_checkpoints(checkpoints, f"{out}/checkpoints.png")
+    print(f"wrote {out}/results.md, results.json and its plots")

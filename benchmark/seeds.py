@@ -1,8 +1,6 @@
-"""Every method's chain once per seed (CleanRL's benchmark habit): sft.py, reward_model.py, ppo.py,
-dpo.py, grpo.py, grpo.py --advantage rloo, expert iteration (best_of_n.py, sft.py), evaluate.py,
-each a fresh process with only --seed and the folders changed, in runs/seeds/{seed}; a stage whose
-output is there is skipped (delete it to rerun). Then seeds.json, seeds.md (mean ± sd) and
-frontier_seeds.png.
+"""Every method's chain once per seed (CleanRL's benchmark habit), each stage a fresh process with
+only --seed and the folders changed, in runs/seeds/{seed}; a stage whose output is there is skipped
+(delete it to rerun). Then seeds.json, seeds.md (mean ± sd) and frontier_seeds.png.
 
     python benchmark/seeds.py --seeds 1 2 3 --output-dir runs/reference  # from the root, 80 min
 """
@@ -34,25 +32,21 @@ class Args:
 ROW_FIELDS = {"gold_reward": "gold_reward", "kl_to_sft": "kl_to_ref_policy", "kl_to_p_ref": "kl_to_p_ref"}
 for k in ("optimality_ratio_vs_sft", "optimality_ratio_vs_p_ref", "optimum_vs_sft_ess", "optimum_vs_sft_check"):
     ROW_FIELDS[k] = k
-SEED_FIELDS = ["sft_excess_nll", "sft_kl_to_p_ref", "rm_accuracy", "bayes_accuracy"]
-SEED_FIELDS += ["rm_gold_pearson"]
+SEED_FIELDS = ["sft_excess_nll", "sft_kl_to_p_ref", "rm_accuracy", "bayes_accuracy", "rm_gold_pearson"]
 for m in METHODS[1:]:
     SEED_FIELDS += [f"{m}_{k}" for k in [*ROW_FIELDS, "optimality_ratio_vs_sft_corrected"]]
-# expert iteration in the chain (and the README's command): its data, then sft.py from the SFT model
+# expert iteration (as in the README): its data, then sft.py from the SFT model
 EI_DATA = "--best-of-n 16 --num-samples 4000"
 EI_SFT = "--max-length 64 --learning-rate 1e-3 --num-epochs 1 --warmup-ratio 0"
 
 
 def seed_record(seed, sft, rm, ev):
-    """One seed's numbers, flat: sft.py's and reward_model.py's training_args.json results, and
-    evaluate.py's results.json, whose policy rows are named by folder (sft, ppo, ...); a field a
-    row lacks is None."""
+    """One seed's numbers, flat, from sft.py's and reward_model.py's results and evaluate.py's
+    results.json (policy rows named by folder: sft, ppo, ...); a field a row lacks is None."""
     rows = {os.path.basename(r["policy"].rstrip("/")): r for r in ev["policies"]}
     record = {"seed": seed, "sft_excess_nll": sft["excess_nll"]}
     record["sft_kl_to_p_ref"] = rows["sft"]["kl_to_p_ref"]
-    record["rm_accuracy"] = rm["accuracy"]
-    record["bayes_accuracy"] = rm["bayes_accuracy"]
-    record["rm_gold_pearson"] = rm["gold_pearson"]
+    record |= {k: rm[k.removeprefix("rm_")] for k in SEED_FIELDS[2:5]}  # accuracy, ..., gold_pearson
     for m in METHODS[1:]:
         row = rows.get(m, {})
         for k, key in ROW_FIELDS.items():
@@ -66,8 +60,8 @@ def seed_record(seed, sft, rm, ev):
 
 
 def mean_sd(records, key):
-    """(mean, sample standard deviation) of records[i][key] over the seeds: sd nan for one seed,
-    both nan where a seed has no value."""
+    """(mean, sample sd) of records[i][key] over the seeds: sd nan for one seed, both nan where a
+    seed has no value."""
     x = np.array([math.nan if r[key] is None else r[key] for r in records], float)
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
@@ -78,27 +72,31 @@ def read_json(path):
 
 
 def run_chain(seed):
-    """One seed's chain, each stage a fresh process; the seconds of those that ran."""
+    """One seed's chain (sft.py, reward_model.py, ppo.py, dpo.py, grpo.py, its RLOO, expert
+    iteration: best_of_n.py and sft.py, evaluate.py), each stage a fresh process; the seconds of
+    those that ran."""
     root = os.path.join("runs", "seeds", str(seed))
-    sft, rm, out = f"{root}/sft", f"{root}/reward_model", f"{root}/evaluate"
-    ei, data = f"{root}/expert_iteration", f"{root}/expert_iteration.jsonl"
+    sft, rm, data = f"{root}/sft", f"{root}/reward_model", f"{root}/expert_iteration.jsonl"
     trio = f"--model-name {sft} --reward-model-name {rm}"
-    policies = "--policies " + " ".join(f"{root}/{m}" for m in METHODS)
-    stages = {  # name: script and flags; every stage also gets --seed
-        "sft": f"sft.py --output-dir {sft}",
-        "reward_model": f"reward_model.py --model-name {sft} --output-dir {rm}",
-        "ppo": f"ppo.py {trio} --output-dir {root}/ppo",
-        "dpo": f"dpo.py --model-name {sft} --output-dir {root}/dpo",
-        "grpo": f"grpo.py {trio} --output-dir {root}/grpo",
-        "rloo": f"grpo.py {trio} --advantage rloo --output-dir {root}/rloo",
-        "best_of_n": f"best_of_n.py --ref-policy {sft} --reward-model-name {rm} --output {data} {EI_DATA}",
-        "expert_iteration": f"sft.py --model-name {sft} --dataset-name {data} {EI_SFT} --output-dir {ei}",
-        "evaluate": f"evaluate.py --ref-policy {sft} --reward-model-name {rm} --output-dir {out} {policies}",
+    ref = f"--ref-policy {sft} --reward-model-name {rm}"
+    policies = " ".join(f"{root}/{m}" for m in METHODS)
+    stages = {  # name: script and flags (and --seed); the output folder {root}/{name}
+        "sft": "sft.py",
+        "reward_model": f"reward_model.py --model-name {sft}",
+        "ppo": f"ppo.py {trio}",
+        "dpo": f"dpo.py --model-name {sft}",
+        "grpo": f"grpo.py {trio}",
+        "rloo": f"grpo.py {trio} --advantage rloo",
+        "best_of_n": f"best_of_n.py {ref} --output {data} {EI_DATA}",
+        "expert_iteration": f"sft.py --model-name {sft} --dataset-name {data} {EI_SFT}",
+        "evaluate": f"evaluate.py {ref} --policies {policies}",
     }
     seconds = {}
     for name, command in stages.items():
-        done = {"best_of_n": data, "evaluate": f"{out}/results.json"}
-        done = done.get(name, f"{root}/{name}/training_args.json")
+        if name != "best_of_n":
+            command += f" --output-dir {root}/{name}"
+        done = {"best_of_n": data, "evaluate": f"{root}/evaluate/results.json"}.get(name)
+        done = done or f"{root}/{name}/training_args.json"
         if os.path.exists(done):  # a killed chain resumes at the first stage without its output
             print(f"seed {seed}: {name} done ({done})", flush=True)
             continue
@@ -116,21 +114,17 @@ if __name__ == "__main__":
         seconds = run_chain(seed)
         root = os.path.join("runs", "seeds", str(seed))
         results.append(read_json(f"{root}/evaluate/results.json"))
-        sft = read_json(f"{root}/sft/training_args.json")["result"]
-        rm = read_json(f"{root}/reward_model/training_args.json")["result"]
+        sft, rm = (read_json(f"{root}/{s}/training_args.json")["result"] for s in ("sft", "reward_model"))
         records.append({**seed_record(seed, sft, rm, results[-1]), "seconds": seconds})
         print(f"seed {seed}: {sum(seconds.values()):.0f} s {seconds}", flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "seeds.json"), "w") as f:
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/seeds.json", "w") as f:
         json.dump(records, f, indent=2)
-    keys = ["seed"] + SEED_FIELDS
-    table = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    for r in records:
-        cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-        table += "| " + " | ".join(cells) + " |\n"
-    summary = ["{:.3f} ± {:.3f}".format(*mean_sd(records, k)) for k in SEED_FIELDS]
-    table += "| mean ± sd | " + " | ".join(summary) + " |\n"
-    with open(os.path.join(args.output_dir, "seeds.md"), "w") as f:
-        f.write(table)
-    path = os.path.join(args.output_dir, "frontier_seeds.png")
-    plot_frontiers(results, [r["seed"] for r in records], path)
+    keys = ["seed", *SEED_FIELDS]
+    rows = [[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in records]
+    rows.append(["mean ± sd"] + ["{:.3f} ± {:.3f}".format(*mean_sd(records, k)) for k in SEED_FIELDS])
+    with open(f"{out}/seeds.md", "w") as f:
+        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+        f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+    plot_frontiers(results, [r["seed"] for r in records], f"{out}/frontier_seeds.png")
