@@ -11,6 +11,8 @@ import argparse
 import os
 import tempfile
 
+import numpy as np
+
 os.environ["HF_HUB_OFFLINE"], os.environ["WANDB_DISABLED"] = "1", "true"
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -26,6 +28,10 @@ p.add_argument("--beta", type=float, default=0.1)
 p.add_argument("--iterations", type=int, default=10)
 p.add_argument("--rollout-batch-size", type=int, default=64)
 p.add_argument("--lora-r", type=int, default=0, help="dpo: peft's LoRA on every linear layer, alpha 32, dropout 0")
+p.add_argument("--per-device-batch-size", type=int, help="sft/reward/dpo: micro-batch (the rest accumulated)")
+p.add_argument("--max-steps", type=int, default=-1, help="reward/dpo: optimizer steps (default one epoch)")
+p.add_argument("--eval-every", type=int, default=0, help="reward/dpo: steps between evaluations on DATA/test.jsonl")
+p.add_argument("--order-seed", type=int, help="reward/dpo: train in the order our scripts draw with --seed this")
 a = p.parse_args()
 tok = AutoTokenizer.from_pretrained(a.model)
 common = {
@@ -42,11 +48,23 @@ common = {
     "seed": 1,
 }
 train = load_dataset("json", data_files=os.path.join(a.data, "train.jsonl"), split="train")
+if a.order_seed is not None:  # common.batch_schedule's first epoch, read in order
+    train = train.select(np.random.default_rng(a.order_seed).permutation(len(train)))
+    common["train_sampling_strategy"] = "sequential"
+if a.eval_every:  # evaluated at the start, every N steps and at the end (rewards/accuracies, margins)
+    test = load_dataset("json", data_files=os.path.join(a.data, "test.jsonl"), split="train")
+    common |= {"eval_strategy": "steps", "eval_steps": a.eval_every, "eval_on_start": True}
+if a.max_steps > 0:
+    common["max_steps"] = a.max_steps
+micro = a.per_device_batch_size or a.batch_size
+if micro != a.batch_size:
+    common["gradient_accumulation_steps"] = a.batch_size // micro
+common["per_device_eval_batch_size"] = micro
 if a.mode == "sft":
     from trl import SFTConfig, SFTTrainer  # prompt/completion rows: loss on the completion only (TRL's default)
 
     args = SFTConfig(
-        per_device_train_batch_size=a.batch_size,
+        per_device_train_batch_size=micro,
         num_train_epochs=1,
         max_length=a.max_length,
         packing=False,
@@ -60,7 +78,7 @@ elif a.mode == "dpo":
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
-        per_device_train_batch_size=a.batch_size, num_train_epochs=1, beta=a.beta, max_length=a.max_length, **common
+        per_device_train_batch_size=micro, num_train_epochs=1, beta=a.beta, max_length=a.max_length, **common
     )
     peft_config = None
     if a.lora_r:  # as dpo.py --lora-r: every linear layer of the decoder, the reference the adapters off
@@ -71,17 +89,19 @@ elif a.mode == "dpo":
         model=AutoModelForCausalLM.from_pretrained(a.model),
         args=args,
         train_dataset=train,
+        eval_dataset=test if a.eval_every else None,
         processing_class=tok,
         peft_config=peft_config,
     )
 elif a.mode == "reward":
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(per_device_train_batch_size=a.batch_size, num_train_epochs=1, max_length=a.max_length, **common)
+    args = RewardConfig(per_device_train_batch_size=micro, num_train_epochs=1, max_length=a.max_length, **common)
     trainer = RewardTrainer(
         model=AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1),
         args=args,
         train_dataset=train,
+        eval_dataset=test if a.eval_every else None,
         processing_class=tok,
     )
 elif a.mode in ("grpo", "rloo"):

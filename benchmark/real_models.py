@@ -1,0 +1,157 @@
+"""A real model side by side with TRL (docs/real_models.md): SmolLM2-135M-Instruct trained on HH-RLHF pairs as a
+reward model and with DPO (full and LoRA), by our script and by TRL 1.16's trainer, one after the other, with the
+same pairs in the same order, hyperparameters, optimizer steps and held-out pairs; wall time and peak memory of
+each whole process (benchmark/run.py's `timed`) and the held-out curves of both, plotted.
+
+    PY=$(bash benchmark/setup_trl.sh); SMOL=$(../shared/bench/smollm2_local.sh python)
+    python benchmark/make_hh.py /tmp/hh-rlhf/harmless-base/test.jsonl.gz /tmp/hh
+    python benchmark/real_models.py /tmp/hh $SMOL /tmp/real --trl-python $PY [--only hh_reward ...]
+
+Writes OUT/{name}.{ours,trl}.log, OUT/results.json and OUT/{name}.png."""
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+
+from run import ROOT, timed
+
+BATCH, MICRO, EVAL_PAIRS = 16, 4, 128
+"""pairs per optimizer step, per forward pass, and held-out pairs scored at each evaluation"""
+
+
+def workloads(out, model):
+    """name -> (description, our command, TRL's command, steps, eval every): each trains one epoch over its own
+    first steps × BATCH training pairs (so both sides see the same pairs in the same order)."""
+    shared = f"--max-length 512 --batch-size {BATCH} --per-device-batch-size {MICRO}"
+
+    def ours(script, name, every, flags):
+        data = os.path.join(out, f"data_{name}")
+        return [
+            *(sys.executable, os.path.join(ROOT, script), "--model-name", model, "--dataset-name", data),
+            *f"{shared} --num-epochs 1 --eval-every {every} --lr-schedule linear --adam-eps 1e-8".split(),
+            *f"--output-dir {out}/{name} {flags}".split(),
+        ]
+
+    def trl(mode, name, steps, every, flags):
+        data = os.path.join(out, f"data_{name}")
+        flags = f"{shared} --max-steps {steps} --eval-every {every} --order-seed 1 {flags}"
+        return [os.path.join(ROOT, "benchmark", "trl_side.py"), mode, model, data, *flags.split()]
+
+    rm = "--learning-rate 1e-5"
+    dpo = "--learning-rate 5e-6 --beta 0.1"
+    lora = "--learning-rate 5e-5 --beta 0.1 --lora-r 16"
+    return {
+        "hh_reward": (
+            "reward model, lr 1e-5, 20 steps of 16 pairs",
+            ours("reward_model.py", "hh_reward", 10, f"{rm} --num-reference-examples 64"),
+            trl("reward", "hh_reward", 20, 10, rm),
+            20,
+        ),
+        "hh_dpo": (
+            "DPO, β 0.1, lr 5e-6, 16 steps of 16 pairs",
+            ours("dpo.py", "hh_dpo", 8, dpo),
+            trl("dpo", "hh_dpo", 16, 8, dpo),
+            16,
+        ),
+        "hh_dpo_lora": (
+            "DPO with LoRA r 16 (α 32, every linear layer), β 0.1, lr 5e-5, 16 steps of 16 pairs",
+            ours("dpo.py", "hh_dpo_lora", 8, lora),
+            trl("dpo", "hh_dpo_lora", 16, 8, lora),
+            16,
+        ),
+    }
+
+
+def our_curve(log, steps):
+    """[(step, {accuracy, margin, loss})] from our script's "step N: ..." evaluation lines, the last step's
+    completed by the final results it prints ("saved to ...: {...}")."""
+    with open(log) as f:
+        text = f.read()
+    curve = {}
+    for step, rest in re.findall(r"^.*?step (\d+): (.*eval.*)$", text, re.MULTILINE):
+        curve[int(step)] = {k: float(v) for k, v in re.findall(r"(accuracy|margin|loss) (-?[\d.]+)", rest)}
+    initial = re.search(r"at initialisation: eval/loss ([\d.]+)", text)  # DPO: the policy is its reference,
+    if initial:  # so every implicit reward is exactly 0 (tests/test_dpo.py)
+        curve[0] = {"loss": float(initial.group(1)), "accuracy": 0.0, "margin": 0.0}
+    final = re.search(r"saved to [^:]*: (\{.*\})", text)
+    if final:
+        values = ast.literal_eval(final.group(1))
+        names = {"accuracy": "accuracy", "rewards/accuracies": "accuracy", "margin": "margin"}
+        names |= {"rewards/margins": "margin", "loss": "loss"}
+        curve.setdefault(steps, {}).update({names[k]: v for k, v in values.items() if k in names})
+    return sorted(curve.items())
+
+
+def trl_curve(log, every):
+    """[(step, {accuracy, margin, loss})] from the eval dicts TRL prints, at 0 (eval_on_start), every, 2 every ..."""
+    names = {"eval_accuracy": "accuracy", "eval_rewards/accuracies": "accuracy", "eval_margin": "margin"}
+    names |= {"eval_rewards/margins": "margin", "eval_loss": "loss"}
+    curve = []
+    with open(log) as f:
+        lines = list(f)
+    for line in lines:
+        if line.startswith("{") and "eval_loss" in line:
+            logged = json.loads(line.replace("'", '"'))
+            curve.append((len(curve) * every, {names[k]: float(v) for k, v in logged.items() if k in names}))
+    return curve
+
+
+def plot(name, what, curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("accuracy", "margin")):
+        for side, curve in curves.items():
+            points = [(s, v[key]) for s, v in curve if key in v]
+            ax.plot(*zip(*points), marker="o", label=side)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"held-out {key}")
+        ax.legend()
+    fig.suptitle(f"{name}: {what}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("data", help="folder written by make_hh.py (train.jsonl, test.jsonl)")
+    p.add_argument("model", help="SmolLM2-135M-Instruct's folder")
+    p.add_argument("out")
+    p.add_argument("--trl-python", required=True)
+    p.add_argument("--only", nargs="*")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results_path = os.path.join(a.out, "results.json")
+    results = {}
+    if os.path.exists(results_path):  # earlier workloads of this folder stay
+        with open(results_path) as f:
+            results = json.load(f)
+    for name, (what, ours, trl, steps) in workloads(a.out, a.model).items():
+        if a.only and name not in a.only:
+            continue
+        data = os.path.join(a.out, f"data_{name}")  # the first steps × BATCH training pairs, EVAL_PAIRS test pairs
+        os.makedirs(data, exist_ok=True)
+        for split, n in (("train", steps * BATCH), ("test", EVAL_PAIRS)):
+            with (
+                open(os.path.join(a.data, f"{split}.jsonl")) as f,
+                open(os.path.join(data, f"{split}.jsonl"), "w") as g,
+            ):
+                g.writelines(list(f)[:n])
+        every = int(ours[ours.index("--eval-every") + 1])
+        logs = {side: os.path.join(a.out, f"{name}.{side}.log") for side in ("ours", "trl")}
+        t_ours, m_ours = timed(ours, env, logs["ours"])
+        t_trl, m_trl = timed([a.trl_python, *trl], env, logs["trl"])
+        curves = {"ours": our_curve(logs["ours"], steps), "TRL": trl_curve(logs["trl"], every)}
+        results[name] = {"workload": what, "ours_s": round(t_ours, 1), "trl_s": round(t_trl, 1)}
+        results[name] |= {"ours_mib": round(m_ours), "trl_mib": round(m_trl), "curves": curves}
+        print(json.dumps({name: results[name]}), flush=True)
+        plot(name, what, curves, os.path.join(a.out, f"{name}.png"))
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
