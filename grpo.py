@@ -161,8 +161,8 @@ class Args:
 def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
     """Advantages (B,) of rewards (B,) in groups of `group_size` consecutive responses to a prompt
     (docs/grpo.md's table): grpo (r − mean) / (the group's sample std + 1e-4) (Shao et al. 2024);
-    dr_grpo r − mean (Liu et al. 2025); rloo r − the others' mean = G/(G − 1) · (r − mean) (Ahmadian
-    et al. 2024); batch_std (r − mean) / (the std of every reward of all ranks' batch + 1e-4) (Lite PPO)."""
+    dr_grpo r − mean (Liu et al. 2025); rloo r − the others' mean = G/(G − 1) · (r − mean)
+    (Ahmadian et al. 2024); batch_std (r − mean) / (all ranks' batch's std + 1e-4) (Lite PPO)."""
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     if kind == "grpo":
@@ -182,9 +182,9 @@ def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
 
 
 def token_weights(mask, aggregation, num_responses, num_tokens, response_length):
-    """Weights w (B, T) of the valid tokens of mask (B, T), the loss Σ w · per-token loss; N, Σ|y| of the
-    whole minibatch (all micro-batches and ranks): sequence_mean 1 / (|y_i| · N) (GRPO), token_mean
-    1 / Σ|y| (DAPO), constant 1 / (N · --response-length) (Dr. GRPO)."""
+    """Weights w (B, T) of mask's (B, T) valid tokens, the loss Σ w · per-token loss, with N and Σ|y|
+    of the whole minibatch (all micro-batches and ranks): sequence_mean 1 / (|y_i| · N) (GRPO),
+    token_mean 1 / Σ|y| (DAPO), constant 1 / (N · --response-length) (Dr. GRPO)."""
     mask = mask.float()
     if aggregation == "sequence_mean":
         return mask / (mask.sum(1, keepdim=True).clamp(min=1) * num_responses)
@@ -198,7 +198,7 @@ def token_weights(mask, aggregation, num_responses, num_tokens, response_length)
 def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip_high, level="token"):
     """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), summed with
     `weights` (B, T); logprobs, old_logprobs (B, T), advantages (B,). ρ = π/π_old per token, or with
-    level="sequence" (GSPO, Zheng et al. 2025) exp(the mean of a response's log-ratios). Returns (loss,
+    level="sequence" (GSPO, Zheng et al. 2025) exp(the mean of a response's log-ratios) -> (loss,
     detached means over the valid tokens: surrogate, approxkl ½(log ρ)², clipfrac, ratio)."""
     mask = weights > 0
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
@@ -215,8 +215,8 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip
 
 
 def k3(logprobs, ref_logprobs):
-    """Schulman's k3 estimate of KL(π ‖ π_ref) per sampled token, (ρ − 1) − log ρ, ρ = π_ref/π (as a loss
-    on samples of π, GRPO's, its expected gradient is KL(π_ref ‖ π)'s: docs/grpo.md)."""
+    """Schulman's k3 estimate of KL(π ‖ π_ref) per sampled token, (ρ − 1) − log ρ, ρ = π_ref/π; as
+    GRPO's loss on samples of π, its expected gradient is KL(π_ref ‖ π)'s (docs/grpo.md)."""
     log_rho = ref_logprobs - logprobs
     return torch.expm1(log_rho) - log_rho
 
