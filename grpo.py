@@ -640,7 +640,7 @@ if __name__ == "__main__":
     if rank == 0:
         common.report("train prompts", stats)
     if on_toy:
-        import toy_task  # the exact gold reward and log P_ref of every sample
+        import toy_task  # the exact gold reward and log P_ref
 
     # policy, frozen reference (none at β = 0) and reward model (if any); no dropout (else the first ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -782,7 +782,7 @@ if __name__ == "__main__":
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or valid token, of the whole iteration and every rank
+        # 6. log: means over every response or valid token of the iteration, on all ranks
         per_response = {"objective/scores": scores}
         per_response["objective/rlhf_reward"] = penalised - args.kl_coef * seq_kl
         if ref_model:

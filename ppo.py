@@ -669,8 +669,7 @@ if __name__ == "__main__":
     prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, length, args.truncation_mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
 
-    # policy, frozen reference and reward model, a value model from the latter (else the SFT model with
-    # head 0); dropout off in all (else the first ratio ≠ 1)
+    # models, the value model from the reward model (else the SFT model, head 0); no dropout (else ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if args.reward_model_name:  # it reads the policy's token ids
@@ -725,7 +724,7 @@ if __name__ == "__main__":
         if rank == 0:
             common.report("PPO-ptx examples", ptx_stats)
     if on_toy:
-        import toy_task  # the exact gold reward and log P_ref of every sample
+        import toy_task  # the exact gold reward and log P_ref
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -780,13 +779,13 @@ if __name__ == "__main__":
             for ys, ms in ((batch.queries, batch.query_mask), (batch.responses, mask))
         )
 
-        # 2. score: the reward model's score and each reward function's value (each rank its own)
+        # 2. score: the reward model's and each reward function's (each rank its own)
         my_rows = [rows[i] for i in indices]
         weights = args.reward_weights
         by_reward, scores = score_responses(batch.scores, reward_fns, my_rows, texts, weights, iteration)
         scores = scores.to(device)  # (b,)
 
-        # 3. the KL penalty: −β·KL_t on every token; the score, less the missing-end penalty, last
+        # 3. rewards: −β·KL_t per token, the score (less the missing-end penalty) on the last
         rewards, kl, penalised = kl_shaped_rewards(
             scores, batch.logprobs, batch.ref_logprobs, mask, batch.has_eos, kl_coef, args.missing_eos_penalty
         )
@@ -850,7 +849,7 @@ if __name__ == "__main__":
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or valid token, of the whole iteration and every rank
+        # 6. log: means over every response or valid token of the iteration, on all ranks
         seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
         per_response = {"objective/scores": scores, "objective/kl": seq_kl}
         per_response["objective/rlhf_reward"] = penalised - kl_coef * seq_kl
@@ -877,7 +876,7 @@ if __name__ == "__main__":
         update_tokens = args.num_ppo_epochs * totals["tokens"]
         logged |= {k: totals[k] / update_tokens for k in update if "ptx" not in k}
         entropy, ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in per_token)
-        var_returns = ret_sq - ret**2  # 0 when every return ties (constant rewards): nothing to explain
+        var_returns = ret_sq - ret**2  # 0: all returns tie, nothing to explain
         logged["val/explained_variance"] = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
         logged["objective/entropy"] = entropy
         logged["objective/kl_coef"] = kl_coef
