@@ -1,17 +1,5 @@
 """Online RL without a value model: GRPO, Dr. GRPO and RLOO (--advantage), with a reward model,
-reward functions (verifiable rewards) or both (docs/grpo.md).
-
-Each prompt is answered G times (--group-size); a response's advantage, every token's, comes from its
-group's rewards: GRPO (Shao et al. 2024) (r − mean) / std, Dr. GRPO (Liu et al. 2025) r − mean, RLOO
-(Ahmadian et al. 2024) r − the mean of the other G − 1. The KL to the SFT model goes into the reward
-as k1 (as in ppo.py), or into the loss as GRPO's k3. Each iteration:
-1. sample G responses to each prompt of a batch; all after its first end token is padding;
-2. score them: the reward model and the --reward-fn functions (rewards.py), weighted and summed;
-3. the KL penalty: −β Σ_t log π/π_ref in the reward (k1), or nothing here (k3 in the loss);
-4. advantages from each group's rewards;
-5. PPO's clipped surrogate (Schulman et al. 2017) for a few epochs over shuffled minibatches, its
-   per-token losses summed with the weights of --loss-aggregation;
-6. log means over every response or valid token of the whole iteration.
+reward functions (verifiable rewards) or both; the methods and the numbered steps: docs/grpo.md.
 
     python grpo.py  # GRPO from runs/models/sft and runs/models/reward_model, toy task, CPU, ~2 minutes
     python grpo.py --advantage rloo --output-dir runs/models/rloo  # RLOO
@@ -136,7 +124,7 @@ class Args:
     response_length: int | None = None
     """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
-    """sampling temperature, applied to the logits in rollout and update alike"""
+    """sampling temperature, in rollout and update alike"""
     missing_eos_penalty: float = 1.0
     """taken off the score of a response cut without an end token"""
     overlong_buffer: int = 0
@@ -169,14 +157,10 @@ class Args:
 
 # ---- pure math (tested by hand in tests/test_grpo.py) ----
 def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
-    """Advantages (B,) of rewards (B,) in groups of `group_size` consecutive responses to a prompt:
-    grpo:      (r − mean) / (std + 1e-4)     Shao et al. 2024 (the group's sample std, as TRL)
-    dr_grpo:   r − mean                      Liu et al. 2025: no std, which would weigh prompts by
-                                             how little their rewards vary
-    rloo:      r − mean of the other G − 1   Ahmadian et al. 2024: = G/(G − 1) · (r − mean)
-    batch_std: (r − mean) / (std + 1e-4)     the std of every reward of the batch (of all ranks:
-                                             `all_reduce`), Lite PPO (Liu et al. 2025)
-    """
+    """Advantages (B,) of rewards (B,) in groups of `group_size` consecutive responses to a prompt
+    (docs/grpo.md's table): grpo (r − mean) / (the group's sample std + 1e-4) (Shao et al. 2024);
+    dr_grpo r − mean (Liu et al. 2025); rloo r − the others' mean = G/(G − 1) · (r − mean)
+    (Ahmadian et al. 2024); batch_std (r − mean) / (all ranks' batch's std + 1e-4) (Lite PPO)."""
     r = rewards.view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
     if kind == "grpo":
@@ -196,11 +180,9 @@ def group_advantages(rewards, group_size, kind="grpo", all_reduce=None):
 
 
 def token_weights(mask, aggregation, num_responses, num_tokens, response_length):
-    """(B, T) weights w of the valid tokens (mask (B, T)): the loss is Σ w · per-token loss, with
-    num_responses and num_tokens those of the whole minibatch (every micro-batch and rank):
-      sequence_mean: 1 / (|y_i| · N)       each response's token mean, then their mean (GRPO)
-      token_mean:    1 / Σ|y|              one mean over every token of the minibatch (DAPO)
-      constant:      1 / (N · max |y|)     Dr. GRPO: a constant normaliser, favouring no length"""
+    """Weights w (B, T) of mask's (B, T) valid tokens, the loss Σ w · per-token loss, with N and Σ|y|
+    of the whole minibatch (all micro-batches and ranks): sequence_mean 1 / (|y_i| · N) (GRPO),
+    token_mean 1 / Σ|y| (DAPO), constant 1 / (N · --response-length) (Dr. GRPO)."""
     mask = mask.float()
     if aggregation == "sequence_mean":
         return mask / (mask.sum(1, keepdim=True).clamp(min=1) * num_responses)
@@ -213,39 +195,33 @@ def token_weights(mask, aggregation, num_responses, num_tokens, response_length)
 
 def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, clip_low, clip_high, level="token"):
     """PPO's clipped surrogate per token, max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), summed with
-    `weights` (B, T), 0 on padding; logprobs, old_logprobs (B, T), advantages (B,). ρ = exp(log π − log
-    π_old) of each token, or with level="sequence" (GSPO, Zheng et al. 2025) exp of the mean of a
-    response's token log-ratios. Returns (loss, detached means over the valid tokens: surrogate,
-    clipfrac, approxkl = ½(log ρ)², ratio = ρ)."""
+    `weights` (B, T); logprobs, old_logprobs (B, T), advantages (B,). ρ = π/π_old per token, or with
+    level="sequence" (GSPO, Zheng et al. 2025) exp(the mean of a response's log-ratios) -> (loss,
+    detached means over the valid tokens: surrogate, approxkl ½(log ρ)², clipfrac, ratio)."""
     mask = weights > 0
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     if level == "sequence":
         mean_log_ratio = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
         log_ratio = torch.where(mask, mean_log_ratio, 0.0)
     ratio = log_ratio.exp()
-    A = advantages[:, None]
-    unclipped = -A * ratio
-    clipped = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    unclipped = -advantages[:, None] * ratio
+    clipped = -advantages[:, None] * ratio.clamp(1 - clip_low, 1 + clip_high)
     surrogate = torch.max(unclipped, clipped)
-    stats = {
-        "surrogate": surrogate,
-        "clipfrac": (clipped > unclipped).float(),
-        "approxkl": 0.5 * log_ratio**2,
-        "ratio": ratio,
-    }
+    stats = {"surrogate": surrogate, "approxkl": 0.5 * log_ratio**2}
+    stats |= {"clipfrac": (clipped > unclipped).float(), "ratio": ratio}
     return (weights * surrogate).sum(), {k: masked_mean(v, mask).detach() for k, v in stats.items()}
 
 
 def k3(logprobs, ref_logprobs):
-    """Schulman's k3 estimate of KL(π ‖ π_ref) at each sampled token, (ρ − 1) − log ρ, ρ = π_ref/π:
-    ≥ 0, unbiased as a value; as a loss on samples of π (GRPO) its expected gradient is KL(π_ref ‖ π)'s."""
+    """Schulman's k3 estimate of KL(π ‖ π_ref) per sampled token, (ρ − 1) − log ρ, ρ = π_ref/π; as
+    GRPO's loss on samples of π, its expected gradient is KL(π_ref ‖ π)'s (docs/grpo.md)."""
     log_rho = ref_logprobs - logprobs
     return torch.expm1(log_rho) - log_rho
 
 
 def overlong_penalty(lengths, max_tokens, buffer):
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens
-    (B,), at most `max_tokens`: 0 up to max_tokens − buffer, then linearly down to −1 at max_tokens."""
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of lengths (B,) ≤ max_tokens: 0 up to
+    max_tokens − buffer, then linearly down to −1 at max_tokens."""
     return ((max_tokens - buffer - lengths) / buffer).clamp(-1.0, 0.0)
 
 
@@ -536,10 +512,10 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
-    toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
-    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
+    defaults = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
+    defaults |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
     lr_default = args.learning_rate is None
-    for name, (toy, other) in toy_or_not.items():  # defaults of the task: the toy task's, else LMs'
+    for name, (toy, other) in defaults.items():  # the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
     if args.lora_r and lr_default:  # LoRA wants ~10× full fine-tuning's rate (Schulman et al. 2025)
@@ -551,73 +527,56 @@ if __name__ == "__main__":
         args.cliprange_high = args.cliprange
     if args.reward_model_name is None and not args.reward_fn:
         args.reward_model_name = os.path.join("runs", "models", "reward_model")
-    reward_names = [spec.partition(":")[2] for spec in args.reward_fn]
-    if args.reward_model_name:
-        reward_names.insert(0, "reward_model")
+    reward_names = ["reward_model"] * bool(args.reward_model_name)
+    reward_names += [spec.partition(":")[2] for spec in args.reward_fn]
     args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
     if len(args.reward_weights) != len(reward_names):
-        need = f"{len(reward_names)} needed, one per reward ({', '.join(reward_names)})"
-        raise ValueError(f"--reward-weights: {need}")
-    no_epochs = min(args.num_ppo_epochs, args.num_minibatches) < 1
-    if args.group_size < 2 or args.batch_size % args.group_size or no_epochs:
-        need = "--num-ppo-epochs, --num-minibatches >= 1"
-        raise ValueError(f"--group-size must be at least 2 and divide --batch-size; {need}")
+        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per {', '.join(reward_names)}")
+    G = args.group_size
+    if G < 2 or args.batch_size % G or min(args.num_ppo_epochs, args.num_minibatches) < 1:
+        raise ValueError("--group-size must be >= 2 and divide --batch-size; --num-ppo-epochs, --num-minibatches >= 1")
     if args.temperature <= 0 or args.response_length >= args.max_length:
-        need = "--response-length must leave room for a prompt in --max-length"
-        raise ValueError(f"--temperature must be > 0; {need}")
+        raise ValueError("--temperature must be > 0; --response-length < --max-length")
     if not 0 <= args.overlong_buffer < args.response_length:
-        below = "a number of tokens below --response-length (0: no overlong penalty)"
-        raise ValueError(f"--overlong-buffer is {below}")
+        raise ValueError("--overlong-buffer is a number of tokens below --response-length (0: no overlong penalty)")
     rank, device = setup(args)
     args.minibatch_size = args.batch_size // args.num_minibatches
     mb_per_rank = args.minibatch_size // args.world_size
-    args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
-    args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
-    args.rollout_forward_batch_size = args.rollout_forward_batch_size or args.per_device_batch_size
-    args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
+    pdbs = args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
+    args.generation_batch_size = args.generation_batch_size or pdbs
+    args.rollout_forward_batch_size = args.rollout_forward_batch_size or pdbs
+    args.grad_accum_steps = args.minibatch_size // (pdbs * args.world_size)
     per_rank = args.batch_size // args.world_size
-    micro_batches = args.num_minibatches * args.world_size * args.per_device_batch_size
-    uneven = per_rank % args.generation_batch_size or per_rank % args.group_size
-    if args.batch_size % micro_batches or uneven:
-        need = "--num-minibatches x ranks x --per-device-batch-size"
-        raise ValueError(f"--batch-size must split into {need}")
+    uneven = per_rank % args.generation_batch_size or per_rank % G
+    if args.batch_size % (args.num_minibatches * args.world_size * pdbs) or uneven:
+        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
 
-    # the prompts, each rank answering its slice of the same seeded batch --group-size times; the
-    # reward functions, checked against the data's other columns (which they get) before any model loads
-    hint = ": run `python sft.py` first, or pass --model-name"
-    tokenizer = common.load_tokenizer(args.model_name, hint)
+    # the prompts (each rank its slice of one seeded batch); reward functions checked before any model loads
+    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
     split = args.dataset_train_split
     train_ds = common.load_splits(args.dataset_name, "prompt", split, seed=args.seed)[0]
     columns = [c for c in train_ds.column_names if c not in ("prompt", "messages")]
     reward_fns = load_reward_fns(args.reward_fn, columns)
-    prompt_length = args.max_length - args.response_length
-    mode = args.truncation_mode
-    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, mode)
+    length = args.max_length - args.response_length
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, length, args.truncation_mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
     args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
     if args.num_iterations < 1:
-        few = f"{len(prompts)} training prompts make no iteration of --batch-size"
-        raise ValueError(f"{few}: raise --num-epochs")
-    prompts_per_rank = per_rank // args.group_size
-    prompts_per_batch = args.batch_size // args.group_size
-    num_iterations = args.num_iterations
-    schedule = common.batch_schedule(len(prompts), prompts_per_batch, num_iterations, args.seed)
-    steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
+        raise ValueError(f"{len(prompts)} prompts make no iteration of --batch-size: raise --num-epochs")
+    schedule = common.batch_schedule(len(prompts), args.batch_size // G, args.num_iterations, args.seed)
     if rank == 0:
         common.report("train prompts", stats)
     if on_toy:
-        import toy_task  # the exact gold reward and log P_ref of every sample
+        import toy_task  # the exact gold reward and log P_ref
 
-    # the policy and its frozen reference from the SFT model (none at β = 0), the frozen reward model
-    # (none without --reward-model-name); dropout off in all three (else the first ratio is not 1)
+    # policy, frozen reference (none at β = 0) and reward model (if any); no dropout (else the first ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if args.reward_model_name:
+    if args.reward_model_name:  # it reads the policy's token ids
         hint = ": run `python reward_model.py` first, or pass --reward-model-name"
         if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
-            other = f"{args.reward_model_name} has another tokenizer than {args.model_name}"
-            raise ValueError(f"{other}: train it from it")
+            raise ValueError(f"{args.reward_model_name}'s tokenizer is not {args.model_name}'s: train it from it")
 
     def load(cls, name, trained, **kwargs):
         """On the CPU with dropout off, then onto the device whole or in FSDP shards."""
@@ -628,18 +587,14 @@ if __name__ == "__main__":
             model.gradient_checkpointing_enable()
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
-    policy = load(AutoModelForCausalLM, args.model_name, trained=True)
+    policy = load(AutoModelForCausalLM, args.model_name, True)
     if args.lora_r:
         policy = with_lora(policy, args)
-    ref_model = None
-    if args.kl_coef and args.lora_r:  # the policy with its adapters off, no second copy
-        ref_model = AdaptersOff(policy)
-    elif args.kl_coef:
-        ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
-    reward_model = None
+    ref_model = reward_model = None
+    if args.kl_coef:  # with LoRA: the policy with its adapters off, no second copy
+        ref_model = AdaptersOff(policy) if args.lora_r else load(AutoModelForCausalLM, args.model_name, False)
     if args.reward_model_name:
-        Classifier = AutoModelForSequenceClassification
-        reward_model = load(Classifier, args.reward_model_name, trained=False, num_labels=1)
+        reward_model = load(AutoModelForSequenceClassification, args.reward_model_name, False, num_labels=1)
     train_policy = policy
     if args.world_size > 1 and not args.fsdp:
         train_policy = torch.nn.parallel.DistributedDataParallel(policy)
@@ -657,20 +612,18 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es)"
-        sizes += f" of {args.per_device_batch_size}"
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {pdbs}"
+        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
         models = "policy, reference" if ref_model else "policy (β = 0: no reference)"
-        if reward_model:
-            models += ", reward model"
+        models += ", reward model" if reward_model else ""
         if args.lora_r:
             models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
-        iterations = f"{args.num_iterations} iterations of {args.batch_size}"
-        print(f"{run_name}: {len(prompts)} prompts, {iterations}, {sizes}")
         weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
         print(f"models: {models}; rewards: {weighted}")
 
-    hyperparameters = {"eps": args.adam_eps, "weight_decay": args.weight_decay}
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, **hyperparameters)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     state = load_checkpoint(args.output_dir, policy, optimizer, run) if args.resume else {"step": 0}
     first_iteration = state["step"]
@@ -684,50 +637,41 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. rollout: each of this rank's prompts answered --group-size times, side by side, seeded
-        # per generate call of the global batch: 1 rank or N draw the same (2**62: torch's 64 bits)
-        share = slice(rank * prompts_per_rank, (rank + 1) * prompts_per_rank)
-        indices = schedule[iteration][share]  # this rank's prompts
+        # 1. rollout: G responses per prompt, seeded per generate call of the global batch (1 rank or N
+        # alike; 2**62: torch's 64 bits)
+        indices = schedule[iteration][rank * per_rank // G : (rank + 1) * per_rank // G]  # this rank's
         queries = [prompts[i] for i in indices for _ in range(args.group_size)]
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
         policy.eval()
         batch = rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed)
         policy.train()
         mask = batch.mask  # (b, T) the valid response tokens
-        response_ids = [y[m] for y, m in zip(batch.responses, mask)]
-        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
-        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        prompt_texts, texts = (
+            tokenizer.batch_decode([y[m.bool()] for y, m in zip(ys, ms)], skip_special_tokens=True)
+            for ys, ms in ((batch.queries, batch.query_mask), (batch.responses, mask))
+        )
 
-        # 2. score: the reward model's score and each reward function's value (each rank its own);
-        # then the penalties for a response cut without an end token, and DAPO's for nearing the cap
+        # 2. score: the reward model's and each reward function's (each rank its own), less the penalties
         my_rows = [rows[i] for i in indices for _ in range(args.group_size)]
         weights = args.reward_weights
         by_reward, scores = score_responses(batch.scores, reward_fns, my_rows, texts, weights, iteration)
         scores = scores.to(device)  # (b,)
         penalised = torch.where(batch.has_eos, scores, scores - args.missing_eos_penalty)
         if args.overlong_buffer:
-            lengths = mask.sum(1).float()
-            penalised += overlong_penalty(lengths, args.response_length, args.overlong_buffer)
+            penalised += overlong_penalty(mask.sum(1).float(), args.response_length, args.overlong_buffer)
 
         # 3. the KL penalty: k1 summed over each response, in its reward (k3_loss: in the loss)
         seq_kl = torch.zeros_like(scores)
         if ref_model:
             seq_kl = torch.where(mask, batch.logprobs - batch.ref_logprobs, 0.0).sum(1)  # (b,)
-        rewards = penalised
-        if args.kl_penalty == "k1_reward":
-            rewards = penalised - args.kl_coef * seq_kl
+        rewards = penalised - args.kl_coef * seq_kl if args.kl_penalty == "k1_reward" else penalised
         # 4. advantages: each response's reward against its group's
-        kind = args.advantage
-        batch.advantages = group_advantages(rewards, args.group_size, kind, all_reduce)  # (b,)
+        batch.advantages = group_advantages(rewards, G, args.advantage, all_reduce)  # (b,)
 
-        # 5. epochs over shuffled minibatches, each one optimizer step accumulated over
-        # micro-batches, its per-token losses summed with --loss-aggregation's weights
-        loss_mask = mask
-        if args.mask_truncated:  # DAPO: cut responses carry no loss
-            loss_mask = mask & batch.has_eos[:, None]
+        # 5. epochs of shuffled minibatches, each one step, its token losses weighted by --loss-aggregation
+        loss_mask = mask & batch.has_eos[:, None] if args.mask_truncated else mask  # DAPO: cut: no loss
         update = {}  # token-weighted sums, by name
-        for ppo_step in range(steps_per_iteration):
+        for ppo_step in range(args.num_ppo_epochs * args.num_minibatches):
             if ppo_step % args.num_minibatches == 0:
                 perm = torch.randperm(per_rank, device=device)
             mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]
@@ -735,28 +679,22 @@ if __name__ == "__main__":
             if all_reduce:
                 all_reduce(mb_tokens)
             for k in range(args.grad_accum_steps):
-                i = mb[k * args.per_device_batch_size : (k + 1) * args.per_device_batch_size]
-                micro = batch[i]
+                i = mb[k * pdbs : (k + 1) * pdbs]
+                micro, m = batch[i], loss_mask[i]
                 valid = micro.mask
-                m = loss_mask[i]
-                last_micro_batch = k == args.grad_accum_steps - 1
-                train_policy.require_backward_grad_sync = last_micro_batch  # DDP: once a step
+                train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     inputs = model_inputs(micro.queries, micro.query_mask, micro.responses, valid)
                     logits = train_policy(**inputs).logits
-                # the positions, temperature and PAD handling of the rollout: the first ratio is 1
-                tokens = micro.responses[valid]  # (R,)
-                logprobs, entropy = logprobs_and_entropy(logits, tokens, args.temperature, pad_id)
+                # as in the rollout, so the first ratio is 1
+                logprobs, entropy = logprobs_and_entropy(logits, micro.responses[valid], args.temperature, pad_id)
                 logprobs = scatter(logprobs, valid)
-                entropy = scatter(entropy, valid)
-                counts = (args.minibatch_size, mb_tokens, args.response_length)
-                w = token_weights(m, args.loss_aggregation, *counts)
+                w = token_weights(m, args.loss_aggregation, args.minibatch_size, mb_tokens, args.response_length)
                 clips = (args.cliprange, args.cliprange_high, args.importance_sampling_level)
                 loss, pg_stats = grpo_policy_loss(logprobs, micro.logprobs, micro.advantages, w, *clips)
-                stats = {"loss/policy": pg_stats["surrogate"]}
-                stats["policy/entropy"] = masked_mean(entropy, m).detach()
-                policy_stats = ("approxkl", "clipfrac", "ratio")
-                stats |= {f"policy/{name}": pg_stats[name] for name in policy_stats}
+                stats = {"loss/policy": pg_stats.pop("surrogate")}
+                stats["policy/entropy"] = masked_mean(scatter(entropy, valid), m).detach()
+                stats |= {f"policy/{name}": v for name, v in pg_stats.items()}
                 if ref_model:
                     kl = k3(logprobs, micro.ref_logprobs)  # (b, T) per token
                     stats["policy/k3"] = masked_mean(kl, m).detach()
@@ -766,62 +704,53 @@ if __name__ == "__main__":
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
                 accumulate(update, stats, m.sum())
-            max_norm = args.max_grad_norm or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                where = f"non-finite gradient at iteration {iteration}"
-                raise FloatingPointError(f"{where}: lower --learning-rate")
+                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or valid token, of the whole iteration and every rank
+        # 6. log: means over every response or valid token of the iteration, on all ranks
         per_response = {"objective/scores": scores}
         per_response["objective/rlhf_reward"] = penalised - args.kl_coef * seq_kl
         if ref_model:
             per_response["objective/kl"] = seq_kl
         per_response["charts/eos_rate"] = batch.has_eos.float()
         per_response["charts/response_length"] = mask.sum(1).float()
-        zero_std = scores.view(-1, args.group_size).std(1) == 0  # all tie: only k1 tells them apart
-        per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(args.group_size)
+        zero_std = scores.view(-1, G).std(1) == 0  # all tie: only k1 tells them apart
+        per_response["charts/zero_std_groups"] = zero_std.float().repeat_interleave(G)
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, batch.logprobs, 0.0).sum(1).tolist()
-            gold = toy_task.gold_reward(prompt_texts, texts)
-            per_response["toy/gold_reward"] = torch.tensor(gold)
-            pairs = zip(prompt_texts, texts)
-            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in pairs]
+            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(prompt_texts, texts)]
+            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(prompt_texts, texts))
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
         sums = {k: v.float().sum() for k, v in per_response.items()}
         for name, v in zip(reward_names, by_reward):  # each reward's mean where it applies
             sums[f"rewards/{name}"] = v.nansum()
             sums[f"applies/{name}"] = (~v.isnan()).sum()
-        sums |= {"tokens": mask.sum(), "loss_tokens": loss_mask.sum()}
-        sums["entropy"] = batch.entropy[mask].sum()
+        sums |= {"tokens": mask.sum(), "loss_tokens": loss_mask.sum(), "entropy": batch.entropy[mask].sum()}
         sums["first_ratio"] = first_ratio / args.world_size
         totals = all_reduce_sums(sums | update, device)
         logged = {k: totals[k] / args.batch_size for k in per_response}
         for name in reward_names:
-            applies = max(1, totals[f"applies/{name}"])
-            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / applies
+            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / max(1, totals[f"applies/{name}"])
         loss_tokens = args.num_ppo_epochs * max(1, totals["loss_tokens"])  # 0: --mask-truncated, all cut
         logged |= {k: v / loss_tokens for k, v in totals.items() if k in update}
         logged["objective/entropy"] = totals["entropy"] / totals["tokens"]
         logged["objective/kl_coef"] = args.kl_coef
         logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: π computed alike
-        episodes = (iteration + 1) * args.batch_size
         logged["charts/learning_rate"] = lr
         speed = (iteration + 1 - first_iteration) / (time.time() - start)
         logged["charts/episodes_per_sec"] = speed * args.batch_size
+        episodes = (iteration + 1) * args.batch_size
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
-            triples = zip(prompt_texts, texts, scores.tolist())
-            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in triples]
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(prompt_texts, texts, scores.tolist())]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
-            score = logged["objective/scores"]
-            mean_kl = logged.get("objective/kl", 0.0)
+            score, mean_kl = logged["objective/scores"], logged.get("objective/kl", 0.0)
             ratio = logged["policy/first_minibatch_ratio"]
-            line = f"score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}"
-            tqdm.write(f"iteration {iteration + 1}: {line}")
+            tqdm.write(f"iteration {iteration + 1}: score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}")
         if args.save_every and (iteration + 1) % args.save_every == 0:
             path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
             save_model(policy, tokenizer, path, rank, args)

@@ -1,14 +1,5 @@
-"""RLHF with PPO: maximise a learned reward minus a KL penalty to the SFT model (docs/ppo.md).
-
-Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), with the details of
-Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each iteration:
-1. sample a response to each prompt of a batch; all after its first end token is padding;
-2. score prompt + response: the frozen reward model and the --reward-fn functions;
-3. per-token reward −β·KL_t(π ‖ π_ref) against the frozen SFT model, the score on the last token;
-4. GAE advantages (Schulman et al. 2016) from a value model initialised from the reward model;
-5. PPO's clipped policy and value losses (Schulman et al. 2017) over shuffled minibatches;
-6. log means over every response or valid token of the whole iteration;
-7. with --target-kl, adapt β (Ziegler et al. 2019).
+"""RLHF with PPO (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT) with the details of Huang
+et al. 2024, "The N+ Implementation Details of RLHF with PPO"; the numbered steps: docs/ppo.md.
 
     python ppo.py  # from runs/models/sft and runs/models/reward_model, toy task, CPU, ~3.5 minutes
     torchrun --nproc_per_node 8 ppo.py --dataset-name trl-lib/tldr --max-length 565 \
@@ -119,19 +110,19 @@ class Args:
     response_length: int | None = None
     """most tokens per response, end token included; default 24 on the toy task, else 256"""
     temperature: float = 1.0
-    """sampling temperature, in rollout and update alike (0.7 in Huang et al. 2024)"""
+    """sampling temperature, in rollout and update alike (Huang et al.: 0.7)"""
     missing_eos_penalty: float = 1.0
     """taken off the score of a response cut without an end token"""
     kl_coef: float | None = None
-    """β of the per-token KL penalty (its start with --target-kl); default 1 on the toy task, else 0.05"""
+    """β of the per-token KL penalty (--target-kl's start); default 1 on the toy task, else 0.05"""
     target_kl: float | None = None
-    """adapt β towards this KL per response (nats; Ziegler et al.'s controller); None: β fixed"""
+    """adapt β towards this KL per response (nats; Ziegler et al.); None: β fixed"""
     kl_horizon: int = 10000
     """episodes over which the adaptive controller closes the KL error"""
     gamma: float = 1.0
     """discount over response tokens"""
     lam: float = 0.95
-    """GAE λ: 1 is Monte-Carlo returns, 0 one-step TD"""
+    """GAE λ: 1 Monte-Carlo returns, 0 one-step TD"""
     whiten_rewards: bool = False
     """whiten the per-token rewards over the batch's valid tokens before GAE"""
     num_ppo_epochs: int = 4
@@ -145,9 +136,9 @@ class Args:
     vf_coef: float = 0.1
     """weight of the value loss"""
     ent_coef: float = 0.0
-    """weight of an entropy bonus (Huang et al. 2024: none)"""
+    """weight of an entropy bonus (Huang et al.: none)"""
     ptx_coef: float = 0.0
-    """InstructGPT's PPO-ptx: weight of the SFT loss on --ptx-dataset-name in every minibatch"""
+    """weight of InstructGPT's PPO-ptx: the SFT loss on --ptx-dataset-name in every minibatch"""
     ptx_dataset_name: str | None = None
     """SFT data for PPO-ptx; default the toy SFT data on the toy task (else required)"""
     save_every: int = 0
@@ -171,11 +162,11 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask, shift_mean=True, all_reduce=None):
-    """(x − mean) / std over the valid positions (population variance + 1e-8), 0 elsewhere;
-    shift_mean=False adds the mean back. With `all_reduce`: over every rank's valid positions."""
+    """(x − mean) / std over the valid positions (every rank's with `all_reduce`; population
+    variance + 1e-8), 0 elsewhere; shift_mean=False adds the mean back."""
     mask = mask.bool()
 
-    def total(*values):  # sums over the valid positions (of every rank)
+    def total(*values):  # sums over the valid positions
         s = torch.stack([torch.where(mask, v, 0.0).sum() for v in values])
         if all_reduce is not None:
             all_reduce(s)
@@ -197,11 +188,9 @@ def truncate_after_eos(responses, stop_ids, pad_id):
 
 
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, missing_eos_penalty=0):
-    """Per-token rewards of the KL-regularised objective (Ziegler et al. 2019; Stiennon et al. eq. 2):
-    scores (B,); log π, log π_ref and the valid-token mask (a prefix), (B, T). rewards_t = −kl_coef ·
-    kl_t, kl_t = log π − log π_ref (k1: docs/ppo.md says why not k3), plus the score (less the penalty
-    if cut without an end token) on the last valid token. Returns (rewards (B, T), kl (B, T),
-    penalised scores (B,)), 0 on padding."""
+    """Per-token rewards −kl_coef · (log π − log π_ref) (k1; Ziegler et al. 2019, Stiennon et al.
+    eq. 2), the score (less the penalty if cut without an end token) on the last valid token. scores
+    (B,), the rest (B, T), mask a prefix -> (rewards, kl (B, T), penalised scores (B,)), 0 on padding."""
     mask = mask.bool()
     kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
     scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
@@ -211,52 +200,45 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, has_eos, kl_coef, mi
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """GAE (Schulman et al. 2016, eq. 16): rewards, values (B, T), V before each token; mask (B, T) a
-    prefix, its last token terminal (V after it is 0). δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}.
-    Returns (advantages, returns = advantages + values), 0 on padding."""
+    """GAE (Schulman et al. 2016, eq. 16); all (B, T), V before each token, mask a prefix whose last
+    token is terminal: A_t = δ_t + γλA_{t+1}, δ_t = r_t + γV_{t+1} − V_t -> (A, A + V), 0 on padding."""
     mask = mask.bool()
     rewards = torch.where(mask, rewards, 0.0)
-    values = torch.where(mask, values, 0.0)
+    values = F.pad(torch.where(mask, values, 0.0), (0, 1))  # V after the last token: 0
     advantages = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
-    T = rewards.shape[1]
-    after_last = torch.zeros_like(next_adv)  # the value after the last token
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else after_last
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # padding: δ = 0
-        next_adv = delta + gamma * lam * next_adv
+    for t in reversed(range(rewards.shape[1])):  # padding: δ = 0
+        next_adv = rewards[:, t] + gamma * values[:, t + 1] - values[:, t] + gamma * lam * next_adv
         advantages[:, t] = next_adv
-    return advantages, torch.where(mask, advantages + values, 0.0)
+    return advantages, torch.where(mask, advantages + values[:, :-1], 0.0)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, all inputs (B, T): the masked
-    mean of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log π − log π_old). Returns (loss, detached
-    stats: clipfrac, approxkl = mean ½(log ρ)², ratio = mean ρ)."""
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), all (B, T): masked mean of max(−A·ρ,
+    −A·clip(ρ, 1 ± ε)), ρ = π/π_old -> (loss, detached means: approxkl ½(log ρ)², clipfrac, ratio)."""
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    stats = {"clipfrac": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio**2}
+    stats = {"approxkl": 0.5 * log_ratio**2, "clipfrac": (clipped > unclipped).float()}
     stats["ratio"] = ratio
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     return loss, {k: masked_mean(v, mask).detach() for k, v in stats.items()}
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range_value):
-    """Clipped value loss (Huang et al. 2024; OpenAI's lm-human-preferences), all inputs (B, T): ½ ·
-    masked mean of max((V − R)², (V_old + clip(V − V_old, ±c) − R)²). Returns (loss, stats: clipfrac)."""
-    clip = clip_range_value
-    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
-    unclipped_loss = (values - returns) ** 2
-    clipped_loss = (clipped_values - returns) ** 2
-    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
-    return 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask), {"clipfrac": clipfrac}
+    """Clipped value loss (Huang et al. 2024; lm-human-preferences), all (B, T): ½ masked mean of
+    max((V − R)², (V_old + clip(V − V_old, ±c) − R)²) -> (loss, {clipfrac})."""
+    c = clip_range_value
+    unclipped = (values - returns) ** 2
+    clipped = (old_values + torch.clamp(values - old_values, -c, c) - returns) ** 2
+    clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
+    return 0.5 * masked_mean(torch.max(unclipped, clipped), mask), {"clipfrac": clipfrac}
 
 
 def ptx_loss(logits, labels):
-    """InstructGPT's PPO-ptx term (Ouyang et al. 2022, eq. 2): logits (R', V) at the labelled
-    positions of labels (B, L), t predicting token t + 1 -> (mean NLL of the R' labelled tokens, R')."""
+    """PPO-ptx's term (Ouyang et al. 2022, eq. 2): logits (R', V) at the labelled positions of
+    labels (B, L) -> (mean NLL of the R' labelled tokens, R')."""
     targets = labels[:, 1:][labels[:, 1:] != common.IGNORE_INDEX]  # (R',)
     return F.cross_entropy(logits.float(), targets), len(targets)
 
@@ -303,8 +285,8 @@ def score_responses(rm_scores, reward_fns, rows, texts, weights, iteration):
 
 
 def token_scores(model, input_ids, attention_mask, position_ids):
-    """A sequence classifier's scalar head at every position (B, L), less config.reward_bias: the value
-    before each token. Hugging Face returns it at one position only; a hook on the head keeps them all."""
+    """A classifier's head at every position (B, L), less config.reward_bias: V before each token
+    (Hugging Face returns one position; a hook keeps them all)."""
     out = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: out.append(output))
     model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -313,23 +295,23 @@ def token_scores(model, input_ids, attention_mask, position_ids):
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Policy and value model side by side: separate weights (a shared trunk would let value updates
-    damage the policy: Stiennon et al.), one module: one DDP wrapper, optimizer and backward pass."""
+    """Policy and value model, separate weights (Stiennon et al.), as one module: one DDP wrapper,
+    optimizer and backward pass."""
 
     def __init__(self, policy, value_model):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, ptx=None):
-        """(policy logits (R, V) where logits_to_keep (B, L) holds, values (B, L), policy logits at the
-        labelled positions of a PPO-ptx batch or None): one call, so DDP sees every use of the weights."""
+        """-> (policy logits (R, V) where logits_to_keep (B, L) holds, values (B, L), logits at
+        a PPO-ptx batch's labelled positions or None): one call, so DDP sees every use of the weights."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs["position_ids"] = position_ids
         logits = self.policy(**inputs, logits_to_keep=logits_to_keep).logits
         ptx_logits = None
         if ptx is not None:  # position t predicts token t + 1
             keep = F.pad(ptx["labels"][:, 1:] != common.IGNORE_INDEX, (0, 1))
-            ptx_inputs = {"input_ids": ptx["input_ids"], "attention_mask": ptx["attention_mask"]}
+            ptx_inputs = {k: ptx[k] for k in ("input_ids", "attention_mask")}
             ptx_logits = self.policy(**ptx_inputs, logits_to_keep=keep).logits
         return logits, token_scores(self.value_model, **inputs), ptx_logits
 
@@ -572,11 +554,10 @@ def load_checkpoint(output_dir, model, optimizer, run):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
-    toy_or_not = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
-    toy_or_not |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05)}
-    toy_or_not["ptx_dataset_name"] = ("toy", None)
+    defaults = {"max_length": (64, 1024), "response_length": (24, 256), "num_epochs": (0.2, 1.0)}
+    defaults |= {"learning_rate": (3e-4, 3e-6), "kl_coef": (1.0, 0.05), "ptx_dataset_name": ("toy", None)}
     lr_default = args.learning_rate is None
-    for name, (toy, other) in toy_or_not.items():  # defaults of the task: the toy task's, else LMs'
+    for name, (toy, other) in defaults.items():  # the toy task's, else LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
     if args.lora_r and lr_default:  # LoRA wants ~10× full fine-tuning's rate (Schulman et al. 2025)
@@ -585,54 +566,44 @@ if __name__ == "__main__":
         raise ValueError("--ptx-coef needs --ptx-dataset-name: the SFT data PPO-ptx keeps likely")
     if args.reward_model_name is None and not args.reward_fn:
         args.reward_model_name = os.path.join("runs", "models", "reward_model")
-    reward_names = [spec.partition(":")[2] for spec in args.reward_fn]
-    if args.reward_model_name:
-        reward_names.insert(0, "reward_model")
+    reward_names = ["reward_model"] * bool(args.reward_model_name)
+    reward_names += [spec.partition(":")[2] for spec in args.reward_fn]
     args.reward_weights = args.reward_weights or [1.0] * len(reward_names)
     if len(args.reward_weights) != len(reward_names):
-        need = f"{len(reward_names)} needed, one per reward ({', '.join(reward_names)})"
-        raise ValueError(f"--reward-weights: {need}")
+        raise ValueError(f"--reward-weights: {len(reward_names)} needed, one per {', '.join(reward_names)}")
     if args.temperature <= 0 or args.response_length >= args.max_length:
-        need = "--response-length must leave room for a prompt in --max-length"
-        raise ValueError(f"--temperature must be > 0; {need}")
+        raise ValueError("--temperature must be > 0; --response-length < --max-length")
     if min(args.num_ppo_epochs, args.num_minibatches) < 1:
         raise ValueError("--num-ppo-epochs and --num-minibatches must be at least 1")
     rank, device = setup(args)
     args.minibatch_size = args.batch_size // args.num_minibatches
     mb_per_rank = args.minibatch_size // args.world_size
-    args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
-    args.generation_batch_size = args.generation_batch_size or args.per_device_batch_size
-    args.rollout_forward_batch_size = args.rollout_forward_batch_size or args.per_device_batch_size
-    args.grad_accum_steps = args.minibatch_size // (args.per_device_batch_size * args.world_size)
+    pdbs = args.per_device_batch_size = args.per_device_batch_size or max(1, mb_per_rank)
+    args.generation_batch_size = args.generation_batch_size or pdbs
+    args.rollout_forward_batch_size = args.rollout_forward_batch_size or pdbs
+    args.grad_accum_steps = args.minibatch_size // (pdbs * args.world_size)
     per_rank = args.batch_size // args.world_size
-    micro_batches = args.num_minibatches * args.world_size * args.per_device_batch_size
-    if args.batch_size % micro_batches or per_rank % args.generation_batch_size:
-        need = "--num-minibatches x ranks x --per-device-batch-size"
-        raise ValueError(f"--batch-size must split into {need}")
+    if args.batch_size % (args.num_minibatches * args.world_size * pdbs) or per_rank % args.generation_batch_size:
+        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
 
-    # the prompts (each rank rolls out its slice of one seeded batch); the reward functions, checked
-    # against the data's other columns (which they get) before any model loads
-    hint = ": run `python sft.py` first, or pass --model-name"
-    tokenizer = common.load_tokenizer(args.model_name, hint)
+    # the prompts (each rank its slice of one seeded batch); reward functions checked before any model loads
+    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     pad_id = tokenizer.pad_token_id
     split = args.dataset_train_split
     train_ds = common.load_splits(args.dataset_name, "prompt", split, seed=args.seed)[0]
     columns = [c for c in train_ds.column_names if c not in ("prompt", "messages")]
     reward_fns = load_reward_fns(args.reward_fn, columns)
-    prompt_length = args.max_length - args.response_length
-    mode = args.truncation_mode
-    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, prompt_length, mode)
+    length = args.max_length - args.response_length
+    prompts, kept, stats = common.tokenize_prompts(tokenizer, train_ds, length, args.truncation_mode)
     rows = train_ds.select(kept).to_list()  # each prompt's row
 
-    # policy and frozen reference from the SFT model, the frozen reward model, a value model from
-    # it (else from the SFT model, head 0); dropout off in all (else the first ratio ≠ 1)
+    # models, the value model from the reward model (else the SFT model, head 0); no dropout (else ratio ≠ 1)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if args.reward_model_name:  # the policy's token ids go to the reward and value models
+    if args.reward_model_name:  # it reads the policy's token ids
         hint = ": run `python reward_model.py` first, or pass --reward-model-name"
         if common.load_tokenizer(args.reward_model_name, hint).get_vocab() != tokenizer.get_vocab():
-            other = f"{args.reward_model_name} has another tokenizer than {args.model_name}"
-            raise ValueError(f"{other}: train it from it")
+            raise ValueError(f"{args.reward_model_name}'s tokenizer is not {args.model_name}'s: train it from it")
 
     def load(cls, name, trained, **kwargs):
         """On the CPU with dropout off, then onto the device whole or in FSDP shards."""
@@ -643,50 +614,45 @@ if __name__ == "__main__":
             model.gradient_checkpointing_enable()
         return to_device(model.train(trained).requires_grad_(trained), device, args)
 
-    Classifier = AutoModelForSequenceClassification
-    policy = load(AutoModelForCausalLM, args.model_name, trained=True)
+    CausalLM, Classifier = AutoModelForCausalLM, AutoModelForSequenceClassification
+    policy = load(CausalLM, args.model_name, True)
     value_model = load(Classifier, args.reward_model_name or args.model_name, True, num_labels=1)
     if not args.reward_model_name:
         torch.nn.init.zeros_(value_model.score.weight)  # V = 0 everywhere to start, on every rank
     reward_model = None
     if args.lora_r:  # LoRA on both (the value head in full); adapters off: the frozen two
-        policy = with_lora(policy, args)
-        value_model = with_lora(value_model, args, head=True)
+        policy, value_model = with_lora(policy, args), with_lora(value_model, args, head=True)
         ref_model = AdaptersOff(policy)
         if args.reward_model_name:
             reward_model = AdaptersOff(value_model)
     else:
-        ref_model = load(AutoModelForCausalLM, args.model_name, trained=False)
+        ref_model = load(CausalLM, args.model_name, False)
         if args.reward_model_name:
             reward_model = load(Classifier, args.reward_model_name, False, num_labels=1)
-    agent = PolicyAndValue(policy, value_model)
-    train_agent = agent
+    agent = train_agent = PolicyAndValue(policy, value_model)
     if args.world_size > 1 and not args.fsdp:
         train_agent = torch.nn.parallel.DistributedDataParallel(agent)
 
-    def values_of(**inputs):  # the rollout's values: the value model's head at every position
+    def values_of(**inputs):  # the rollout's values
         return token_scores(value_model, **inputs)
 
-    # the schedule of the prompts; PPO-ptx's demonstrations
     args.num_iterations = int(args.num_epochs * len(prompts)) // args.batch_size
     if args.num_iterations < 1:
-        few = f"{len(prompts)} training prompts make no iteration of --batch-size"
-        raise ValueError(f"{few}: raise --num-epochs")
+        raise ValueError(f"{len(prompts)} prompts make no iteration of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(prompts), args.batch_size, args.num_iterations, args.seed)
     steps_per_iteration = args.num_ppo_epochs * args.num_minibatches
     if rank == 0:
         common.report("train prompts", stats)
-    if args.ptx_coef:  # InstructGPT's PPO-ptx: the SFT loss on demonstrations, in every minibatch
+    if args.ptx_coef:  # InstructGPT's PPO-ptx: an SFT loss in every minibatch
         flag = "--ptx-dataset-name"
         ptx_ds = common.load_splits(args.ptx_dataset_name, "sft", seed=args.seed, flag=flag)[0]
         ptx_examples, ptx_stats = common.tokenize_sft(tokenizer, ptx_ds, args.max_length)
         num_steps = args.num_iterations * steps_per_iteration
-        ptx_size = args.minibatch_size
-        ptx_schedule = common.batch_schedule(len(ptx_examples), ptx_size, num_steps, args.seed)
+        ptx_schedule = common.batch_schedule(len(ptx_examples), args.minibatch_size, num_steps, args.seed)
         if rank == 0:
             common.report("PPO-ptx examples", ptx_stats)
     if on_toy:
-        import toy_task  # the exact gold reward and log P_ref of every sample
+        import toy_task  # the exact gold reward and log P_ref
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -701,21 +667,18 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}")
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es)"
-        sizes += f" of {args.per_device_batch_size}"
-        iterations = f"{args.num_iterations} iterations of {args.batch_size}"
-        print(f"{run_name}: {len(prompts)} prompts, {iterations}, {sizes}")
-        models = "policy, reference, value model (from the SFT model, head 0)"
-        if reward_model:
-            models = "policy, reference, value model (from the reward model), reward model"
+        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {pdbs}"
+        print(f"{run_name}: {len(prompts)} prompts, {args.num_iterations} iterations of {args.batch_size}, {sizes}")
+        value = "reward model), reward model" if reward_model else "SFT model, head 0)"
+        models = f"policy, reference, value model (from the {value}"
         if args.lora_r:
-            models += f"; LoRA r={args.lora_r} on policy and value model"
-            models += ", reference and reward model their adapters off"
+            models += f"; LoRA r={args.lora_r} on policy and value model, the frozen two their adapters off"
         weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
         print(f"models: {models}; rewards: {weighted}")
 
-    hyperparameters = {"eps": args.adam_eps, "weight_decay": args.weight_decay}
-    optimizer = torch.optim.AdamW(agent.parameters(), args.learning_rate, **hyperparameters)
+    optimizer = torch.optim.AdamW(
+        agent.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+    )
     run = {"world_size": args.world_size, "num_iterations": args.num_iterations, "seed": args.seed}
     state = load_checkpoint(args.output_dir, agent, optimizer, run) if args.resume else {"step": 0}
     first_iteration = state["step"]
@@ -730,8 +693,7 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. rollout: a response to each of this rank's prompts, seeded per generate call of the
-        # global batch: 1 rank or N draw the same (below 2**62: torch's 64 bits)
+        # 1. rollout, seeded per generate call of the global batch (1 rank or N alike; 2**62: torch's 64 bits)
         indices = schedule[iteration][rank * per_rank : (rank + 1) * per_rank]  # this rank's
         seed = hash((args.seed, iteration)) % 2**62 + rank * per_rank // args.generation_batch_size
         agent.eval()
@@ -740,31 +702,29 @@ if __name__ == "__main__":
         batch = rollout(policy, *frozen, queries, tokenizer, args, device, seed, values_of)
         agent.train()
         mask = batch.mask  # (b, T) the valid response tokens
-        Lq = batch.queries.shape[1]  # the prompts' width
-        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
-        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-        response_ids = [y[m] for y, m in zip(batch.responses, mask)]
-        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        prompt_texts, texts = (
+            tokenizer.batch_decode([y[m.bool()] for y, m in zip(ys, ms)], skip_special_tokens=True)
+            for ys, ms in ((batch.queries, batch.query_mask), (batch.responses, mask))
+        )
 
-        # 2. score: the reward model's score and each reward function's value (each rank its own)
+        # 2. score: the reward model's and each reward function's (each rank its own)
         my_rows = [rows[i] for i in indices]
         weights = args.reward_weights
         by_reward, scores = score_responses(batch.scores, reward_fns, my_rows, texts, weights, iteration)
         scores = scores.to(device)  # (b,)
 
-        # 3. the KL penalty: −β·KL_t on every token; the score, less the missing-end penalty, last
-        kl_inputs = (batch.logprobs, batch.ref_logprobs, mask, batch.has_eos, kl_coef)
-        rewards, kl, penalised = kl_shaped_rewards(scores, *kl_inputs, args.missing_eos_penalty)
+        # 3. rewards: −β·KL_t per token, the score (less the missing-end penalty) on the last
+        rewards, kl, penalised = kl_shaped_rewards(
+            scores, batch.logprobs, batch.ref_logprobs, mask, batch.has_eos, kl_coef, args.missing_eos_penalty
+        )
 
-        # 4. advantages: GAE, the last valid token terminal; whitened over all ranks' valid tokens
-        # (Huang et al. and TRL whiten per rank)
+        # 4. advantages: GAE, whitened over all ranks' valid tokens (Huang et al. and TRL: per rank)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
         advantages, batch.returns = compute_gae(rewards, batch.values, mask, args.gamma, args.lam)
         batch.advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
 
-        # 5. PPO epochs over shuffled minibatches, each one optimizer step accumulated over
-        # micro-batches, its loss a mean over all its valid tokens (of every rank)
+        # 5. PPO epochs of shuffled minibatches, each one step, its loss a mean over all its valid tokens
         update = {}  # token-weighted sums by name; PPO-ptx's NLL summed over its tokens
         for ppo_step in range(steps_per_iteration):
             if ppo_step % args.num_minibatches == 0:
@@ -774,36 +734,29 @@ if __name__ == "__main__":
             if all_reduce:
                 all_reduce(mb_tokens)
             if args.ptx_coef:  # PPO-ptx: each rank's share of an SFT batch, a mean over its tokens
-                step = iteration * steps_per_iteration + ppo_step
-                ptx_batch = [ptx_examples[j] for j in ptx_schedule[step]]
-                labels = [e["labels"][1:] for e in ptx_batch]
-                ptx_tokens = max(1, sum(sum(x != common.IGNORE_INDEX for x in y) for y in labels))
+                ptx_batch = [ptx_examples[j] for j in ptx_schedule[iteration * steps_per_iteration + ppo_step]]
+                ptx_tokens = max(1, sum(sum(x != common.IGNORE_INDEX for x in e["labels"][1:]) for e in ptx_batch))
                 ptx_batch = ptx_batch[rank * mb_per_rank : (rank + 1) * mb_per_rank]
             for k in range(args.grad_accum_steps):
-                in_mb = slice(k * args.per_device_batch_size, (k + 1) * args.per_device_batch_size)
+                in_mb = slice(k * pdbs, (k + 1) * pdbs)
                 micro = batch[mb[in_mb]]
                 m = micro.mask
                 ptx = None
                 if args.ptx_coef:
-                    ptx = common.collate_sft(ptx_batch[in_mb], pad_id)
-                    ptx = {key: v.to(device) for key, v in ptx.items()}
-                last_micro_batch = k == args.grad_accum_steps - 1
-                train_agent.require_backward_grad_sync = last_micro_batch  # DDP: once a step
+                    ptx = {key: v.to(device) for key, v in common.collate_sft(ptx_batch[in_mb], pad_id).items()}
+                train_agent.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     inputs = model_inputs(micro.queries, micro.query_mask, micro.responses, m)
                     logits, values, ptx_logits = train_agent(**inputs, ptx=ptx)
-                # the positions, temperature and PAD handling of the rollout: the first ratio is 1
-                tokens = micro.responses[m]  # (R,)
-                entropy_grad = args.ent_coef > 0  # only an entropy bonus needs its gradient
-                temperature = args.temperature
-                logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, pad_id, entropy_grad)
+                # as in the rollout, so the first ratio is 1; only an entropy bonus needs its gradient
+                logprobs, entropy = logprobs_and_entropy(
+                    logits, micro.responses[m], args.temperature, pad_id, args.ent_coef > 0
+                )
                 logprobs = scatter(logprobs, m)
                 mean_entropy = masked_mean(scatter(entropy, m), m)
-                values = values[:, Lq - 1 : -1]  # (b, T) V before each response token
-                pg_inputs = (micro.logprobs, micro.advantages, m, args.cliprange)
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, *pg_inputs)
-                vf_inputs = (micro.values, micro.returns, m, args.cliprange_value)
-                vf_loss, vf_stats = ppo_value_loss(values, *vf_inputs)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, micro.logprobs, micro.advantages, m, args.cliprange)
+                values = values[:, micro.queries.shape[1] - 1 : -1]  # (b, T) V before each response token
+                vf_loss, vf_stats = ppo_value_loss(values, micro.values, micro.returns, m, args.cliprange_value)
                 # this micro-batch's share of the minibatch's tokens; DDP averages over ranks
                 loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * mean_entropy
                 loss = loss * m.sum() / mb_tokens
@@ -814,21 +767,17 @@ if __name__ == "__main__":
                 (loss * args.world_size).backward()
                 if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
                     first_ratio = pg_stats["ratio"]
-                stats = {"loss/policy": pg_loss, "loss/value": vf_loss}
-                stats["policy/entropy"] = mean_entropy
-                policy_stats = ("approxkl", "clipfrac", "ratio")
-                stats |= {f"policy/{name}": pg_stats[name] for name in policy_stats}
+                stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": mean_entropy}
+                stats |= {f"policy/{name}": v for name, v in pg_stats.items()}
                 stats["val/clipfrac"] = vf_stats["clipfrac"]
                 accumulate(update, {k: v.detach() for k, v in stats.items()}, m.sum())
-            max_norm = args.max_grad_norm or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
-                where = f"non-finite gradient at iteration {iteration}"
-                raise FloatingPointError(f"{where}: lower --learning-rate")
+                raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 6. log: means over every response, or valid token, of the whole iteration and every rank
+        # 6. log: means over every response or valid token of the iteration, on all ranks
         seq_kl = kl.sum(1)  # (b,) Σ_t log π − log π_ref per response
         per_response = {"objective/scores": scores, "objective/kl": seq_kl}
         per_response["objective/rlhf_reward"] = penalised - kl_coef * seq_kl
@@ -836,10 +785,8 @@ if __name__ == "__main__":
         per_response["charts/response_length"] = mask.sum(1).float()
         if on_toy:  # exact: the gold reward, and the KL to P_ref of each sample
             logp = torch.where(mask, batch.logprobs, 0.0).sum(1).tolist()
-            gold = toy_task.gold_reward(prompt_texts, texts)
-            per_response["toy/gold_reward"] = torch.tensor(gold)
-            pairs = zip(prompt_texts, texts)
-            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in pairs]
+            ref_logp = [toy_task.ref_logprob(q, t, args.response_length) for q, t in zip(prompt_texts, texts)]
+            per_response["toy/gold_reward"] = torch.tensor(toy_task.gold_reward(prompt_texts, texts))
             per_response["toy/kl_to_ref"] = torch.tensor(logp) - torch.tensor(ref_logp)
         sums = {k: v.float().sum() for k, v in per_response.items()}
         for name, v in zip(reward_names, by_reward):  # each reward's mean where it applies
@@ -853,40 +800,36 @@ if __name__ == "__main__":
         totals = all_reduce_sums(sums | update, device)
         logged = {k: totals[k] / args.batch_size for k in per_response}
         for name in reward_names:
-            applies = max(1, totals[f"applies/{name}"])
-            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / applies
+            logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / max(1, totals[f"applies/{name}"])
         update_tokens = args.num_ppo_epochs * totals["tokens"]
         logged |= {k: totals[k] / update_tokens for k in update if "ptx" not in k}
-        moments = ("ret", "ret_sq", "res", "res_sq")
-        ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in moments)
-        var_returns = ret_sq - ret**2  # 0 when every return ties (constant rewards): nothing to explain
-        explained = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
-        logged["val/explained_variance"] = explained
-        logged["objective/entropy"] = totals["entropy"] / totals["tokens"]
+        entropy, ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in per_token)
+        var_returns = ret_sq - ret**2  # 0: all returns tie, nothing to explain
+        logged["val/explained_variance"] = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
+        logged["objective/entropy"] = entropy
         logged["objective/kl_coef"] = kl_coef
         logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: π computed alike
-        episodes = (iteration + 1) * args.batch_size
         logged["charts/learning_rate"] = lr
-        elapsed = time.time() - start
         episodes_run = (iteration + 1 - first_iteration) * args.batch_size
-        logged["charts/episodes_per_sec"] = episodes_run / elapsed
+        logged["charts/episodes_per_sec"] = episodes_run / (time.time() - start)
         if args.ptx_coef:  # per labelled token of the SFT batches
             logged["loss/ptx"] = totals["loss/ptx"] / totals["ptx_tokens"]
+        episodes = (iteration + 1) * args.batch_size
         if writer:
             for name, value in logged.items():
                 writer.add_scalar(name, value, episodes)
-            triples = zip(prompt_texts, texts, scores.tolist())
-            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in triples]
+            samples = [f"**{q}** → {t} (score {x:.2f})" for q, t, x in zip(prompt_texts, texts, scores.tolist())]
             writer.add_text("samples", "\n\n".join(samples[:4]), episodes)
-            score, mean_kl = logged["objective/scores"], logged["objective/kl"]
-            ratio = logged["policy/first_minibatch_ratio"]
-            line = f"score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}"
-            tqdm.write(f"iteration {iteration + 1}: {line}")
+            score, mean_kl, ratio = (
+                logged[k] for k in ("objective/scores", "objective/kl", "policy/first_minibatch_ratio")
+            )
+            tqdm.write(f"iteration {iteration + 1}: score {score:.3f}, kl {mean_kl:.3f}, ratio {ratio:.6f}")
 
-        # 7. the adaptive KL controller (Ziegler et al. 2019): the next β from this iteration's KL
+        # 7. the adaptive KL controller (Ziegler et al. 2019): β from this iteration's KL
         if args.target_kl is not None:
-            kl_error = (logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size)
-            kl_coef = adaptive_kl_coef(kl_coef, *kl_error)
+            kl_coef = adaptive_kl_coef(
+                kl_coef, logged["objective/kl"], args.target_kl, args.kl_horizon, args.batch_size
+            )
 
         if args.save_every and (iteration + 1) % args.save_every == 0:
             path = os.path.join(args.output_dir, "checkpoints", f"episode_{episodes:07d}")
