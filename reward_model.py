@@ -122,16 +122,14 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_co
     """Rewards (B,) of chosen and rejected responses, margin (B,) or None (Llama 2) -> the mean
     −log σ(r_c − r_r − m) + coef · mean (r_c + r_r)² (Eisenstein et al. 2023)."""
     diff = chosen_rewards - rejected_rewards - (0 if margin is None else margin)
-    loss = -F.logsigmoid(diff).mean()
-    return loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return -F.logsigmoid(diff).mean() + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
 
 
 def rewards_at_eos(model, input_ids, attention_mask):
     """Rewards (N,) of right-padded sequences (N, L) at the last non-PAD token (the end token),
     minus config.reward_bias."""
     bias = getattr(getattr(model, "module", model).config, "reward_bias", 0.0)
-    rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
-    return rewards.float() - bias
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float() - bias
 
 
 def collate_pairs(pairs, pad_id):
@@ -160,11 +158,9 @@ def score(model, seqs, pad_id, args, device, rank):
     for i in range(0, math.ceil(len(seqs) / args.world_size), size):
         idx = mine[i : i + size]
         batch = [seqs[j] for j in idx or [0]]  # a rank out of sequences keeps none
+        ids, mask = common.pad(batch, pad_id).to(device), common.attention_mask(batch).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            rewards = rewards_at_eos(
-                model, common.pad(batch, pad_id).to(device), common.attention_mask(batch).to(device)
-            )
-        out[idx] = rewards[: len(idx)]
+            out[idx] = rewards_at_eos(model, ids, mask)[: len(idx)]
     if dist.is_initialized():
         dist.all_reduce(out)
     model.train()
