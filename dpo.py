@@ -189,15 +189,14 @@ def collate_shared_prompts(pairs, pad_id):
     prompt_mask = common.attention_mask(prompts, "left")
     response_mask = common.attention_mask(responses)
     # positions count each row's real tokens; padding gets 0 (no dynamic RoPE rescales for it)
-    prompt_lengths = prompt_mask.sum(1).repeat_interleave(2)[:, None]
-    response_positions = prompt_lengths + torch.arange(response_mask.shape[1])
+    start = prompt_mask.sum(1).repeat_interleave(2)[:, None]  # (2B, 1)
     return {
         "prompt_ids": common.pad(prompts, pad_id, "left"),
         "prompt_mask": prompt_mask,
         "prompt_positions": (prompt_mask.cumsum(1) - 1).clamp(min=0),
         "response_ids": common.pad(responses, pad_id),
         "response_mask": response_mask,
-        "response_positions": response_positions * response_mask,
+        "response_positions": (start + torch.arange(response_mask.shape[1])) * response_mask,
     }
 
 
