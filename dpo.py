@@ -1,8 +1,5 @@
-"""Direct Preference Optimization (DPO) and its variants: IPO, cDPO, hinge (SLiC), robust DPO, RPO.
-
-Rafailov et al. 2023: the reward is implied by the policy, r̂ = β log π/π_ref + const (their eq. 4),
-so the Bradley–Terry likelihood of the preferences is maximised over π directly (eq. 7):
-−log σ(r̂_c − r̂_r). The policy starts from the SFT model; a frozen copy is π_ref. See docs/dpo.md.
+"""Direct Preference Optimization (Rafailov et al. 2023, eq. 7) and IPO, cDPO, hinge, robust DPO, RPO:
+−log σ(r̂_c − r̂_r) with the implied reward r̂ = β log π/π_ref, from the SFT model. See docs/dpo.md.
 
     python dpo.py  # from runs/models/sft on the toy task's pairs, β = 1, CPU, ~3 minutes
     torchrun --nproc_per_node 8 dpo.py --dataset-name trl-lib/tldr-preference --beta 0.05 \
@@ -125,8 +122,8 @@ class Args:
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair losses and implicit rewards from (B,) sequence log-probabilities (sums over the
-    response tokens; IPO: token means). h = (π_c − ref_c) − (π_r − ref_r), ε = label_smoothing:
+    """Per-pair losses and implicit rewards from (B,) sequence log-probabilities (IPO: token
+    means). h = (π_c − ref_c) − (π_r − ref_r), ε = label_smoothing:
       sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh)              DPO eq. 7 (ε = 0), cDPO (ε > 0)
       ipo:     (h − 1/(2β))²                                 Azar et al. 2023, eq. 17
       hinge:   max(0, 1 − βh)                                 SLiC-HF, Zhao et al. 2023
@@ -134,8 +131,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
     Returns losses (B,), chosen and rejected rewards β(π − ref) (B,), detached."""
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     eps = label_smoothing
-    as_given = F.logsigmoid(beta * h)  # log σ(βh)
-    flipped = F.logsigmoid(-beta * h)  # log σ(−βh)
+    as_given = F.logsigmoid(beta * h)
+    flipped = F.logsigmoid(-beta * h)
     if loss_type == "sigmoid":
         losses = -(1 - eps) * as_given - eps * flipped
     elif loss_type == "ipo":
@@ -146,9 +143,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
         losses = (-(1 - eps) * as_given + eps * flipped) / (1 - 2 * eps)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
 def token_logprobs(logits, targets, chunk_size=1024):
@@ -175,9 +170,8 @@ def scatter(values, mask):
 def collate_concatenated(pairs, pad_id):
     """B pairs -> right-padded input_ids, attention_mask, labels (−100 on prompt and padding),
     (2B, L): row 2i prompt i + chosen i, row 2i + 1 prompt i + rejected i."""
-    both = ("chosen", "rejected")
-    seqs = [p["prompt"] + p[k] for p in pairs for k in both]
-    labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for p in pairs for k in both]
+    seqs = [p["prompt"] + p[k] for p in pairs for k in ("chosen", "rejected")]
+    labels = [[common.IGNORE_INDEX] * len(p["prompt"]) + p[k] for p in pairs for k in ("chosen", "rejected")]
     return {
         "input_ids": common.pad(seqs, pad_id),
         "attention_mask": common.attention_mask(seqs),
@@ -186,44 +180,41 @@ def collate_concatenated(pairs, pad_id):
 
 
 def collate_shared_prompts(pairs, pad_id):
-    """B pairs -> the prompts left-padded, each ending at column P − 1 (prompt_ids, prompt_mask,
-    prompt_positions (B, P)), and the responses right-padded (response_ids, response_mask,
-    response_positions (2B, T), row 2i chosen i, 2i + 1 rejected i: batch_repeat_interleave's order)."""
+    """B pairs -> the prompts left-padded: prompt_ids, prompt_mask, prompt_positions (B, P); the
+    responses right-padded: response_ids, response_mask, response_positions (2B, T), row 2i chosen i,
+    2i + 1 rejected i (batch_repeat_interleave's order)."""
     prompts = [p["prompt"] for p in pairs]
     responses = [p[k] for p in pairs for k in ("chosen", "rejected")]
     prompt_mask = common.attention_mask(prompts, "left")
     response_mask = common.attention_mask(responses)
-    # positions count each row's real tokens; padding gets 0 (in range; no dynamic RoPE rescales for it)
-    prompt_lengths = prompt_mask.sum(1).repeat_interleave(2)[:, None]
-    response_positions = prompt_lengths + torch.arange(response_mask.shape[1])
+    # positions count each row's real tokens; padding gets 0 (no dynamic RoPE rescales for it)
+    start = prompt_mask.sum(1).repeat_interleave(2)[:, None]  # (2B, 1)
     return {
         "prompt_ids": common.pad(prompts, pad_id, "left"),
         "prompt_mask": prompt_mask,
         "prompt_positions": (prompt_mask.cumsum(1) - 1).clamp(min=0),
         "response_ids": common.pad(responses, pad_id),
         "response_mask": response_mask,
-        "response_positions": response_positions * response_mask,
+        "response_positions": (start + torch.arange(response_mask.shape[1])) * response_mask,
     }
 
 
 def prompt_sharing_off(config, args):
-    """Why the prompt-once pass would not equal the concatenated one for this model, or None
-    (tests/test_families.py proves them equal)."""
+    """Why the prompt-once pass would not equal the concatenated one for this model, or None."""
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
     ropes = getattr(config, "rope_parameters", None) or {}
     for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one, or one per layer type
         limit = rope.get("original_max_position_embeddings", config.max_position_embeddings)
         if rope.get("rope_type") in ("dynamic", "longrope") and args.max_length > limit:
-            # its frequencies follow the longest position in each call: a prompt alone scales otherwise
+            # its frequencies follow the longest position in each call
             return f"its {rope['rope_type']} RoPE rescales past {limit} positions"
     return None
 
 
 def pair_logprobs(model, batch, bf16=False, average=False):
-    """(chosen (B,), rejected (B,), chosen token counts (B,)): the responses' log-probabilities,
-    from a collate_concatenated or collate_shared_prompts batch; `average`: token means (IPO). The
-    LM head runs only where a response token is predicted (logits_to_keep)."""
+    """(chosen (B,), rejected (B,), chosen token counts (B,)): the responses' log-probabilities
+    (`average`: token means, IPO) from a collate_concatenated or collate_shared_prompts batch."""
     with torch.autocast(next(iter(batch.values())).device.type, dtype=torch.bfloat16, enabled=bf16):
         if "prompt_ids" not in batch:
             labels = batch["labels"][:, 1:]  # (2B, L-1): position t predicts token t + 1
@@ -236,8 +227,7 @@ def pair_logprobs(model, batch, bf16=False, average=False):
             logprobs = scatter(token_logprobs(logits, labels[keep]), keep).sum(-1)  # (2B,)
             counts = keep.sum(-1)  # (2B,)
         else:
-            # a) the prompts once (B rows), keeping their keys and values; their last column
-            # predicts response token 0
+            # a) the prompts once (B rows), keeping their keys and values; the last column predicts token 0
             prompt = model(
                 input_ids=batch["prompt_ids"],
                 attention_mask=batch["prompt_mask"],
@@ -251,10 +241,9 @@ def pair_logprobs(model, batch, bf16=False, average=False):
             ids = batch["response_ids"]  # (2B, T)
             mask = batch["response_mask"].bool()
             later = mask[:, 1:]  # (2B, T-1): the response tokens after the first
-            prompt_mask = batch["prompt_mask"].repeat_interleave(2, 0)
             rest = model(
                 input_ids=ids,
-                attention_mask=torch.cat([prompt_mask, batch["response_mask"]], 1),
+                attention_mask=torch.cat([batch["prompt_mask"].repeat_interleave(2, 0), batch["response_mask"]], 1),
                 position_ids=batch["response_positions"],
                 past_key_values=cache,
                 logits_to_keep=F.pad(later, (0, 1)),  # response position t predicts token t + 1
@@ -278,16 +267,16 @@ def lr_multiplier(step, num_steps, args):
 
 @torch.no_grad()
 def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
-    """(2, P) chosen and rejected log-probabilities of every pair; each rank a share, summed over
-    ranks. The model runs in eval mode, then gets its mode back (a reference stays in eval mode)."""
+    """(2, P) chosen and rejected log-probabilities of every pair, in eval mode; each rank a share,
+    summed over ranks."""
     was_training = model.training
     model.eval()
     out = torch.zeros(2, len(pairs), device=device)
     collate = collate_shared_prompts if args.share_prompt else collate_concatenated
-    rank_indices = list(range(rank, len(pairs), args.world_size))
+    mine = list(range(rank, len(pairs), args.world_size))
     # as many forward passes on every rank (under FSDP each is a collective)
     for i in range(0, math.ceil(len(pairs) / args.world_size), args.per_device_batch_size):
-        idx = rank_indices[i : i + args.per_device_batch_size]
+        idx = mine[i : i + args.per_device_batch_size]
         batch = collate([pairs[j] for j in idx or [0]], pad_id)  # a rank out of pairs keeps none
         batch = {k: v.to(device) for k, v in batch.items()}
         chosen, rejected, _ = pair_logprobs(model, batch, args.bf16, args.loss_type == "ipo")
@@ -300,8 +289,7 @@ def all_pair_logprobs(model, pairs, pad_id, args, device, rank):
 
 @torch.no_grad()
 def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected, chosen_nll):
-    """The logged statistics of B pairs by name, as sums over the pairs, from (B,) tensors: the
-    preference losses, rewards, log-probabilities and the chosen responses' token-mean NLL."""
+    """The logged statistics of B pairs by name, sums over the pairs, from (B,) tensors."""
     return {
         "loss": losses.sum(),
         "rewards/chosen": chosen_rewards.sum(),
@@ -451,9 +439,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     lr_default = args.learning_rate is None
-    # defaults that depend on the task: the toy task's, else pretrained LMs'
     defaults = {"max_length": (64, 1024), "learning_rate": (5e-4, 3e-6), "beta": (1.0, 0.05)}
-    for name, (toy, other) in defaults.items():
+    for name, (toy, other) in defaults.items():  # the toy task's, else pretrained LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
     if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
@@ -462,14 +449,8 @@ if __name__ == "__main__":
     if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing and not smoothed):
         raise ValueError("--label-smoothing is a flip probability in [0, 0.5) for --loss-type sigmoid (cDPO) or robust")
     average = args.loss_type == "ipo"  # IPO's log-probabilities are token means
-    loss_kwargs = {  # dpo_loss's hyperparameters
-        "beta": args.beta,
-        "loss_type": args.loss_type,
-        "label_smoothing": args.label_smoothing,
-    }
     rank, device = setup(args)
-    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.per_device_batch_size = per_device
+    per_device = args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
@@ -477,8 +458,7 @@ if __name__ == "__main__":
     # 1. the policy and its frozen reference, both from the SFT model, dropout off (so π = π_ref)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hint = ": run `python sft.py` first, or pass --model-name"
-    tokenizer = common.load_tokenizer(args.model_name, hint)
+    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
     config = common.without_dropout(AutoConfig.from_pretrained(args.model_name))
     models = []
     for trained in [True] if args.lora_r else [True, False]:  # each onto the device in turn
@@ -487,10 +467,8 @@ if __name__ == "__main__":
         if args.gradient_checkpointing and trained:
             m.gradient_checkpointing_enable()
         models.append(to_device(m.train(trained).requires_grad_(trained), device, args))
-    model = with_lora(models[0], args) if args.lora_r else models[0]
-    # LoRA: the reference is the policy with its adapters off
-    ref_model = AdaptersOff(model) if args.lora_r else models[1]
-    train_model = model
+    model = train_model = with_lora(models[0], args) if args.lora_r else models[0]
+    ref_model = AdaptersOff(model) if args.lora_r else models[1]  # LoRA: the policy, adapters off
     if args.world_size > 1 and not args.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
 
@@ -502,8 +480,9 @@ if __name__ == "__main__":
     collate = collate_shared_prompts if args.share_prompt else collate_concatenated
 
     # 3. data: prompt + chosen, prompt + rejected, each with its end token; ties, long pairs dropped
-    splits = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *splits, seed=args.seed)
+    train_ds, eval_ds = common.load_splits(
+        args.dataset_name, "preference", args.dataset_train_split, args.dataset_eval_split, seed=args.seed
+    )
     cut = (args.max_length, args.truncation_mode)
     train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, *cut)
     eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, *cut)
@@ -514,12 +493,11 @@ if __name__ == "__main__":
     if args.num_steps < 1:
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
     # micro-batches of like lengths: less padding
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
     schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
     pad_id = tokenizer.pad_token_id
-    # the reference's log-probabilities (2, P): of the eval pairs now; of the training pairs now
-    # (--precompute-ref-logprobs, then the reference is freed) or per batch
+    # the reference's log-probabilities (2, P): of the eval pairs now; of the training pairs now or per batch
     ref_eval = all_pair_logprobs(ref_model, eval_pairs, pad_id, args, device, rank)
     ref_train = None
     if args.precompute_ref_logprobs:
@@ -530,9 +508,8 @@ if __name__ == "__main__":
     def evaluate():
         """Held-out means of pair_metrics."""
         chosen, rejected = all_pair_logprobs(model, eval_pairs, pad_id, args, device, rank)
-        losses, *rewards = dpo_loss(chosen, rejected, *ref_eval, **loss_kwargs)
-        chosen_nll = -(chosen if average else chosen / eval_chosen_tokens)
-        sums = pair_metrics(losses, *rewards, chosen, rejected, chosen_nll)
+        losses, *rewards = dpo_loss(chosen, rejected, *ref_eval, args.beta, args.loss_type, args.label_smoothing)
+        sums = pair_metrics(losses, *rewards, chosen, rejected, -(chosen if average else chosen / eval_chosen_tokens))
         return {name: (value / len(eval_pairs)).item() for name, value in sums.items()}
 
     # TRY NOT TO MODIFY: logging
@@ -546,24 +523,19 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        how = "prompt and response concatenated"
-        if args.share_prompt:
-            how = "each prompt run once for both responses"
+        table = "".join(f"\n|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|" + table)
+        how = "each prompt run once for both responses" if args.share_prompt else "prompt and response concatenated"
         if args.lora_r:
             how += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
-        sizes = f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}"
         print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps")
-        print(f"{sizes}, {how}")
+        print(f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}, {how}")
 
     optimizer = torch.optim.AdamW(
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = 0
-    if args.resume:
-        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
+    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
     if first_step == 0:
         initial = evaluate()  # the policy is the reference: each loss is its value at h = 0
         if rank == 0:
@@ -573,14 +545,13 @@ if __name__ == "__main__":
     start = time.time()
     tokens_seen = 0
     log_stats, log_pairs = {}, 0
-    steps = range(first_step, args.num_steps)
-    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, step)))  # from (seed, rank, step): resumable
+    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, step)))  # resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 4. one optimizer step on the global batch: each rank its slice, in micro-batches; each
+        # 4. one optimizer step: each rank its slice of the global batch, in micro-batches; each
         # micro-batch's sum over pairs divided by the global batch size: a mean over all its pairs
         global_batch = [train_pairs[i] for i in schedule[step]]
         rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
@@ -594,20 +565,18 @@ if __name__ == "__main__":
             else:
                 with torch.no_grad():
                     ref_logprobs = pair_logprobs(ref_model, batch, args.bf16, average)[:2]
-            # DDP: all-reduce once per step
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
             chosen, rejected, chosen_tokens = pair_logprobs(train_model, batch, args.bf16, average)
-            losses, *rewards = dpo_loss(chosen, rejected, *ref_logprobs, **loss_kwargs)
+            losses, *rewards = dpo_loss(
+                chosen, rejected, *ref_logprobs, args.beta, args.loss_type, args.label_smoothing
+            )
             chosen_nll = -(chosen if average else chosen / chosen_tokens)  # a token mean per pair
-            # RPO adds α × the chosen NLL; DDP averages gradients over ranks, hence × world_size
-            loss = (losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size
-            (loss * args.world_size).backward()
+            # RPO adds α × the chosen NLL; × world_size: DDP averages over ranks
+            ((losses + args.rpo_alpha * chosen_nll).sum() / args.batch_size * args.world_size).backward()
             accumulate(step_stats, pair_metrics(losses, *rewards, chosen, rejected, chosen_nll))
         step_stats = all_reduce_sums(step_stats, device)
-        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        # the same on every rank: all stop together
-        if not math.isfinite(step_stats["loss"] + grad_norm.item()):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -631,13 +600,12 @@ if __name__ == "__main__":
             if writer:
                 for name, value in final.items():
                     writer.add_scalar(f"eval/{name}", value, seen)
-                accuracy = final["rewards/accuracies"]
-                margin = final["rewards/margins"]
                 tqdm.write(
-                    f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {accuracy:.4f}, margin {margin:.4f}"
+                    f"step {step + 1}: eval/loss {final['loss']:.4f}, accuracy {final['rewards/accuracies']:.4f}, "
+                    f"margin {final['rewards/margins']:.4f}"
                 )
 
-    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left
+    if first_step == args.num_steps:  # resumed from the final checkpoint
         final = evaluate()
 
     # 6. save the policy, its tokenizer and the results (evaluate.py measures it against the optimum)

@@ -1,9 +1,6 @@
-"""Reward modelling: fit a scalar reward to pairwise human preferences (Bradley–Terry).
-
-Stiennon et al. 2020 (§3.4) and Ouyang et al. 2022 (§3.5): the SFT model with a scalar head reads
-prompt + response and outputs r(x, y) at the response's end token; training maximises
-log σ(r(x, y_c) − r(x, y_r)). The mean reward of reference responses is then stored as
-`config.reward_bias`, so that r − reward_bias scores them 0 on average. See docs/reward_model.md.
+"""Reward model (Stiennon et al. 2020, §3.4): the SFT model with a scalar head, r(x, y) read at the
+response's end token, maximising log σ(r(x, y_c) − r(x, y_r)); reference responses' mean reward is
+stored as config.reward_bias. See docs/reward_model.md.
 
     python reward_model.py  # from runs/models/sft on the toy task's pairs, CPU, ~2.5 minutes
     torchrun --nproc_per_node 8 reward_model.py --dataset-name trl-lib/tldr-preference \
@@ -122,20 +119,17 @@ class Args:
 
 
 def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=0.0):
-    """Bradley–Terry NLL of the preferences, a mean over pairs, from the rewards (B,) of the
-    chosen and rejected responses and a margin (B,) the chosen should win by (Llama 2), or None:
-    mean −log σ(r_c − r_r − m) + coef · mean (r_c + r_r)²; logsigmoid keeps huge gaps finite."""
+    """Rewards (B,) of chosen and rejected responses, margin (B,) or None (Llama 2) -> the mean
+    −log σ(r_c − r_r − m) + coef · mean (r_c + r_r)² (Eisenstein et al. 2023)."""
     diff = chosen_rewards - rejected_rewards - (0 if margin is None else margin)
-    loss = -F.logsigmoid(diff).mean()
-    return loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return -F.logsigmoid(diff).mean() + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
 
 
 def rewards_at_eos(model, input_ids, attention_mask):
-    """(N,) rewards of right-padded sequences (N, L), minus `config.reward_bias`, read at the last
-    token that is not PAD: the response's end token (PAD is never an end token)."""
+    """Rewards (N,) of right-padded sequences (N, L) at the last non-PAD token (the end token),
+    minus config.reward_bias."""
     bias = getattr(getattr(model, "module", model).config, "reward_bias", 0.0)
-    rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
-    return rewards.float() - bias
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float() - bias
 
 
 def collate_pairs(pairs, pad_id):
@@ -158,15 +152,15 @@ def score(model, seqs, pad_id, args, device, rank):
     """Rewards (N,) of token-id sequences, in order; each rank scores a share, summed over ranks."""
     model.eval()
     out = torch.zeros(len(seqs), device=device)
-    rank_indices = list(range(rank, len(seqs), args.world_size))
+    mine = list(range(rank, len(seqs), args.world_size))
+    size = 2 * args.per_device_batch_size
     # as many forward passes on every rank (under FSDP each is a collective)
-    for i in range(0, math.ceil(len(seqs) / args.world_size), 2 * args.per_device_batch_size):
-        idx = rank_indices[i : i + 2 * args.per_device_batch_size]
+    for i in range(0, math.ceil(len(seqs) / args.world_size), size):
+        idx = mine[i : i + size]
         batch = [seqs[j] for j in idx or [0]]  # a rank out of sequences keeps none
-        ids = common.pad(batch, pad_id).to(device)
+        ids, mask = common.pad(batch, pad_id).to(device), common.attention_mask(batch).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            rewards = rewards_at_eos(model, ids, common.attention_mask(batch).to(device))
-        out[idx] = rewards[: len(idx)]
+            out[idx] = rewards_at_eos(model, ids, mask)[: len(idx)]
     if dist.is_initialized():
         dist.all_reduce(out)
     model.train()
@@ -174,8 +168,7 @@ def score(model, seqs, pad_id, args, device, rank):
 
 
 def reward_metrics(rewards, num_pairs):
-    """The logged statistics by name, as sums over pairs, from the rewards (2B,) of B pairs' chosen,
-    then rejected responses."""
+    """The logged statistics by name, sums over pairs, from rewards (2B,): B chosen, then B rejected."""
     chosen, rejected = rewards[:num_pairs], rewards[num_pairs:]
     return {
         "loss": reward_loss(chosen, rejected) * num_pairs,
@@ -309,9 +302,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     on_toy = args.dataset_name == "toy"
     lr_default = args.learning_rate is None
-    # defaults that depend on the task: the toy task's, else pretrained LMs'
     defaults = {"max_length": (64, 1024), "learning_rate": (1e-3, 3e-6)}
-    for name, (toy, other) in defaults.items():
+    for name, (toy, other) in defaults.items():  # the toy task's, else pretrained LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy else other)
     if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
@@ -319,8 +311,7 @@ if __name__ == "__main__":
     if on_toy and args.reference_dataset_name is None:
         args.reference_dataset_name = "toy"
     rank, device = setup(args)
-    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.per_device_batch_size = per_device
+    per_device = args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
@@ -328,12 +319,9 @@ if __name__ == "__main__":
     # 1. the SFT model with a scalar head, dropout off (it makes rewards noisy: Huang et al. 2024)
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    hint = ": run `python sft.py` first, or pass --model-name"
-    tokenizer = common.load_tokenizer(args.model_name, hint)
-    config = AutoConfig.from_pretrained(args.model_name, num_labels=1, reward_bias=0.0)
-    config = common.without_dropout(config)
-    model_class = AutoModelForSequenceClassification
-    model = model_class.from_pretrained(args.model_name, config=config, dtype=torch.float32)
+    tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
+    config = common.without_dropout(AutoConfig.from_pretrained(args.model_name, num_labels=1, reward_bias=0.0))
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name, config=config, dtype=torch.float32)
     common.fit_model(model, tokenizer, args.max_length)
     # head ~ N(0, 1/√(d + 1)) (Stiennon et al.), drawn before sharding: rank 0's on every rank
     torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
@@ -341,14 +329,14 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.lora_r:  # the adapters, and the head in full
         model = with_lora(model, args, head=True)
-    model = to_device(model.train(), device, args)
-    train_model = model
+    model = train_model = to_device(model.train(), device, args)
     if args.world_size > 1 and not args.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
 
     # 2. data: prompt + chosen, prompt + rejected, each with its end token; ties, long pairs dropped
-    splits = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "preference", *splits, seed=args.seed)
+    train_ds, eval_ds = common.load_splits(
+        args.dataset_name, "preference", args.dataset_train_split, args.dataset_eval_split, seed=args.seed
+    )
     cut = (args.max_length, args.truncation_mode)
     train_pairs, train_stats = common.tokenize_preferences(tokenizer, train_ds, *cut)
     eval_pairs, eval_stats = common.tokenize_preferences(tokenizer, eval_ds, *cut)
@@ -359,8 +347,8 @@ if __name__ == "__main__":
     if args.num_steps < 1:
         raise ValueError(f"{len(train_pairs)} training pairs make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_pairs), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
     # micro-batches of like lengths: less padding
+    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in train_pairs]
     schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
     pad_id = tokenizer.pad_token_id
     eval_seqs = [p["prompt"] + p[k] for k in ("chosen", "rejected") for p in eval_pairs]
@@ -382,8 +370,8 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        table = "".join(f"\n|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|" + table)
         print(f"{run_name}: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {args.num_steps} steps")
         print(f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}")
 
@@ -391,22 +379,19 @@ if __name__ == "__main__":
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = 0
-    if args.resume:
-        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
+    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
     log_every = 10  # optimizer steps between logs of the train/ statistics
     per_rank = args.batch_size // args.world_size
     start = time.time()
     tokens_seen = 0
     log_stats, log_pairs = {}, 0
-    steps = range(first_step, args.num_steps)
-    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
-        torch.manual_seed(hash((args.seed, rank, step)))  # from (seed, rank, step): resumable
+    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
+        torch.manual_seed(hash((args.seed, rank, step)))  # resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches; each
+        # 3. one optimizer step: each rank its slice of the global batch, in micro-batches; each
         # micro-batch's mean weighted by its share of the global batch: a mean over all its pairs
         global_batch = [train_pairs[i] for i in schedule[step]]
         rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
@@ -414,22 +399,18 @@ if __name__ == "__main__":
         for k in range(args.grad_accum_steps):
             idx = rank_indices[k * per_device : (k + 1) * per_device]
             batch = collate_pairs([train_pairs[i] for i in idx], pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            # DDP: all-reduce once per step
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                rewards = rewards_at_eos(train_model, **batch)  # (2b,): b chosen, then b rejected
-            chosen, rejected = rewards[: len(idx)], rewards[len(idx) :]
-            coefficient = args.center_rewards_coefficient
-            loss = reward_loss(chosen, rejected, center_rewards_coefficient=coefficient)
-            # DDP averages gradients over ranks, hence × world_size
-            (loss * len(idx) / args.batch_size * args.world_size).backward()
+                # (2b,): b chosen, then b rejected
+                rewards = rewards_at_eos(train_model, **{key: v.to(device) for key, v in batch.items()})
+            loss = reward_loss(
+                rewards[: len(idx)], rewards[len(idx) :], center_rewards_coefficient=args.center_rewards_coefficient
+            )
+            (loss * len(idx) / args.batch_size * args.world_size).backward()  # × world_size: DDP averages
             accumulate(step_stats, reward_metrics(rewards.detach(), len(idx)))
         step_stats = all_reduce_sums(step_stats, device)
-        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        # the same on every rank: all stop together
-        if not math.isfinite(step_stats["loss"] + grad_norm.item()):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if not math.isfinite(step_stats["loss"] + grad_norm.item()):  # the same on every rank
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -456,10 +437,9 @@ if __name__ == "__main__":
                 tqdm.write(f"step {step + 1}: eval/accuracy {final['accuracy']:.4f}, eval/loss {final['loss']:.4f}")
 
     # 5. normalise: the reference responses' mean reward becomes config.reward_bias, so that they
-    # score 0 (Stiennon et al. 2020). One over --max-length would be read mid-response: skipped
+    # score 0 (Stiennon et al. 2020); one over --max-length would be read mid-response: skipped
     if args.reference_dataset_name is not None:
-        flag = "--reference-dataset-name"
-        ref_ds = common.load_splits(args.reference_dataset_name, "sft", flag=flag)[0]
+        ref_ds = common.load_splits(args.reference_dataset_name, "sft", flag="--reference-dataset-name")[0]
         ref_ds = ref_ds.select(range(min(args.num_reference_examples, len(ref_ds))))
         no_limit = 10**9  # a --max-length no response reaches: each tokenized whole
         ref_seqs = [e["input_ids"] for e in common.tokenize_sft(tokenizer, ref_ds, no_limit)[0]]
@@ -474,8 +454,7 @@ if __name__ == "__main__":
     model.config.reward_bias = score(model, ref_seqs, pad_id, args, device, rank).mean().item()
     final, rewards = evaluate()  # accuracy and margin do not move
     final.update(reward_std=rewards.std().item(), reward_bias=model.config.reward_bias)
-    # toy task: how close to a perfect reward model; how well it follows the gold one on P_ref's samples
-    if on_toy:
+    if on_toy:  # how close to a perfect reward model; how well it follows the gold one on P_ref's samples
         import toy_task
 
         samples = toy_task.make_dataset("sft", "eval", seed=args.seed)

@@ -1,9 +1,5 @@
-"""Supervised fine-tuning (SFT): maximise the likelihood of demonstrations given their prompts.
-
-The first stage of RLHF (Stiennon et al. 2020; Ouyang et al. 2022, §3.5): the next-token
-cross-entropy on the completion and its end token (every assistant turn of a conversation), the
-prompt masked out; a mean over every completion token of the optimizer step, across micro-batches
-and ranks. See docs/sft.md.
+"""Supervised fine-tuning (Ouyang et al. 2022, §3.5): next-token NLL of the completions and end
+tokens, prompts masked; a mean over all completion tokens of the step. See docs/sft.md.
 
     python sft.py  # the toy task: a ~1M-parameter Llama from scratch, CPU, ~4 minutes
     torchrun --nproc_per_node 8 sft.py --model-name EleutherAI/pythia-1b-deduped \
@@ -136,9 +132,9 @@ def token_logprobs(logits, targets, chunk_size=1024):
 
 
 def labelled_nll(model, batch, bf16=False):
-    """(Σ −log p(label) over a collate_sft batch's labelled tokens, their number). Position t
-    predicts token t + 1; the LM head runs only where a label is (logits_to_keep)."""
-    labels = batch["labels"][:, 1:]  # (B, L-1)
+    """(Σ −log p(label) over a collate_sft batch's labelled tokens, their number); the LM head
+    runs only where a label is."""
+    labels = batch["labels"][:, 1:]  # (B, L-1): position t predicts token t + 1
     keep = labels != common.IGNORE_INDEX
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(
@@ -162,37 +158,31 @@ def lr_multiplier(step, num_steps, args):
 def evaluate(model, examples, pad_id, args, device, rank):
     """Mean NLL per labelled token of every example; each rank a share, summed over ranks."""
     model.eval()
-    nll_sum = torch.zeros((), device=device, dtype=torch.float64)
-    num_tokens = torch.zeros((), device=device, dtype=torch.float64)
-    rank_examples = examples[rank :: args.world_size]
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # NLL, tokens
+    mine = examples[rank :: args.world_size]
     # as many forward passes on every rank (under FSDP each is a collective)
     for i in range(0, math.ceil(len(examples) / args.world_size), args.per_device_batch_size):
-        micro = rank_examples[i : i + args.per_device_batch_size] or examples[:1]  # counts none
+        micro = mine[i : i + args.per_device_batch_size] or examples[:1]  # counts none
         batch = {k: v.to(device) for k, v in common.collate_sft(micro, pad_id).items()}
         nll, n = labelled_nll(model, batch, args.bf16)
-        if i < len(rank_examples):
-            nll_sum += nll.double()
-            num_tokens += n.double()
+        if i < len(mine):
+            sums += torch.stack([nll.double(), n.double()])
     if dist.is_initialized():
-        dist.all_reduce(nll_sum)
-        dist.all_reduce(num_tokens)
+        dist.all_reduce(sums)
     model.train()
-    return (nll_sum / num_tokens).item()
+    return (sums[0] / sums[1]).item()
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts, args, device):
-    """(prompt, completion) texts sampled at temperature 1 by every rank (FSDP: forwards are
-    collectives)."""
+    """(prompt, completion) texts sampled at temperature 1, on every rank (FSDP: collectives)."""
     model.eval()
-    batch = common.collate_prompts(prompts, tokenizer.pad_token_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in common.collate_prompts(prompts, tokenizer.pad_token_id).items()}
     out = common.generate(
         model, **batch, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, synced_gpus=args.fsdp
     )
     model.train()
-    completions = tokenizer.batch_decode(out, skip_special_tokens=True)
-    return list(zip(tokenizer.batch_decode(prompts), completions))
+    return list(zip(tokenizer.batch_decode(prompts), tokenizer.batch_decode(out, skip_special_tokens=True)))
 
 
 def with_lora(model, args, head=False):
@@ -304,30 +294,27 @@ if __name__ == "__main__":
     on_toy = args.dataset_name == "toy"
     from_scratch = args.model_name == "toy"  # the toy task's Llama: toy defaults on any data
     lr_default = args.learning_rate is None
-    # defaults that depend on the task: the toy task's, else pretrained LMs'
     defaults = {"max_length": (64, 1024), "num_epochs": (2.0, 1.0), "learning_rate": (3e-3, 3e-6)}
-    for name, (toy, other) in defaults.items():
+    for name, (toy, other) in defaults.items():  # the toy task's, else pretrained LMs'
         if getattr(args, name) is None:
             setattr(args, name, toy if on_toy or from_scratch else other)
     if args.lora_r and lr_default:  # LoRA wants ~10× the rate (Schulman et al. 2025; TRL #4207)
         args.learning_rate *= 10
-    toy_longest = 30  # tokens of the longest toy example: the excess over P_ref needs them whole
+    toy_longest = 30  # tokens of the longest toy example (6 + 24): P_ref's excess needs them whole
     if on_toy and args.max_length < toy_longest:
-        raise ValueError(
-            f"--max-length {args.max_length} cuts toy examples: use at least {toy_longest} (6 + 24 tokens)"
-        )
+        raise ValueError(f"--max-length {args.max_length} cuts toy examples: use at least {toy_longest}")
     rank, device = setup(args)
-    per_device = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
-    args.per_device_batch_size = per_device
+    per_device = args.per_device_batch_size = args.per_device_batch_size or max(1, args.batch_size // args.world_size)
     args.grad_accum_steps, rest = divmod(args.batch_size, per_device * args.world_size)
     if rest or not args.grad_accum_steps:
         raise ValueError(f"--batch-size must be a multiple of --per-device-batch-size x {args.world_size} ranks")
 
-    # 1. model and tokenizer (a PAD added where there is none, or where it is an end token)
+    # 1. model and tokenizer (a PAD added where there is none or it is an end token)
     from transformers import AutoModelForCausalLM
 
-    hint = ": pass --model-name a Hub id, or a folder save_pretrained wrote"
-    tokenizer = common.load_tokenizer(args.model_name, hint)
+    tokenizer = common.load_tokenizer(
+        args.model_name, ": pass --model-name a Hub id, or a folder save_pretrained wrote"
+    )
     if from_scratch:  # built in memory, the same on every rank
         import toy_task
 
@@ -340,14 +327,14 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.lora_r:
         model = with_lora(model, args)
-    model = to_device(model, device, args)
-    train_model = model
+    model = train_model = to_device(model, device, args)
     if args.world_size > 1 and not args.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
 
-    # 2. data: tokenized whole, prompts masked, every cut counted; one seeded batch schedule
-    splits = (args.dataset_train_split, args.dataset_eval_split)
-    train_ds, eval_ds = common.load_splits(args.dataset_name, "sft", *splits, seed=args.seed)
+    # 2. data: prompts masked, every cut counted; one seeded batch schedule
+    train_ds, eval_ds = common.load_splits(
+        args.dataset_name, "sft", args.dataset_train_split, args.dataset_eval_split, seed=args.seed
+    )
     cut = (args.max_length, args.train_on_prompt, args.truncation_mode)
     train_examples, train_stats = common.tokenize_sft(tokenizer, train_ds, *cut)
     eval_examples, eval_stats = common.tokenize_sft(tokenizer, eval_ds, *cut)
@@ -358,18 +345,16 @@ if __name__ == "__main__":
     if args.num_steps < 1:
         raise ValueError(f"{len(train_examples)} training examples make no step of --batch-size: raise --num-epochs")
     schedule = common.batch_schedule(len(train_examples), args.batch_size, args.num_steps, args.seed)
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    # micro-batches of like lengths: less padding
+    lengths = [len(e["input_ids"]) for e in train_examples]  # micro-batches of like lengths: less padding
     schedule = [common.group_by_length(b, lengths, per_device, args.world_size) for b in schedule]
     pad_id = tokenizer.pad_token_id
-    sample_ds = eval_ds.select(range(min(args.num_sample_completions, len(eval_ds))))
-    prompts = common.encode_dataset(tokenizer, sample_ds, "sft")[0]
+    prompts = eval_ds.select(range(min(args.num_sample_completions, len(eval_ds))))
+    prompts = common.encode_dataset(tokenizer, prompts, "sft")[0]
     ref_nll = None
-    if on_toy:  # the exact −log P_ref per token of the held-out examples: the excess is the model's
+    if on_toy:  # the exact −log P_ref per token of the held-out examples
         import toy_task
 
-        rows = zip(eval_ds["prompt"], eval_ds["completion"])
-        ref_nll = -sum(toy_task.ref_logprob(p, c, None) for p, c in rows)
+        ref_nll = -sum(toy_task.ref_logprob(p, c, None) for p, c in zip(eval_ds["prompt"], eval_ds["completion"]))
         ref_nll /= sum(len(c.split()) + 1 for c in eval_ds["completion"])  # words + EOS
 
     # TRY NOT TO MODIFY: logging
@@ -383,8 +368,8 @@ if __name__ == "__main__":
 
             wandb.init(config=vars(args), name=run_name, sync_tensorboard=True)
         writer = SummaryWriter(f"runs/{run_name}")
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        table = "".join(f"\n|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|" + table)
         print(f"{run_name}: {len(train_examples)} train / {len(eval_examples)} eval, {args.num_steps} steps")
         print(f"{args.world_size} rank(s) x {args.grad_accum_steps} micro-batch(es) of {per_device}")
 
@@ -392,23 +377,20 @@ if __name__ == "__main__":
         model.parameters(), args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )
     run = {"world_size": args.world_size, "num_steps": args.num_steps, "seed": args.seed}
-    first_step = 0
-    if args.resume:
-        first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"]
+    first_step = load_checkpoint(args.output_dir, model, optimizer, run)["step"] if args.resume else 0
     log_every = 10  # optimizer steps between logs of the train/ statistics
     per_rank = args.batch_size // args.world_size
     start = time.time()
     tokens_seen = 0
     log_loss, log_tokens = 0.0, 0
-    steps = range(first_step, args.num_steps)
-    for step in tqdm(steps, initial=first_step, total=args.num_steps, disable=rank != 0):
+    for step in tqdm(range(first_step, args.num_steps), initial=first_step, total=args.num_steps, disable=rank != 0):
         torch.manual_seed(hash((args.seed, rank, step)))  # dropout's random numbers: resumable
         lr = args.learning_rate * lr_multiplier(step, args.num_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 3. one optimizer step on the global batch: each rank its slice, in micro-batches; each
-        # micro-batch's NLL sum divided by the global batch's labelled tokens: a mean over them all
+        # 3. one optimizer step: each rank its slice of the global batch, in micro-batches; each
+        # micro-batch's NLL sum over the global batch's labelled tokens: a mean over them all
         global_batch = [train_examples[i] for i in schedule[step]]
         rank_indices = schedule[step][rank * per_rank : (rank + 1) * per_rank]
         labels = [e["labels"][1:] for e in global_batch]  # position t predicts token t + 1
@@ -417,19 +399,14 @@ if __name__ == "__main__":
         for k in range(args.grad_accum_steps):
             idx = rank_indices[k * per_device : (k + 1) * per_device]
             batch = common.collate_sft([train_examples[i] for i in idx], pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            # DDP: all-reduce once per step
-            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1
-            nll, _ = labelled_nll(train_model, batch, args.bf16)
-            # DDP averages gradients over ranks, hence × world_size
-            (nll / global_tokens * args.world_size).backward()
+            train_model.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
+            nll, _ = labelled_nll(train_model, {key: v.to(device) for key, v in batch.items()}, args.bf16)
+            (nll / global_tokens * args.world_size).backward()  # × world_size: DDP averages over ranks
             step_loss += nll.detach()
         if dist.is_initialized():
             dist.all_reduce(step_loss)
-        max_norm = args.max_grad_norm or math.inf  # 0: no clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        # the same on every rank: all stop together
-        if not math.isfinite(step_loss.item() + grad_norm.item()):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if not math.isfinite(step_loss.item() + grad_norm.item()):  # the same on every rank
             raise FloatingPointError(f"non-finite loss or gradient at step {step}, not applied: lower --learning-rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -452,18 +429,17 @@ if __name__ == "__main__":
             samples = sample_completions(model, tokenizer, prompts, args, device) if prompts else []
             if writer:
                 writer.add_scalar("eval/loss", eval_loss, seen)
-                text = "\n\n".join(f"**{p}** → {c}" for p, c in samples)
-                writer.add_text("eval/samples", text, seen)
+                writer.add_text("eval/samples", "\n\n".join(f"**{p}** → {c}" for p, c in samples), seen)
                 message = f"step {step + 1}: eval/loss {eval_loss:.4f}"
                 if ref_nll is not None:  # toy task: 0 is a perfect copy of P_ref
                     writer.add_scalar("eval/excess_nll_over_ref", eval_loss - ref_nll, seen)
                     message += f", excess over P_ref {eval_loss - ref_nll:.4f}"
                 tqdm.write(message)
 
-    if first_step == args.num_steps:  # resumed from the final checkpoint: only the results are left
+    if first_step == args.num_steps:  # resumed from the final checkpoint
         eval_loss = evaluate(model, eval_examples, pad_id, args, device, rank)
 
-    # 5. save the model, its tokenizer and the results where the next stages look
+    # 5. save the model, its tokenizer and the results
     save_model(model, tokenizer, args.output_dir, rank, args, last=True)
     if rank == 0:
         result = {"eval_loss": eval_loss}
