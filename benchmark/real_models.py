@@ -14,6 +14,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import sys
 
 from run import ROOT, timed
@@ -22,33 +23,35 @@ BATCH, MICRO, EVAL_PAIRS = 16, 4, 128
 """pairs per optimizer step, per forward pass, and held-out pairs scored at each evaluation"""
 
 
-def workloads(out, model):
+def workloads(out, model, rm_steps=20):
     """name -> (description, our command, TRL's command, steps, eval every): each trains one epoch over its own
     first steps × BATCH training pairs (so both sides see the same pairs in the same order)."""
     shared = f"--max-length 512 --batch-size {BATCH} --per-device-batch-size {MICRO}"
 
-    def ours(script, name, every, flags):
+    head = os.path.join(out, "with_head")  # the reward model's start: both sides read the same scalar head
+
+    def ours(script, name, every, flags, start=model):
         data = os.path.join(out, f"data_{name}")
         return [
-            *(sys.executable, os.path.join(ROOT, script), "--model-name", model, "--dataset-name", data),
+            *(sys.executable, os.path.join(ROOT, script), "--model-name", start, "--dataset-name", data),
             *f"{shared} --num-epochs 1 --eval-every {every} --lr-schedule linear --adam-eps 1e-8".split(),
             *f"--output-dir {out}/{name} {flags}".split(),
         ]
 
-    def trl(mode, name, steps, every, flags):
+    def trl(mode, name, steps, every, flags, start=model):
         data = os.path.join(out, f"data_{name}")
         flags = f"{shared} --max-steps {steps} --eval-every {every} --order-seed 1 {flags}"
-        return [os.path.join(ROOT, "benchmark", "trl_side.py"), mode, model, data, *flags.split()]
+        return [os.path.join(ROOT, "benchmark", "trl_side.py"), mode, start, data, *flags.split()]
 
     rm = "--learning-rate 1e-5"
     dpo = "--learning-rate 5e-6 --beta 0.1"
     lora = "--learning-rate 5e-5 --beta 0.1 --lora-r 16"
     return {
         "hh_reward": (
-            "reward model, lr 1e-5, 20 steps of 16 pairs",
-            ours("reward_model.py", "hh_reward", 10, f"{rm} --num-reference-examples 64"),
-            trl("reward", "hh_reward", 20, 10, rm),
-            20,
+            f"reward model, lr 1e-5, {rm_steps} steps of 16 pairs",
+            ours("reward_model.py", "hh_reward", rm_steps // 2, f"{rm} --num-reference-examples 64", head),
+            trl("reward", "hh_reward", rm_steps, rm_steps // 2, rm, head),
+            rm_steps,
         ),
         "hh_dpo": (
             "DPO, β 0.1, lr 5e-6, 16 steps of 16 pairs",
@@ -63,6 +66,20 @@ def workloads(out, model):
             16,
         ),
     }
+
+
+def save_with_head(model, path):
+    """The model with a seeded random scalar head (transformers' initialisation), saved once: without it
+    each side draws its own head, and 20 steps do not wash out the difference."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(1)
+        AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(path)
+        AutoTokenizer.from_pretrained(model).save_pretrained(path)
+        if os.path.exists(os.path.join(model, "generation_config.json")):  # its end tokens, which we read
+            shutil.copy(os.path.join(model, "generation_config.json"), path)
 
 
 def our_curve(log, steps):
@@ -125,6 +142,7 @@ if __name__ == "__main__":
     p.add_argument("out")
     p.add_argument("--trl-python", required=True)
     p.add_argument("--only", nargs="*")
+    p.add_argument("--reward-steps", type=int, default=20, help="the reward model's steps (evaluated halfway)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -133,9 +151,11 @@ if __name__ == "__main__":
     if os.path.exists(results_path):  # earlier workloads of this folder stay
         with open(results_path) as f:
             results = json.load(f)
-    for name, (what, ours, trl, steps) in workloads(a.out, a.model).items():
+    for name, (what, ours, trl, steps) in workloads(a.out, a.model, a.reward_steps).items():
         if a.only and name not in a.only:
             continue
+        if name == "hh_reward":
+            save_with_head(a.model, os.path.join(a.out, "with_head"))
         data = os.path.join(a.out, f"data_{name}")  # the first steps × BATCH training pairs, EVAL_PAIRS test pairs
         os.makedirs(data, exist_ok=True)
         for split, n in (("train", steps * BATCH), ("test", EVAL_PAIRS)):
