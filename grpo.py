@@ -549,7 +549,10 @@ if __name__ == "__main__":
     per_rank = args.batch_size // args.world_size
     uneven = per_rank % args.generation_batch_size or per_rank % G
     if args.batch_size % (args.num_minibatches * args.world_size * pdbs) or uneven:
-        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
+        raise ValueError(
+            "--batch-size must split into --num-minibatches x ranks x --per-device-batch-size, and a rank's"
+            " prompts into --generation-batch-size"
+        )
 
     # the prompts (each rank its slice of one seeded batch); reward functions checked before any model loads
     tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
@@ -646,10 +649,9 @@ if __name__ == "__main__":
         batch = rollout(policy, ref_model, reward_model, queries, tokenizer, args, device, seed)
         policy.train()
         mask = batch.mask  # (b, T) the valid response tokens
-        prompt_texts, texts = (
-            tokenizer.batch_decode([y[m.bool()] for y, m in zip(ys, ms)], skip_special_tokens=True)
-            for ys, ms in ((batch.queries, batch.query_mask), (batch.responses, mask))
-        )
+        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
+        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode([y[m] for y, m in zip(batch.responses, mask)], skip_special_tokens=True)
 
         # 2. score: the reward model's and each reward function's (each rank its own), less the penalties
         my_rows = [rows[i] for i in indices for _ in range(args.group_size)]

@@ -584,7 +584,10 @@ if __name__ == "__main__":
     args.grad_accum_steps = args.minibatch_size // (pdbs * args.world_size)
     per_rank = args.batch_size // args.world_size
     if args.batch_size % (args.num_minibatches * args.world_size * pdbs) or per_rank % args.generation_batch_size:
-        raise ValueError("--batch-size must split into --num-minibatches x ranks x --per-device-batch-size")
+        raise ValueError(
+            "--batch-size must split into --num-minibatches x ranks x --per-device-batch-size, and a rank's"
+            " prompts into --generation-batch-size"
+        )
 
     # the prompts (each rank its slice of one seeded batch); reward functions checked before any model loads
     tokenizer = common.load_tokenizer(args.model_name, ": run `python sft.py` first, or pass --model-name")
@@ -702,10 +705,9 @@ if __name__ == "__main__":
         batch = rollout(policy, *frozen, queries, tokenizer, args, device, seed, values_of)
         agent.train()
         mask = batch.mask  # (b, T) the valid response tokens
-        prompt_texts, texts = (
-            tokenizer.batch_decode([y[m.bool()] for y, m in zip(ys, ms)], skip_special_tokens=True)
-            for ys, ms in ((batch.queries, batch.query_mask), (batch.responses, mask))
-        )
+        prompt_ids = [q[m.bool()] for q, m in zip(batch.queries, batch.query_mask)]
+        prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode([y[m] for y, m in zip(batch.responses, mask)], skip_special_tokens=True)
 
         # 2. score: the reward model's and each reward function's (each rank its own)
         my_rows = [rows[i] for i in indices]
@@ -757,7 +759,8 @@ if __name__ == "__main__":
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, micro.logprobs, micro.advantages, m, args.cliprange)
                 values = values[:, micro.queries.shape[1] - 1 : -1]  # (b, T) V before each response token
                 vf_loss, vf_stats = ppo_value_loss(values, micro.values, micro.returns, m, args.cliprange_value)
-                # this micro-batch's share of the minibatch's tokens; DDP averages over ranks
+                # Σ over the minibatch's tokens / their count on all ranks: a token mean over the whole
+                # minibatch, whatever its split into micro-batches and ranks (× world_size: DDP averages)
                 loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * mean_entropy
                 loss = loss * m.sum() / mb_tokens
                 if ptx is not None:
@@ -770,7 +773,7 @@ if __name__ == "__main__":
                 stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": mean_entropy}
                 stats |= {f"policy/{name}": v for name, v in pg_stats.items()}
                 stats["val/clipfrac"] = vf_stats["clipfrac"]
-                accumulate(update, {k: v.detach() for k, v in stats.items()}, m.sum())
+                accumulate(update, {name: v.detach() for name, v in stats.items()}, m.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm.item()):  # the same on every rank: all stop together
                 raise FloatingPointError(f"non-finite gradient at iteration {iteration}: lower --learning-rate")
@@ -803,10 +806,11 @@ if __name__ == "__main__":
             logged[f"rewards/{name}"] = totals[f"rewards/{name}"] / max(1, totals[f"applies/{name}"])
         update_tokens = args.num_ppo_epochs * totals["tokens"]
         logged |= {k: totals[k] / update_tokens for k in update if "ptx" not in k}
-        entropy, ret, ret_sq, res, res_sq = (totals[k] / totals["tokens"] for k in per_token)
-        var_returns = ret_sq - ret**2  # 0: all returns tie, nothing to explain
-        logged["val/explained_variance"] = 1 - (res_sq - res**2) / var_returns if var_returns > 0 else math.nan
-        logged["objective/entropy"] = entropy
+        mean = {k: totals[k] / totals["tokens"] for k in per_token}  # per valid token
+        var_returns = mean["ret_sq"] - mean["ret"] ** 2  # 0: all returns tie, nothing to explain
+        var_res = mean["res_sq"] - mean["res"] ** 2
+        logged["val/explained_variance"] = 1 - var_res / var_returns if var_returns > 0 else math.nan
+        logged["objective/entropy"] = mean["entropy"]
         logged["objective/kl_coef"] = kl_coef
         logged["policy/first_minibatch_ratio"] = totals["first_ratio"]  # 1: π computed alike
         logged["charts/learning_rate"] = lr
