@@ -32,8 +32,13 @@ def messages(text):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        raise SystemExit("usage: python benchmark/make_hh.py HH_FILE.jsonl.gz OUT_FOLDER [MAX_CHARS]")
     source, out = sys.argv[1:3]
     max_chars = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+    with open(source, "rb") as f:
+        if f.read(7) == b"version":  # a Git LFS pointer, not the data
+            raise SystemExit(f"{source} is a Git LFS pointer; use a file with the data (harmless-base/test.jsonl.gz)")
     rows, skipped = [], 0
     with gzip.open(source, "rt", encoding="utf-8") as f:
         for line in f:
