@@ -147,6 +147,8 @@ class Args:
     """responses per generate call, each seeded; default --per-device-batch-size"""
     rollout_forward_batch_size: int | None = None
     """sequences per no-gradient forward pass of the rollout; default --per-device-batch-size"""
+    share_prompt: bool = True
+    """update: run each prompt once for its G responses, on its cached keys and values (off where not exact)"""
 
     # ---- derived after parsing, not flags ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -284,6 +286,45 @@ def model_inputs(query_ids, query_mask, responses, mask):
         "position_ids": (seq_mask.cumsum(1) - 1).clamp(min=0),
         "logits_to_keep": F.pad(mask.bool(), (query_ids.shape[1] - 1, 1)),
     }
+
+
+def policy_logits(model, queries, query_mask, responses, mask, group_size=1):
+    """Logits (R, V) predicting mask's (B, T) valid tokens, row-major, of model_inputs' pass; with group_size
+    G, rows in groups of G sharing a prompt: each prompt but its last token once, then the G responses after
+    it on the cached keys and values (gradients flow back through the cache), as dpo.py's prompt once."""
+    inputs = model_inputs(queries, query_mask, responses, mask)
+    start = queries.shape[1] - 1  # the last prompt column: a real token in every row (left padding)
+    if group_size == 1 or start == 0:
+        return model(**inputs).logits
+    prompts = slice(None, None, group_size)  # one row per group
+    cache = model(
+        input_ids=queries[prompts, :start],
+        attention_mask=query_mask[prompts, :start],
+        position_ids=inputs["position_ids"][prompts, :start],
+        use_cache=True,
+        logits_to_keep=1,
+    ).past_key_values
+    cache.batch_repeat_interleave(group_size)  # (B / G, ...) -> (B, ...)
+    return model(
+        input_ids=inputs["input_ids"][:, start:],
+        attention_mask=inputs["attention_mask"],
+        position_ids=inputs["position_ids"][:, start:],
+        past_key_values=cache,
+        logits_to_keep=inputs["logits_to_keep"][:, start:],
+    ).logits
+
+
+def prompt_sharing_off(config, args):
+    """Why the prompt-once pass would not equal the concatenated one for this model, or None."""
+    if args.gradient_checkpointing:
+        return "--gradient-checkpointing recomputes activations without a cache"
+    ropes = getattr(config, "rope_parameters", None) or {}
+    for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one, or one per layer type
+        limit = rope.get("original_max_position_embeddings", config.max_position_embeddings)
+        if rope.get("rope_type") in ("dynamic", "longrope") and args.max_length > limit:
+            # its frequencies follow the longest position in each call
+            return f"its {rope['rope_type']} RoPE rescales past {limit} positions"
+    return None
 
 
 def scatter(values, mask):
@@ -601,6 +642,12 @@ if __name__ == "__main__":
     train_policy = policy
     if args.world_size > 1 and not args.fsdp:
         train_policy = torch.nn.parallel.DistributedDataParallel(policy)
+    why_not = prompt_sharing_off(policy.config, args)
+    if pdbs % G:
+        why_not = f"micro-batches of {pdbs} split groups of {G}"
+    if args.share_prompt and why_not and rank == 0:
+        print(f"--share-prompt is off: {why_not}; prompt and response are concatenated")
+    args.share_prompt = args.share_prompt and not why_not
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -621,6 +668,7 @@ if __name__ == "__main__":
         models += ", reward model" if reward_model else ""
         if args.lora_r:
             models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
+        models += "; the update runs each prompt once for its G responses" if args.share_prompt else ""
         weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
         print(f"models: {models}; rewards: {weighted}")
 
@@ -674,8 +722,9 @@ if __name__ == "__main__":
         loss_mask = mask & batch.has_eos[:, None] if args.mask_truncated else mask  # DAPO: cut: no loss
         update = {}  # token-weighted sums, by name
         for ppo_step in range(args.num_ppo_epochs * args.num_minibatches):
-            if ppo_step % args.num_minibatches == 0:
-                perm = torch.randperm(per_rank, device=device)
+            if ppo_step % args.num_minibatches == 0:  # shuffled by groups: a micro-batch holds whole ones
+                groups = torch.randperm(per_rank // G, device=device)
+                perm = (groups[:, None] * G + torch.arange(G, device=device)).view(-1)  # (per_rank,)
             mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]
             mb_tokens = loss_mask[mb].sum().float()
             if all_reduce:
@@ -686,8 +735,10 @@ if __name__ == "__main__":
                 valid = micro.mask
                 train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    inputs = model_inputs(micro.queries, micro.query_mask, micro.responses, valid)
-                    logits = train_policy(**inputs).logits
+                    shared = G if args.share_prompt else 1
+                    logits = policy_logits(
+                        train_policy, micro.queries, micro.query_mask, micro.responses, valid, shared
+                    )
                 # as in the rollout, so the first ratio is 1
                 logprobs, entropy = logprobs_and_entropy(logits, micro.responses[valid], args.temperature, pad_id)
                 logprobs = scatter(logprobs, valid)

@@ -1,11 +1,12 @@
 """A real model side by side with TRL (docs/real_models.md): SmolLM2-135M-Instruct trained on HH-RLHF pairs as a
-reward model and with DPO (full and LoRA), by our script and by TRL 1.16's trainer, one after the other, with the
-same pairs in the same order, hyperparameters, optimizer steps and held-out pairs; wall time and peak memory of
-each whole process (benchmark/run.py's `timed`) and the held-out curves of both, plotted.
+reward model and with DPO (full and LoRA), and with GRPO on one-digit arithmetic (rewards:exact_answer), by our
+script and by TRL 1.16's trainer, one after the other, with the same data in the same order, hyperparameters and
+optimizer steps; wall time and peak memory of each whole process (benchmark/run.py's `timed`) and the held-out
+curves of both (GRPO: greedy accuracy of the saved checkpoints, benchmark/accuracy.py, after the timed runs), plotted.
 
     PY=$(bash benchmark/setup_trl.sh); SMOL=$(../shared/bench/smollm2_local.sh python)
     python benchmark/make_hh.py /tmp/hh-rlhf/harmless-base/test.jsonl.gz /tmp/hh
-    python benchmark/real_models.py /tmp/hh $SMOL /tmp/real --trl-python $PY [--only hh_reward ...]
+    python benchmark/real_models.py /tmp/hh $SMOL /tmp/real --trl-python $PY [--only hh_reward arith_grpo ...]
 
 Writes OUT/{name}.{ours,trl}.log, OUT/results.json and OUT/{name}.png."""
 
@@ -15,15 +16,19 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
+from make_arithmetic import arithmetic
 from run import ROOT, timed
 
 BATCH, MICRO, EVAL_PAIRS = 16, 4, 128
 """pairs per optimizer step, per forward pass, and held-out pairs scored at each evaluation"""
+PROMPTS, SAVE_EVERY = 16, 2
+"""GRPO: prompts per generation (each answered 4 times), and generations between checkpoints scored for accuracy"""
 
 
-def workloads(out, model, rm_steps=20):
+def workloads(out, model, rm_steps=20, grpo_steps=8):
     """name -> (description, our command, TRL's command, steps, eval every): each trains one epoch over its own
     first steps × BATCH training pairs (so both sides see the same pairs in the same order)."""
     shared = f"--max-length 512 --batch-size {BATCH} --per-device-batch-size {MICRO}"
@@ -46,6 +51,12 @@ def workloads(out, model, rm_steps=20):
     rm = "--learning-rate 1e-5"
     dpo = "--learning-rate 5e-6 --beta 0.1"
     lora = "--learning-rate 5e-5 --beta 0.1 --lora-r 16"
+    grpo = f"--reward-fn rewards:exact_answer --batch-size {PROMPTS * 4} --per-device-batch-size 16"
+    grpo += f" --learning-rate 1e-5 --save-every {SAVE_EVERY}"
+    arith, saved = os.path.join(out, "data_arith_grpo"), os.path.join(out, "arith_grpo")
+    ours_grpo = f" --dataset-name {arith} --output-dir {saved} --kl-coef 0 --generation-batch-size 64 --num-epochs 1"
+    ours_grpo += " --response-length 32 --lr-schedule constant --adam-eps 1e-8 --missing-eos-penalty 0"  # TRL: none
+    trl_grpo = f" --output-dir {saved}_trl --beta 0 --iterations {grpo_steps} --order-seed 1"
     return {
         "hh_reward": (
             f"reward model, lr 1e-5, {rm_steps} steps of 16 pairs",
@@ -64,6 +75,12 @@ def workloads(out, model, rm_steps=20):
             ours("dpo.py", "hh_dpo_lora", 8, lora),
             trl("dpo", "hh_dpo_lora", 16, 8, lora),
             16,
+        ),
+        "arith_grpo": (
+            f"GRPO, exact_answer, β 0, lr 1e-5, {grpo_steps} generations of {PROMPTS} prompts × 4, 4 epochs × 4 steps",
+            [sys.executable, os.path.join(ROOT, "grpo.py"), "--model-name", model, *(grpo + ours_grpo).split()],
+            [os.path.join(ROOT, "benchmark", "trl_side.py"), "grpo", model, arith, *(grpo + trl_grpo).split()],
+            grpo_steps,
         ),
     }
 
@@ -116,19 +133,45 @@ def trl_curve(log, every):
     return curve
 
 
-def plot(name, what, curves, path):
+def grpo_curves(out, model, data, steps, logs):
+    """{side: [(generation, {accuracy, score})]}: the greedy held-out accuracy of the start and of every saved
+    model (benchmark/accuracy.py), and the training score (each generation's mean sampled reward) from the logs."""
+    saved = {"ours": {}, "TRL": {}}
+    for g in range(SAVE_EVERY, steps + 1, SAVE_EVERY):
+        saved["ours"][g] = f"{out}/arith_grpo/checkpoints/episode_{g * PROMPTS * 4:07d}"
+        saved["TRL"][g] = f"{out}/arith_grpo_trl/checkpoint-{g * 16}"  # 4 epochs × 4 steps a generation
+    dirs = [model, *saved["ours"].values(), *saved["TRL"].values()]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "accuracy.py"), data, *dirs]
+    text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    accuracy = {d: float(v) for d, v in re.findall(r"^(.*): accuracy ([\d.]+)", text, re.MULTILINE)}
+    scores = {}
+    for side, pattern in (("ours", r"iteration \d+: score (-?[\d.]+)"), ("TRL", r"'reward': (-?[\d.e-]+)")):
+        with open(logs["ours" if side == "ours" else "trl"]) as f:
+            scores[side] = [float(v) for v in re.findall(pattern, f.read())]
+    curves = {}
+    for side, models in saved.items():
+        curve = {0: {"accuracy": accuracy[model]}}
+        for g, score in enumerate(scores[side], 1):
+            curve.setdefault(g, {})["score"] = score
+        for g, d in models.items():
+            curve[g]["accuracy"] = accuracy[d]
+        curves[side] = sorted(curve.items())
+    return curves
+
+
+def plot(name, what, curves, path, keys):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key in zip(axes, ("accuracy", "margin")):
+    for ax, key in zip(axes, keys):
         for side, curve in curves.items():
             points = [(s, v[key]) for s, v in curve if key in v]
             ax.plot(*zip(*points), marker="o", label=side)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"held-out {key}")
+        ax.set_xlabel("generation" if "score" in keys else "optimizer step")
+        ax.set_ylabel("training score" if key == "score" else f"held-out {key}")
         ax.legend()
     fig.suptitle(f"{name}: {what}", fontsize=9)
     fig.tight_layout()
@@ -143,6 +186,7 @@ if __name__ == "__main__":
     p.add_argument("--trl-python", required=True)
     p.add_argument("--only", nargs="*")
     p.add_argument("--reward-steps", type=int, default=20, help="the reward model's steps (evaluated halfway)")
+    p.add_argument("--grpo-steps", type=int, default=8, help="GRPO's generations (checkpoints every 2)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -151,27 +195,34 @@ if __name__ == "__main__":
     if os.path.exists(results_path):  # earlier workloads of this folder stay
         with open(results_path) as f:
             results = json.load(f)
-    for name, (what, ours, trl, steps) in workloads(a.out, a.model, a.reward_steps).items():
+    for name, (what, ours, trl, steps) in workloads(a.out, a.model, a.reward_steps, a.grpo_steps).items():
         if a.only and name not in a.only:
             continue
         if name == "hh_reward":
             save_with_head(a.model, os.path.join(a.out, "with_head"))
-        data = os.path.join(a.out, f"data_{name}")  # the first steps × BATCH training pairs, EVAL_PAIRS test pairs
+        data = os.path.join(a.out, f"data_{name}")  # the first training rows these steps take, the test rows
         os.makedirs(data, exist_ok=True)
-        for split, n in (("train", steps * BATCH), ("test", EVAL_PAIRS)):
-            with (
-                open(os.path.join(a.data, f"{split}.jsonl")) as f,
-                open(os.path.join(data, f"{split}.jsonl"), "w") as g,
-            ):
-                g.writelines(list(f)[:n])
-        every = int(ours[ours.index("--eval-every") + 1])
+        for split, n in (("train", steps * (PROMPTS if name == "arith_grpo" else BATCH)), ("test", EVAL_PAIRS)):
+            if name == "arith_grpo":  # make_arithmetic.py's one-digit rows: 0.555 greedy at the start (grpo.md)
+                rows = arithmetic(2000, 0, 1)[:n] if split == "train" else arithmetic(200, 1, 1)
+                rows = [json.dumps(r) + "\n" for r in rows]
+            else:
+                with open(os.path.join(a.data, f"{split}.jsonl")) as f:
+                    rows = list(f)[:n]
+            with open(os.path.join(data, f"{split}.jsonl"), "w") as g:
+                g.writelines(rows)
         logs = {side: os.path.join(a.out, f"{name}.{side}.log") for side in ("ours", "trl")}
         t_ours, m_ours = timed(ours, env, logs["ours"])
         t_trl, m_trl = timed([a.trl_python, *trl], env, logs["trl"])
-        curves = {"ours": our_curve(logs["ours"], steps), "TRL": trl_curve(logs["trl"], every)}
+        if name == "arith_grpo":
+            curves = grpo_curves(a.out, a.model, data, steps, logs)
+        else:
+            every = int(ours[ours.index("--eval-every") + 1])
+            curves = {"ours": our_curve(logs["ours"], steps), "TRL": trl_curve(logs["trl"], every)}
         results[name] = {"workload": what, "ours_s": round(t_ours, 1), "trl_s": round(t_trl, 1)}
         results[name] |= {"ours_mib": round(m_ours), "trl_mib": round(m_trl), "curves": curves}
         print(json.dumps({name: results[name]}), flush=True)
-        plot(name, what, curves, os.path.join(a.out, f"{name}.png"))
+        keys = ("accuracy", "score") if name == "arith_grpo" else ("accuracy", "margin")
+        plot(name, what, curves, os.path.join(a.out, f"{name}.png"), keys)
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -5,10 +5,12 @@ our scripts, in TRL's own environment (see setup_trl.sh; never a requirement of 
 sft/reward/dpo: one epoch over DATA/train.jsonl (TRL 1.16); ppo: N iterations of 256 episodes from DATA's
 prompts, 4 minibatches, 4 epochs, 24 response tokens (TRL 1.12, the last release with PPOTrainer); grpo/rloo
 (TRL 1.16): N iterations of 64 prompts answered 4 times each, 4 minibatches, 4 epochs, 24 response tokens, the
-reward model MODEL."""
+reward model MODEL; grpo --reward-fn: a verifiable task (real_models.py), see the flag."""
 
 import argparse
+import importlib
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -32,10 +34,18 @@ p.add_argument("--per-device-batch-size", type=int, help="sft/reward/dpo: micro-
 p.add_argument("--max-steps", type=int, default=-1, help="reward/dpo: optimizer steps (default one epoch)")
 p.add_argument("--eval-every", type=int, default=0, help="reward/dpo: steps between evaluations on DATA/test.jsonl")
 p.add_argument("--order-seed", type=int, help="reward/dpo: train in the order our scripts draw with --seed this")
+p.add_argument(
+    "--reward-fn",
+    help="grpo: this project's MODULE:FUNCTION (rewards:exact_answer) as the reward, not MODEL's reward model;"
+    " N generations of --batch-size responses (4 per prompt, 32 tokens), 4 epochs of micro-batch steps, β --beta,"
+    " loss_type grpo, constant lr, the model saved to --output-dir every --save-every generations",
+)
+p.add_argument("--save-every", type=int, default=2)
+p.add_argument("--output-dir", default=tempfile.mkdtemp())
 a = p.parse_args()
 tok = AutoTokenizer.from_pretrained(a.model)
 common = {
-    "output_dir": tempfile.mkdtemp(),
+    "output_dir": a.output_dir,
     "report_to": [],
     "save_strategy": "no",
     "use_cpu": True,
@@ -102,6 +112,35 @@ elif a.mode == "reward":
         args=args,
         train_dataset=train,
         eval_dataset=test if a.eval_every else None,
+        processing_class=tok,
+    )
+elif a.mode == "grpo" and a.reward_fn:  # as real_models.py's grpo.py: one optimizer step per micro-batch
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rewards.py
+    module, name = a.reward_fn.split(":")
+    steps = 4 * (a.batch_size // micro)  # per generation: 4 epochs of its micro-batches
+    common.pop("gradient_accumulation_steps", None)
+    common |= {"save_strategy": "steps", "save_steps": steps * a.save_every, "save_only_model": True}
+    args = GRPOConfig(
+        per_device_train_batch_size=micro,
+        steps_per_generation=a.batch_size // micro,
+        num_generations=4,
+        num_iterations=4,
+        max_completion_length=32,
+        temperature=1.0,
+        beta=a.beta,
+        loss_type="grpo",
+        lr_scheduler_type="constant",
+        shuffle_dataset=a.order_seed is None,
+        max_steps=steps * a.iterations,
+        **(common | {"logging_steps": steps}),
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(a.model),
+        reward_funcs=getattr(importlib.import_module(module), name),
+        args=args,
+        train_dataset=train,
         processing_class=tok,
     )
 elif a.mode in ("grpo", "rloo"):

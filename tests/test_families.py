@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import common
 import dpo
+import grpo
 import ppo
 import reward_model
 import sft
@@ -294,6 +295,9 @@ assert max(len(p["prompt"]) + len(p[k]) for p in PAIRS for k in ("chosen", "reje
 RM_SEQS = [words(_rng, 29) + [EOS], words(_rng, 4) + [EOS], [EOS], words(_rng, 17) + [EOS]]
 # PPO: prompts of different lengths, left-padded
 QUERIES = [words(_rng, n) for n in (1, 4, 9, 15, 22, 3)]
+# GRPO: groups of 2 responses (one ending, one cut; right-padded) to prompts of 1, 9 and 22 tokens (left-padded)
+GROUP_PROMPTS = [p for n in (1, 9, 22) for p in [words(_rng, n)] * 2]
+GROUP_RESPONSES = [words(_rng, n) + end for n, end in ((4, [EOS]), (7, []), (0, [EOS]), (12, []), (19, [EOS]), (2, []))]
 
 
 # ---- 1. SFT: response-only log-probabilities ---------------------------------------------------------
@@ -496,6 +500,26 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
     # ratio 1: log π of the update equals the rollout's (the log-ratio is 0) up to rounding
     assert_close(logprobs.detach(), r.logprobs[mask], f"{family}: first minibatch log-ratio", TOKEN_TERMS)
     assert_close(values.detach()[:, Lq - 1 : -1][mask], r.values[mask], f"{family}: the update's values", TOKEN_TERMS)
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_grpo_prompt_once_per_group_equals_one_by_one(family):
+    """grpo.policy_logits, the update's pass: with G = 2 (each prompt but its last token once, both responses on
+    its cache; a one-token prompt leaves an all-padding row there) and G = 1 (concatenated), every valid token's
+    log-probability equals its sequence alone, and so do the gradients."""
+    model = build(family)
+    batch = common.collate_prompts(GROUP_PROMPTS, PAD)
+    responses = common.pad(GROUP_RESPONSES, PAD)  # (B, T)
+    mask = torch.arange(responses.shape[1]) < torch.tensor([len(r) for r in GROUP_RESPONSES])[:, None]
+    alone = [alone_logps(model, q + r)[len(q) - 1 :] for q, r in zip(GROUP_PROMPTS, GROUP_RESPONSES)]
+    want = torch.cat(alone)
+    weights = torch.linspace(0.5, 1.5, len(want))
+    want_grads = grads(model, (weights * want).sum())
+    for G in (1, 2):
+        logits = grpo.policy_logits(model, batch["input_ids"], batch["attention_mask"], responses, mask, G)
+        got = logits.float().log_softmax(-1).gather(1, responses[mask][:, None])[:, 0]
+        assert_close(got, want, f"{family}: G = {G}", TOKEN_TERMS)
+        assert_grads_close(model, grads(model, (weights * got).sum()), want_grads, f"{family}: G = {G}")
 
 
 # ---- 5. dropout-like config keys -----------------------------------------------------------------------

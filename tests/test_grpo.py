@@ -155,6 +155,23 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_prompt_once_per_group_takes_the_concatenated_steps(tmp_path, toy_base):
+    """The update's fast path, each prompt once for its G responses (default), and the plain one (--no-share-prompt)
+    take the same steps: 2 iterations of 2 epochs × 2 minibatches of 2 micro-batches, whole groups shuffled, k3 to a
+    reference in the loss. A micro-batch that would split a group turns the fast path off, saying why."""
+    flags = (
+        f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --kl-coef 0.5 --kl-penalty k3_loss "
+        "--batch-size 32 --group-size 4 --num-minibatches 2 --num-epochs 0.0013 --learning-rate 3e-3"
+    ).split()
+    out = run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "shared")])
+    assert "each prompt once for its G responses" in out
+    plain = run_script(flags + ["--per-device-batch-size", "8", "--no-share-prompt", "--output-dir", str(tmp_path)])
+    assert "each prompt once" not in plain
+    assert_same_weights(str(tmp_path / "shared"), str(tmp_path), toy_base)
+    out = run_script(flags + ["--per-device-batch-size", "2", "--num-ppo-epochs", "1", "--output-dir", str(tmp_path)])
+    assert "--share-prompt is off: micro-batches of 2 split groups of 4" in out
+
+
 def test_clip_higher_by_hand():
     """DAPO's clip-higher: with ε_low 0.2 and ε_high 0.28, a ratio of 1.25 on a positive advantage is inside the clip
     (surrogate −1.25, gradient −ρ), where the symmetric ±0.2 clips it to 1.2 (gradient 0); the lower side is
