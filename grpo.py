@@ -290,28 +290,34 @@ def model_inputs(query_ids, query_mask, responses, mask):
 
 def policy_logits(model, queries, query_mask, responses, mask, group_size=1):
     """Logits (R, V) predicting mask's (B, T) valid tokens, row-major, of model_inputs' pass; with group_size
-    G, rows in groups of G sharing a prompt: each prompt but its last token once, then the G responses after
-    it on the cached keys and values (gradients flow back through the cache), as dpo.py's prompt once."""
+    G, rows in groups of G sharing a prompt: each prompt once, its last position predicting the first token,
+    then the G responses on its cached keys and values (gradients flow back through the cache), as dpo.py."""
     inputs = model_inputs(queries, query_mask, responses, mask)
-    start = queries.shape[1] - 1  # the last prompt column: a real token in every row (left padding)
-    if group_size == 1 or start == 0:
+    if group_size == 1:
         return model(**inputs).logits
-    prompts = slice(None, None, group_size)  # one row per group
-    cache = model(
-        input_ids=queries[prompts, :start],
-        attention_mask=query_mask[prompts, :start],
-        position_ids=inputs["position_ids"][prompts, :start],
+    Lq, rows = queries.shape[1], slice(None, None, group_size)  # one row per group
+    prompt = model(
+        input_ids=queries[rows],
+        attention_mask=query_mask[rows],
+        position_ids=inputs["position_ids"][rows, :Lq],
         use_cache=True,
         logits_to_keep=1,
-    ).past_key_values
-    cache.batch_repeat_interleave(group_size)  # (B / G, ...) -> (B, ...)
-    return model(
-        input_ids=inputs["input_ids"][:, start:],
+    )
+    prompt.past_key_values.batch_repeat_interleave(group_size)  # (B / G, ...) -> (B, ...)
+    later = mask[:, 1:]  # (B, T − 1): the tokens after each response's first (always valid)
+    rest = model(
+        input_ids=responses,
         attention_mask=inputs["attention_mask"],
-        position_ids=inputs["position_ids"][:, start:],
-        past_key_values=cache,
-        logits_to_keep=inputs["logits_to_keep"][:, start:],
-    ).logits
+        position_ids=inputs["position_ids"][:, Lq:],
+        past_key_values=prompt.past_key_values,
+        logits_to_keep=F.pad(later, (0, 1)),  # response position t predicts token t + 1
+    ).logits  # (R − B, V)
+    # into mask's row-major order: each row's first token, then its later ones
+    starts = mask.sum(1).cumsum(0) - mask.sum(1)  # (B,)
+    logits = rest.new_empty(len(rest) + len(starts), rest.shape[1])
+    logits[starts] = prompt.logits[:, -1].repeat_interleave(group_size, 0)
+    logits[(starts[:, None] + torch.arange(1, mask.shape[1], device=mask.device))[later]] = rest
+    return logits
 
 
 def prompt_sharing_off(config, args):

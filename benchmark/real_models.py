@@ -54,8 +54,9 @@ def workloads(out, model, rm_steps=20, grpo_steps=8):
     grpo = f"--reward-fn rewards:exact_answer --batch-size {PROMPTS * 4} --per-device-batch-size 16"
     grpo += f" --learning-rate 1e-5 --save-every {SAVE_EVERY}"
     arith, saved = os.path.join(out, "data_arith_grpo"), os.path.join(out, "arith_grpo")
-    ours_grpo = f" --dataset-name {arith} --output-dir {saved} --kl-coef 0 --generation-batch-size 64 --num-epochs 1"
-    ours_grpo += " --response-length 32 --lr-schedule constant --adam-eps 1e-8 --missing-eos-penalty 0"  # TRL: none
+    ours_grpo = f" --dataset-name {arith} --output-dir {saved} --kl-coef 0 --generation-batch-size 64"
+    ours_grpo += " --num-epochs 4 --response-length 32 --lr-schedule constant --adam-eps 1e-8"  # 4: episodes / prompts
+    ours_grpo += " --missing-eos-penalty 0"  # TRL has none
     trl_grpo = f" --output-dir {saved}_trl --beta 0 --iterations {grpo_steps} --order-seed 1"
     return {
         "hh_reward": (
