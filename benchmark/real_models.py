@@ -28,7 +28,7 @@ PROMPTS, SAVE_EVERY = 16, 2
 """GRPO: prompts per generation (each answered 4 times), and generations between checkpoints scored for accuracy"""
 
 
-def workloads(out, model, rm_steps=20, grpo_steps=8):
+def workloads(out, model, rm_steps=20, grpo_steps=6):
     """name -> (description, our command, TRL's command, steps, eval every): each trains one epoch over its own
     first steps × BATCH training pairs (so both sides see the same pairs in the same order)."""
     shared = f"--max-length 512 --batch-size {BATCH} --per-device-batch-size {MICRO}"
@@ -146,7 +146,7 @@ def grpo_curves(out, model, data, steps, logs):
     text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     accuracy = {d: float(v) for d, v in re.findall(r"^(.*): accuracy ([\d.]+)", text, re.MULTILINE)}
     scores = {}
-    for side, pattern in (("ours", r"iteration \d+: score (-?[\d.]+)"), ("TRL", r"'reward': (-?[\d.e-]+)")):
+    for side, pattern in (("ours", r"iteration \d+: score (-?[\d.]+)"), ("TRL", r"'reward': '?(-?[\d.e-]+)")):
         with open(logs["ours" if side == "ours" else "trl"]) as f:
             scores[side] = [float(v) for v in re.findall(pattern, f.read())]
     curves = {}
@@ -155,7 +155,7 @@ def grpo_curves(out, model, data, steps, logs):
         for g, score in enumerate(scores[side], 1):
             curve.setdefault(g, {})["score"] = score
         for g, d in models.items():
-            curve[g]["accuracy"] = accuracy[d]
+            curve.setdefault(g, {})["accuracy"] = accuracy[d]
         curves[side] = sorted(curve.items())
     return curves
 
@@ -187,7 +187,7 @@ if __name__ == "__main__":
     p.add_argument("--trl-python", required=True)
     p.add_argument("--only", nargs="*")
     p.add_argument("--reward-steps", type=int, default=20, help="the reward model's steps (evaluated halfway)")
-    p.add_argument("--grpo-steps", type=int, default=8, help="GRPO's generations (checkpoints every 2)")
+    p.add_argument("--grpo-steps", type=int, default=6, help="GRPO's generations (checkpoints every 2)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
