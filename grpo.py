@@ -148,7 +148,8 @@ class Args:
     rollout_forward_batch_size: int | None = None
     """sequences per no-gradient forward pass of the rollout; default --per-device-batch-size"""
     share_prompt: bool = True
-    """update: run each prompt once for its G responses, on its cached keys and values (off where not exact)"""
+    """update: run each prompt once for its G responses, on its cached keys and values (off where not exact,
+    or where a micro-batch would split a group)"""
 
     # ---- derived after parsing, not flags ----
     world_size: tyro.conf.Suppress[int] = 1
@@ -313,7 +314,8 @@ def policy_logits(model, queries, query_mask, responses, mask, group_size=1):
         logits_to_keep=F.pad(later, (0, 1)),  # response position t predicts token t + 1
     ).logits  # (R − B, V)
     # into mask's row-major order: each row's first token, then its later ones
-    starts = mask.sum(1).cumsum(0) - mask.sum(1)  # (B,)
+    lengths = mask.sum(1)
+    starts = lengths.cumsum(0) - lengths  # (B,)
     logits = rest.new_empty(len(rest) + len(starts), rest.shape[1])
     logits[starts] = prompt.logits[:, -1].repeat_interleave(group_size, 0)
     logits[(starts[:, None] + torch.arange(1, mask.shape[1], device=mask.device))[later]] = rest
@@ -674,7 +676,7 @@ if __name__ == "__main__":
         models += ", reward model" if reward_model else ""
         if args.lora_r:
             models += f"; LoRA r={args.lora_r}, the reference the policy with its adapters off"
-        models += "; the update runs each prompt once for its G responses" if args.share_prompt else ""
+        models += f"; the update runs each prompt once for its {G} responses" if args.share_prompt else ""
         weighted = ", ".join(f"{w} × {n}" for w, n in zip(args.reward_weights, reward_names))
         print(f"models: {models}; rewards: {weighted}")
 

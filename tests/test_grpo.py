@@ -164,7 +164,7 @@ def test_prompt_once_per_group_takes_the_concatenated_steps(tmp_path, toy_base):
         "--batch-size 32 --group-size 4 --num-minibatches 2 --num-epochs 0.0013 --learning-rate 3e-3"
     ).split()
     out = run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "shared")])
-    assert "each prompt once for its G responses" in out
+    assert "each prompt once for its 4 responses" in out
     plain = run_script(flags + ["--per-device-batch-size", "8", "--no-share-prompt", "--output-dir", str(tmp_path)])
     assert "each prompt once" not in plain
     assert_same_weights(str(tmp_path / "shared"), str(tmp_path), toy_base)
