@@ -201,8 +201,12 @@ def collate_shared_prompts(pairs, pad_id):
 
 def prompt_sharing_off(config, args):
     """Why the prompt-once pass would not equal the concatenated one for this model, or None."""
+    from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
+    if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers):
+        return "its recurrent layers (linear attention, convolution, SSM) cache a state, not keys and values"
     ropes = getattr(config, "rope_parameters", None) or {}
     for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one, or one per layer type
         limit = rope.get("original_max_position_embeddings", config.max_position_embeddings)

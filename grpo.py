@@ -324,8 +324,12 @@ def policy_logits(model, queries, query_mask, responses, mask, group_size=1):
 
 def prompt_sharing_off(config, args):
     """Why the prompt-once pass would not equal the concatenated one for this model, or None."""
+    from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
+    if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers):
+        return "its recurrent layers (linear attention, convolution, SSM) cache a state, not keys and values"
     ropes = getattr(config, "rope_parameters", None) or {}
     for rope in [ropes] if "rope_type" in ropes else ropes.values():  # one, or one per layer type
         limit = rope.get("original_max_position_embeddings", config.max_position_embeddings)
@@ -730,7 +734,8 @@ if __name__ == "__main__":
         loss_mask = mask & batch.has_eos[:, None] if args.mask_truncated else mask  # DAPO: cut: no loss
         update = {}  # token-weighted sums, by name
         for ppo_step in range(args.num_ppo_epochs * args.num_minibatches):
-            if ppo_step % args.num_minibatches == 0:  # shuffled by groups: a micro-batch holds whole ones
+            if ppo_step % args.num_minibatches == 0:  # by groups, so a micro-batch holds whole ones (a group's
+                # responses are exchangeable: where one is split, a fixed split loses nothing)
                 groups = torch.randperm(per_rank // G, device=device)
                 perm = (groups[:, None] * G + torch.arange(G, device=device)).view(-1)  # (per_rank,)
             mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]
@@ -747,7 +752,7 @@ if __name__ == "__main__":
                     logits = policy_logits(
                         train_policy, micro.queries, micro.query_mask, micro.responses, valid, shared
                     )
-                # as in the rollout, so the first ratio is 1
+                # as in the rollout: the first ratio is 1 (shared, in float32: to rounding; bf16: to ~1e-4)
                 logprobs, entropy = logprobs_and_entropy(logits, micro.responses[valid], args.temperature, pad_id)
                 logprobs = scatter(logprobs, valid)
                 w = token_weights(m, args.loss_aggregation, args.minibatch_size, mb_tokens, args.response_length)
@@ -762,7 +767,7 @@ if __name__ == "__main__":
                     if args.kl_penalty == "k3_loss":
                         loss = loss + args.kl_coef * (w * kl).sum()
                 (loss * args.world_size).backward()  # DDP averages over ranks
-                if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old exactly
+                if ppo_step == k == 0:  # nothing updated yet since the rollout: π = π_old
                     first_ratio = pg_stats["ratio"]
                 accumulate(update, stats, m.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)

@@ -405,6 +405,28 @@ def test_dynamic_rope_past_its_range_depends_on_the_batch():
     assert "--gradient-checkpointing" in dpo.prompt_sharing_off(make_config("llama"), args)
 
 
+# hybrid families: a recurrent layer (gated delta rule, Mamba, short convolution) beside an attention one
+HYBRIDS = {
+    "Qwen3NextConfig": {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 0},
+    "JambaConfig": {"attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 1, "mamba_d_state": 4},
+    "Lfm2Config": {"full_attn_idxs": [1]},
+}
+
+
+@pytest.mark.parametrize("cls", HYBRIDS)
+def test_prompt_sharing_is_off_for_recurrent_layers(cls):
+    """A recurrent layer caches a state that transformers' cache cannot repeat per response (its layers lack
+    batch_repeat_interleave): dpo.py and grpo.py concatenate prompt and response there, saying why, and share the
+    prompt for every family of the matrix."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(gradient_checkpointing=False, max_length=48)
+    config = getattr(transformers, cls)(**{k: v for k, v in _SMALL.items() if k != "attention_dropout"}, **HYBRIDS[cls])
+    for script in (dpo, grpo):
+        assert "recurrent layers" in script.prompt_sharing_off(config, args)
+        assert all(script.prompt_sharing_off(make_config(family), args) is None for family in FAMILIES)
+
+
 @pytest.mark.parametrize("family", WINDOWED)
 def test_the_sliding_window_binds(family):
     """The windowed families' test sequences are longer than their window: the same weights with a window
@@ -504,9 +526,9 @@ def test_ppo_rollout_matches_sequences_alone_and_first_ratio_is_one(family, tok)
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_grpo_prompt_once_per_group_equals_one_by_one(family):
-    """grpo.policy_logits, the update's pass: with G = 2 (each prompt but its last token once, both responses on
-    its cache; a one-token prompt leaves an all-padding row there) and G = 1 (concatenated), every valid token's
-    log-probability equals its sequence alone, and so do the gradients."""
+    """grpo.policy_logits, the update's pass: with G = 2 (each prompt once, its last position predicting the first
+    response token, both responses on its cache; a one-token prompt among them) and G = 1 (concatenated), every
+    valid token's log-probability equals its sequence alone, and so do the gradients."""
     model = build(family)
     batch = common.collate_prompts(GROUP_PROMPTS, PAD)
     responses = common.pad(GROUP_RESPONSES, PAD)  # (B, T)

@@ -157,19 +157,26 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
 
 def test_prompt_once_per_group_takes_the_concatenated_steps(tmp_path, toy_base):
     """The update's fast path, each prompt once for its G responses (default), and the plain one (--no-share-prompt)
-    take the same steps: 2 iterations of 2 epochs × 2 minibatches of 2 micro-batches, whole groups shuffled, k3 to a
-    reference in the loss. A micro-batch that would split a group turns the fast path off, saying why."""
+    take the same steps: 2 iterations of 4 epochs × 2 minibatches of 2 micro-batches, whole groups shuffled, k3 to a
+    reference in the loss. A micro-batch that would split a group, or --gradient-checkpointing, turns the fast path
+    off, saying why; policy_logits then gets group size 1."""
     flags = (
         f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --kl-coef 0.5 --kl-penalty k3_loss "
         "--batch-size 32 --group-size 4 --num-minibatches 2 --num-epochs 0.0013 --learning-rate 3e-3"
     ).split()
-    out = run_script(flags + ["--per-device-batch-size", "8", "--output-dir", str(tmp_path / "shared")])
-    assert "each prompt once for its 4 responses" in out
-    plain = run_script(flags + ["--per-device-batch-size", "8", "--no-share-prompt", "--output-dir", str(tmp_path)])
-    assert "each prompt once" not in plain
-    assert_same_weights(str(tmp_path / "shared"), str(tmp_path), toy_base)
-    out = run_script(flags + ["--per-device-batch-size", "2", "--num-ppo-epochs", "1", "--output-dir", str(tmp_path)])
+    shared = tmp_path / "shared"
+    calls, out = calls_of("policy_logits", flags + ["--per-device-batch-size", "8", "--output-dir", str(shared)])
+    assert "each prompt once for its 4 responses" in out and {c["group_size"] for c in calls} == {4}
+    calls, plain = calls_of(
+        "policy_logits", flags + ["--per-device-batch-size", "8", "--no-share-prompt", "--output-dir", str(tmp_path)]
+    )
+    assert "each prompt once" not in plain and {c["group_size"] for c in calls} == {1}
+    assert_same_weights(str(shared), str(tmp_path), toy_base)
+    short = flags + ["--num-ppo-epochs", "1", "--num-epochs", "0.0007", "--output-dir", str(tmp_path)]
+    out = run_script(short + ["--per-device-batch-size", "2"])
     assert "--share-prompt is off: micro-batches of 2 split groups of 4" in out
+    calls, out = calls_of("policy_logits", short + ["--per-device-batch-size", "8", "--gradient-checkpointing"])
+    assert "--share-prompt is off: --gradient-checkpointing" in out and {c["group_size"] for c in calls} == {1}
 
 
 def test_clip_higher_by_hand():
