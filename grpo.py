@@ -76,7 +76,7 @@ class Args:
     per_device_batch_size: int | None = None
     """sequences per forward pass of the update on a device; default minibatch / ranks"""
     num_epochs: float | None = None
-    """passes over the training prompts; default 0.2 on toy (39 iterations), else 1"""
+    """passes over the training prompts, each answered G times (not --num-ppo-epochs); default 0.2 on toy, else 1"""
     learning_rate: float | None = None
     """peak AdamW rate; default 3e-4 on toy, else 3e-6; LoRA: 10×"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"

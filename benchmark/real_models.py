@@ -144,7 +144,7 @@ def grpo_curves(out, model, data, steps, logs):
     dirs = [model, *saved["ours"].values(), *saved["TRL"].values()]
     cmd = [sys.executable, os.path.join(ROOT, "benchmark", "accuracy.py"), data, *dirs]
     text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    accuracy = {d: float(v) for d, v in re.findall(r"^(.*): accuracy ([\d.]+)", text, re.MULTILINE)}
+    accuracy = {d: float(v) for d, v in re.findall(r"^(.*?): accuracy ([\d.]+)", text, re.MULTILINE)}
     scores = {}
     for side, pattern in (("ours", r"iteration \d+: score (-?[\d.]+)"), ("TRL", r"'reward': '?(-?[\d.e-]+)")):
         with open(logs["ours" if side == "ours" else "trl"]) as f:

@@ -38,7 +38,8 @@ p.add_argument(
     "--reward-fn",
     help="grpo: this project's MODULE:FUNCTION (rewards:exact_answer) as the reward, not MODEL's reward model;"
     " N generations of --batch-size responses (4 per prompt, 32 tokens), 4 epochs of micro-batch steps, β --beta,"
-    " loss_type grpo, constant lr, the model saved to --output-dir every --save-every generations",
+    " loss_type grpo, constant lr, the model saved to --output-dir every --save-every generations; TRL shuffles each"
+    " generation's responses once and keeps that split for its 4 epochs, where grpo.py reshuffles its groups per epoch",
 )
 p.add_argument("--save-every", type=int, default=2)
 p.add_argument("--output-dir", default=tempfile.mkdtemp())
