@@ -71,7 +71,7 @@ def workloads(out):
                 "grpo.py",
                 f"--model-name {toy}/model --reward-model-name {toy}/model --dataset-name {toy}/prompts "
                 f"{ppo} --group-size 4 --learning-rate 3e-4 --kl-coef 0.5 --kl-penalty k3_loss "
-                "--generation-batch-size 256 --rollout-forward-batch-size 256",
+                "--generation-batch-size 256",  # scoring passes of 64, as TRL's (per_device_train_batch_size)
             ),
             trl("grpo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10"),
         ),
@@ -81,7 +81,7 @@ def workloads(out):
                 "grpo.py",
                 f"--model-name {toy}/model --reward-model-name {toy}/model --dataset-name {toy}/prompts "
                 f"{ppo} --group-size 4 --learning-rate 3e-4 --kl-coef 0.5 --advantage rloo "
-                "--generation-batch-size 256 --rollout-forward-batch-size 256",
+                "--generation-batch-size 256",  # scoring passes of 64, as TRL's (per_device_train_batch_size)
             ),
             trl("rloo", f"{toy}/model {toy}/prompts --learning-rate 3e-4 --iterations 10"),
         ),

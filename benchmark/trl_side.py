@@ -176,8 +176,10 @@ else:
     train = train.select(range(256 * a.iterations)).map(
         lambda ex: {"input_ids": tok(ex["prompt"]).input_ids}, remove_columns=["prompt"]
     )
+    # TRL 1.12's batch is per_device_train_batch_size × gradient_accumulation_steps (64 × 1 gave 40 iterations of
+    # 64 episodes, minibatches of 16); its micro-batch the minibatch's first per_device_train_batch_size rows
     args = PPOConfig(
-        per_device_train_batch_size=64,
+        per_device_train_batch_size=256,
         gradient_accumulation_steps=1,
         num_mini_batches=4,
         num_ppo_epochs=4,
