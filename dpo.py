@@ -205,6 +205,7 @@ def prompt_sharing_off(config, args):
 
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
+    # transformers' linear-attention cache layers have no batch_repeat_interleave (hybrid ones repeat only K, V)
     if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers):
         return "its recurrent layers (linear attention, convolution, SSM) cache a state, not keys and values"
     ropes = getattr(config, "rope_parameters", None) or {}

@@ -328,6 +328,7 @@ def prompt_sharing_off(config, args):
 
     if args.gradient_checkpointing:
         return "--gradient-checkpointing recomputes activations without a cache"
+    # transformers' linear-attention cache layers have no batch_repeat_interleave (hybrid ones repeat only K, V)
     if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers):
         return "its recurrent layers (linear attention, convolution, SSM) cache a state, not keys and values"
     ropes = getattr(config, "rope_parameters", None) or {}
@@ -734,8 +735,8 @@ if __name__ == "__main__":
         loss_mask = mask & batch.has_eos[:, None] if args.mask_truncated else mask  # DAPO: cut: no loss
         update = {}  # token-weighted sums, by name
         for ppo_step in range(args.num_ppo_epochs * args.num_minibatches):
-            if ppo_step % args.num_minibatches == 0:  # by groups, so a micro-batch holds whole ones (a group's
-                # responses are exchangeable: where one is split, a fixed split loses nothing)
+            if ppo_step % args.num_minibatches == 0:  # by groups, so a micro-batch holds whole ones (a group split
+                # across micro-batches always splits the same way: its responses are exchangeable, nothing is lost)
                 groups = torch.randperm(per_rank // G, device=device)
                 perm = (groups[:, None] * G + torch.arange(G, device=device)).view(-1)  # (per_rank,)
             mb = perm[ppo_step % args.num_minibatches * mb_per_rank :][:mb_per_rank]

@@ -177,7 +177,8 @@ else:
         lambda ex: {"input_ids": tok(ex["prompt"]).input_ids}, remove_columns=["prompt"]
     )
     # TRL 1.12's batch is per_device_train_batch_size × gradient_accumulation_steps (64 × 1 gave 40 iterations of
-    # 64 episodes, minibatches of 16); its micro-batch the minibatch's first per_device_train_batch_size rows
+    # 64 episodes, minibatches of 16); micro-batches are per_device_train_batch_size rows of each minibatch
+    # (ppo_trainer.py's micro-batch loop): 256 makes one micro-batch, the minibatch of 64, as ours
     args = PPOConfig(
         per_device_train_batch_size=256,
         gradient_accumulation_steps=1,

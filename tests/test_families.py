@@ -12,6 +12,7 @@ flat that a wrong position changes a sequence's log-probability by ~1e-4, below 
 
 import functools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -351,8 +352,6 @@ def test_dpo_prompt_once_and_concatenated_equal_one_by_one(family):
 def test_dpo_prompt_once_through_lora_adapters(family):
     """The same through a LoRA model (dpo.py --lora-r) whose adapters were moved (B at random): prompt-once and
     concatenated log-probabilities equal each sequence alone, and so do the adapters' gradients (the only ones)."""
-    from types import SimpleNamespace
-
     args = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=["all-linear"])
     model = dpo.with_lora(
         make_model(make_config(family)), SimpleNamespace(**vars(args), fsdp=False, gradient_checkpointing=False)
@@ -395,8 +394,6 @@ def test_dynamic_rope_past_its_range_depends_on_the_batch():
     assert (concat - alone).abs().max() > 1e-2
     assert (shared - concat).abs().max() > 1e-2
     # so dpo.py turns prompt sharing off by its stated rule past the range, and only there
-    from types import SimpleNamespace
-
     args = SimpleNamespace(gradient_checkpointing=False, max_length=48)
     assert "dynamic RoPE rescales past 32 positions" in dpo.prompt_sharing_off(config, args)
     assert dpo.prompt_sharing_off(make_config("llama-dynamic-rope"), args) is None  # 48 positions: within range
@@ -418,13 +415,12 @@ def test_prompt_sharing_is_off_for_recurrent_layers(cls):
     """A recurrent layer caches a state that transformers' cache cannot repeat per response (its layers lack
     batch_repeat_interleave): dpo.py and grpo.py concatenate prompt and response there, saying why, and share the
     prompt for every family of the matrix."""
-    from types import SimpleNamespace
-
     args = SimpleNamespace(gradient_checkpointing=False, max_length=48)
-    config = getattr(transformers, cls)(**{k: v for k, v in _SMALL.items() if k != "attention_dropout"}, **HYBRIDS[cls])
+    config = getattr(transformers, cls)(**_SMALL, **HYBRIDS[cls])
     for script in (dpo, grpo):
         assert "recurrent layers" in script.prompt_sharing_off(config, args)
-        assert all(script.prompt_sharing_off(make_config(family), args) is None for family in FAMILIES)
+        if cls == "Lfm2Config":  # once
+            assert all(script.prompt_sharing_off(make_config(family), args) is None for family in FAMILIES)
 
 
 @pytest.mark.parametrize("family", WINDOWED)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import assert_same_weights, calls_of, markov_llama, result_of, run_script, toy_reward_model, write_jsonl
 from safetensors.torch import load_file
 
@@ -158,8 +159,8 @@ def test_ddp_fsdp_and_resume_match_single_process(tmp_path, toy_base, toy_rm):
 def test_prompt_once_per_group_takes_the_concatenated_steps(tmp_path, toy_base):
     """The update's fast path, each prompt once for its G responses (default), and the plain one (--no-share-prompt)
     take the same steps: 2 iterations of 4 epochs × 2 minibatches of 2 micro-batches, whole groups shuffled, k3 to a
-    reference in the loss. A micro-batch that would split a group, or --gradient-checkpointing, turns the fast path
-    off, saying why; policy_logits then gets group size 1."""
+    reference in the loss. A micro-batch that would split a group, --gradient-checkpointing or a hybrid model (LFM2)
+    turns the fast path off, saying why; policy_logits then gets group size 1, and the hybrid trains."""
     flags = (
         f"grpo.py --model-name {toy_base} --reward-fn toy_task:gold_reward --kl-coef 0.5 --kl-penalty k3_loss "
         "--batch-size 32 --group-size 4 --num-minibatches 2 --num-epochs 0.0013 --learning-rate 3e-3"
@@ -172,11 +173,19 @@ def test_prompt_once_per_group_takes_the_concatenated_steps(tmp_path, toy_base):
     )
     assert "each prompt once" not in plain and {c["group_size"] for c in calls} == {1}
     assert_same_weights(str(shared), str(tmp_path), toy_base)
+    hybrid = toy_task.save_base_model(str(tmp_path / "lfm2"))  # the toy tokenizer, then LFM2 over it: a short
+    config = transformers.Lfm2Config(  # convolution layer, then an attention one
+        vocab_size=75, hidden_size=32, intermediate_size=64, num_hidden_layers=2, full_attn_idxs=[1], pad_token_id=0
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hybrid)
     short = flags + ["--num-ppo-epochs", "1", "--num-epochs", "0.0007", "--output-dir", str(tmp_path)]
-    out = run_script(short + ["--per-device-batch-size", "2"])
-    assert "--share-prompt is off: micro-batches of 2 split groups of 4" in out
-    calls, out = calls_of("policy_logits", short + ["--per-device-batch-size", "8", "--gradient-checkpointing"])
-    assert "--share-prompt is off: --gradient-checkpointing" in out and {c["group_size"] for c in calls} == {1}
+    for extra, why in [
+        (["--per-device-batch-size", "2"], "micro-batches of 2 split groups of 4"),
+        (["--per-device-batch-size", "8", "--gradient-checkpointing"], "--gradient-checkpointing"),
+        (["--per-device-batch-size", "8", "--model-name", hybrid], "its recurrent layers"),
+    ]:
+        calls, out = calls_of("policy_logits", short + extra)
+        assert f"--share-prompt is off: {why}" in out and {c["group_size"] for c in calls} == {1}
 
 
 def test_clip_higher_by_hand():
