@@ -661,6 +661,7 @@ if __name__ == "__main__":
     if args.share_prompt and why_not and rank == 0:
         print(f"--share-prompt is off: {why_not}; prompt and response are concatenated")
     args.share_prompt = args.share_prompt and not why_not
+    shared = G if args.share_prompt else 1  # responses per prompt pass in the update
 
     # TRY NOT TO MODIFY: logging
     writer = None
@@ -749,7 +750,6 @@ if __name__ == "__main__":
                 valid = micro.mask
                 train_policy.require_backward_grad_sync = k == args.grad_accum_steps - 1  # DDP: once a step
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    shared = G if args.share_prompt else 1
                     logits = policy_logits(
                         train_policy, micro.queries, micro.query_mask, micro.responses, valid, shared
                     )
